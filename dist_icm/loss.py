@@ -1,0 +1,215 @@
+r"""The Infinite Class Mixup loss (Mensink & Mettes, BMVC 2023, Sec. 3), over the global batch.
+
+Every mixed image i has its own class, the classifier interpolated with its mixing vector
+:math:`\tilde y_i = \lambda_i e_{a_i} + (1-\lambda_i) e_{b_i}`. With logits S (n x C) the score
+matrix is :math:`\tilde S = S \tilde Y^\top`, i.e.
+:math:`\tilde S_{ij} = \lambda_j S_{i a_j} + (1-\lambda_j) S_{i b_j}`, and the loss is the
+cross-entropy along both of its axes with the identity as target (Eq. 9):
+
+* class axis, :math:`p_{cc}`: row i is a softmax over the batch's classes, CE(S̃, I);
+* pair axis, :math:`p_{ci}`: column j is a softmax over the batch's images, CE(S̃ᵀ, I).
+
+Both are means over the batch; ``axis="both"`` is their sum.
+
+With a process group, S̃ spans the *global* batch (N = sum of the ranks' n). Each rank owns n
+rows of S̃ (its images) and the same n columns (its mixing vectors), and returns the mean of the
+class-axis terms of its rows plus the pair-axis terms of its columns. The mean of the ranks'
+values is the global loss, and under DDP (gradients averaged over ranks) the parameter gradient
+is exactly the single-process gradient on the whole batch. Two ways to get there:
+
+* ``gather="triples"`` (default): only the mixing triples (a, b, lam) travel (12 bytes a sample
+  in float32). Row i of S̃ needs only S_i, so the rank computes its row block S_r Ỹᵀ (n x N) and
+  the class axis is local; the pair-axis column normaliser is a distributed logsumexp: a max
+  all-reduce (no gradient) and a differentiable sum all-reduce of the exponentials.
+* ``gather="scores"``: the logits are all-gathered with gradient (they flow back to their owner)
+  and the rank computes its column block S Ỹ_rᵀ (N x n) in full.
+
+``dedup=True`` (beyond the paper) treats rows whose mixing vectors are identical as positives of
+each other (multi-positive CE: -log of the softmax mass on all positives), so duplicates of a
+target are no longer pushed apart; the plain loss cannot go below log k for k duplicates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_icm import dist
+
+AXES = ("class", "pair", "both")
+GATHERS = ("triples", "scores")
+
+# S Ỹᵀ as a matmul with a dense Ỹ costs n*N*C multiply-adds; as two column gathers it costs
+# 2*n*N plus the scatter in the backward pass. `python -m dist_icm.bench loss` measures both;
+# on the 2-core CPU machines here (fwd+bwd, float32, n=N=4096) the matmul won at C=100 and the
+# gathers at C=1000, and the crossover sat between C=200 and C=500. Recorded in the README.
+DENSE_MAX_CLASSES = 256
+
+
+def mixing_matrix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, num_classes: int):
+    """Dense Ỹ (N x C): row j is lam_j * e_{a_j} + (1 - lam_j) * e_{b_j}."""
+    rows = torch.arange(a.shape[0], device=a.device)
+    y = torch.zeros(a.shape[0], num_classes, dtype=lam.dtype, device=lam.device)
+    y.index_put_((rows, a), lam, accumulate=True)
+    y.index_put_((rows, b), 1 - lam, accumulate=True)
+    return y
+
+
+def mixed_scores(
+    logits: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lam: torch.Tensor,
+    method: str = "auto",
+) -> torch.Tensor:
+    """S Ỹᵀ: scores of the n images in ``logits`` against the N mixed classes (a, b, lam).
+
+    ``method`` is "matmul" (dense Ỹ), "gather" (two column gathers) or "auto" (matmul up to
+    ``DENSE_MAX_CLASSES`` classes, gathers above).
+    """
+    num_classes = logits.shape[1]
+    if method == "auto":
+        method = "matmul" if num_classes <= DENSE_MAX_CLASSES else "gather"
+    if method == "matmul":
+        return logits @ mixing_matrix(a, b, lam, num_classes).T
+    if method == "gather":
+        return logits[:, a] * lam + logits[:, b] * (1 - lam)
+    raise ValueError(f"unknown method {method!r}: use 'auto', 'matmul' or 'gather'")
+
+
+def target_groups(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Group id per row such that two rows share an id iff their mixing vectors are identical.
+
+    A vector is written canonically as (lower class, higher class, weight of the lower class);
+    a == b, lam == 1 and lam == 0 all collapse to the one-hot vector of the class that carries
+    the whole weight. Weights compare exactly (in float64), so (a, b, lam) and (b, a, 1 - lam)
+    match whenever 1 - lam is exact, as it is for the single lam per batch that mixing draws.
+    """
+    lam = lam.detach().double()
+    first = torch.where(lam == 0, b, a)
+    second = torch.where(lam == 1, a, b)
+    onehot = (first == second) | (lam == 0) | (lam == 1)
+    lo = torch.where(onehot, first, torch.minimum(first, second))
+    hi = torch.where(onehot, first, torch.maximum(first, second))
+    w_lo = torch.where(onehot, torch.ones_like(lam), torch.where(a < b, lam, 1 - lam))
+    key = torch.stack([lo.double(), hi.double(), w_lo], dim=1)
+    return torch.unique(key, dim=0, return_inverse=True)[1]
+
+
+def _ce_terms(scores: torch.Tensor, target: torch.Tensor, pos: torch.Tensor | None):
+    """Per-row -log p(positive): logsumexp of the row minus that of its positives.
+
+    ``target`` holds each row's own column (used when ``pos`` is None); ``pos`` is a boolean
+    mask of all the row's positives (dedup).
+    """
+    lse = torch.logsumexp(scores, dim=1)
+    if pos is None:
+        return lse - scores.gather(1, target[:, None]).squeeze(1)
+    return lse - torch.logsumexp(scores.masked_fill(~pos, float("-inf")), dim=1)
+
+
+def _pair_terms_distributed(rows, own, pos, group):
+    """Pair-axis terms of this rank's columns, from every rank's row block of S̃.
+
+    Column j's normaliser is log sum_i exp(S̃_ij) over all N rows, of which this rank holds n:
+    a max all-reduce fixes a shift m_j per column, and a differentiable sum all-reduce adds up
+    the shifted exponentials. With dedup the positives' logsumexp is reduced the same way, in
+    the same two collectives.
+    """
+    masked = [rows] if pos is None else [rows, rows.masked_fill(~pos, float("-inf"))]
+    shift = dist.all_reduce_max(torch.stack([m.detach().amax(dim=0) for m in masked]), group)
+    sums = torch.stack([(m - s).exp().sum(dim=0) for m, s in zip(masked, shift, strict=True)])
+    lse = shift + dist.all_reduce_sum(sums, group).log()
+    mine = lse[:, own]
+    if pos is None:
+        return mine[0] - rows.gather(1, own[:, None]).squeeze(1)
+    return mine[0] - mine[1]
+
+
+def _pack_triples(a, b, lam):
+    """(n, 2 + w) int32 words: a, b and the bits of lam (w = 1 for float32, 2 for float64)."""
+    words = lam.contiguous().view(torch.int32).reshape(lam.shape[0], -1)
+    return torch.cat([a.to(torch.int32)[:, None], b.to(torch.int32)[:, None], words], dim=1)
+
+
+def _unpack_triples(wire: torch.Tensor, dtype: torch.dtype):
+    lam = wire[:, 2:].contiguous().view(dtype).reshape(-1)
+    return wire[:, 0].long(), wire[:, 1].long(), lam
+
+
+def _check(logits, a, b, lam, axis, gather):
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+    if gather not in GATHERS:
+        raise ValueError(f"gather must be one of {GATHERS}, got {gather!r}")
+    if logits.ndim != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float (n, C) tensor, got {tuple(logits.shape)}")
+    n, num_classes = logits.shape
+    for name, t in (("a", a), ("b", b), ("lam", lam)):
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) like the logits, got {tuple(t.shape)}")
+    if a.dtype != torch.int64 or b.dtype != torch.int64:
+        raise ValueError(f"a and b must be int64 class indices, got {a.dtype} and {b.dtype}")
+    if n and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= num_classes):
+        raise ValueError(f"class indices a, b must lie in [0, {num_classes})")
+    if n and not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise ValueError("lam must lie in [0, 1]")
+
+
+def icm_loss(
+    logits: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lam: torch.Tensor,
+    *,
+    axis: str = "both",
+    process_group: dist.Group = None,
+    gather: str = "triples",
+    dedup: bool = False,
+) -> torch.Tensor:
+    """Infinite Class Mixup loss of this process's rows; see the module docstring.
+
+    Args:
+        logits: (n, C) scores S of the mixed images on this process (any float dtype; the
+            softmax parts run in float32, or float64 for float64 input).
+        a, b: (n,) int64 classes of the two sources; lam: (n,) weight of class a.
+        axis: "class" (CE(S̃, I)), "pair" (CE(S̃ᵀ, I)) or "both" (their sum).
+        process_group: ``None`` for one process; else S̃ spans the group's global batch and
+            every rank must hold the same n.
+        gather: "triples" or "scores" (see the module docstring); both are exact.
+        dedup: identical mixing vectors count as positives of each other.
+
+    Returns:
+        A scalar: the mean over this rank's rows of its class-axis and/or pair-axis terms.
+    """
+    _check(logits, a, b, lam, axis, gather)
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    lam = lam.to(x.dtype)
+    world, n = dist.size(process_group), x.shape[0]
+    dist.check_equal_rows(n, process_group, x.device)
+    if world > 1:
+        wire = dist.all_gather_nograd(_pack_triples(a, b, lam), process_group)
+        ga, gb, gl = _unpack_triples(wire, x.dtype)
+    else:
+        ga, gb, gl = a, b, lam
+    own = dist.rank(process_group) * n + torch.arange(n, device=x.device)
+
+    rows = mixed_scores(x, ga, gb, gl)  # (n, N): this rank's images against all mixed classes
+    pos = None
+    if dedup:
+        groups = target_groups(ga, gb, gl)
+        pos = groups[own, None] == groups[None, :]
+
+    loss = x.new_zeros(())
+    if axis in ("class", "both"):
+        loss = loss + _ce_terms(rows, own, pos).mean()
+    if axis in ("pair", "both"):
+        if world == 1:
+            terms = _ce_terms(rows.T, own, None if pos is None else pos.T)
+        elif gather == "scores":
+            cols = mixed_scores(dist.all_gather(x, process_group), a, b, lam)  # (N, n)
+            cols_pos = None if pos is None else (groups[:, None] == groups[None, own])
+            terms = _ce_terms(cols.T, own, None if cols_pos is None else cols_pos.T)
+        else:
+            terms = _pair_terms_distributed(rows, own, pos, process_group)
+        loss = loss + terms.mean()
+    return loss

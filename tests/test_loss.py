@@ -1,0 +1,171 @@
+"""The ICM loss on one process against a dense reference written here from the paper (Eq. 9)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dist_icm.loss import icm_loss, mixed_scores, mixing_matrix, target_groups
+
+
+def reference(logits, a, b, lam, axis="both"):
+    """S̃ = S Ỹᵀ with Ỹ from one-hot vectors; cross-entropy along the requested axes."""
+    c = logits.shape[1]
+    y = lam[:, None] * F.one_hot(a, c).to(logits) + (1 - lam[:, None]) * F.one_hot(b, c).to(logits)
+    st_ = logits @ y.T
+    eye = torch.arange(len(a))
+    cc, ci = F.cross_entropy(st_, eye), F.cross_entropy(st_.T, eye)
+    return {"class": cc, "pair": ci, "both": cc + ci}[axis]
+
+
+def problem(n=10, c=7, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g, dtype=dtype) * 3
+    a, b = torch.randint(0, c, (n,), generator=g), torch.randint(0, c, (n,), generator=g)
+    lam = torch.rand(n, generator=g, dtype=dtype)
+    return logits.requires_grad_(), a, b, lam
+
+
+@pytest.mark.parametrize("axis", ["class", "pair", "both"])
+@pytest.mark.parametrize("c", [5, 300])  # below and above the dense/gather switch
+def test_matches_dense_reference_values_and_gradients(axis, c):
+    logits, a, b, lam = problem(n=12, c=c)
+    ours = icm_loss(logits, a, b, lam, axis=axis)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    ref = reference(logits, a, b, lam, axis)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=0)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_matmul_and_gather_forms_agree():
+    logits, a, b, lam = problem(n=9, c=11)
+    dense = mixed_scores(logits, a, b, lam, method="matmul")
+    gathered = mixed_scores(logits, a, b, lam, method="gather")
+    assert torch.allclose(dense, gathered, rtol=1e-13, atol=1e-13)
+    y = mixing_matrix(a, b, lam, 11)
+    assert torch.allclose(y.sum(1), torch.ones(9, dtype=y.dtype))
+
+
+@pytest.mark.parametrize("axis", ["class", "pair", "both"])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_gradcheck_float64(axis, dedup):
+    logits, a, b, lam = problem(n=6, c=4, seed=3)
+    a[3], b[3], lam[3] = a[1], b[1], lam[1]  # one duplicate target, so dedup has work to do
+    assert torch.autograd.gradcheck(
+        lambda s: icm_loss(s, a, b, lam, axis=axis, dedup=dedup), (logits,)
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 12), c=st.integers(2, 9), seed=st.integers(0, 2**31 - 1))
+def test_permuting_the_batch_leaves_the_loss_unchanged(n, c, seed):
+    logits, a, b, lam = problem(n=n, c=c, seed=seed)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    for dedup in (False, True):
+        base = icm_loss(logits, a, b, lam, dedup=dedup)
+        permuted = icm_loss(logits[perm], a[perm], b[perm], lam[perm], dedup=dedup)
+        assert torch.allclose(base, permuted, rtol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 12), c=st.integers(2, 9), seed=st.integers(0, 2**31 - 1))
+def test_class_axis_ignores_a_per_image_logit_shift(n, c, seed):
+    # lam + (1 - lam) = 1, so adding c_i to every logit of image i adds c_i to row i of S̃.
+    logits, a, b, lam = problem(n=n, c=c, seed=seed)
+    shift = torch.randn(n, 1, dtype=logits.dtype) * 5
+    base = icm_loss(logits, a, b, lam, axis="class")
+    assert torch.allclose(base, icm_loss(logits + shift, a, b, lam, axis="class"), rtol=1e-10)
+
+
+def test_swapped_triples_are_the_same_target():
+    logits, a, b, lam = problem(n=8, c=6)
+    lam = torch.full_like(lam, 0.5)
+    assert torch.equal(icm_loss(logits, a, b, lam), icm_loss(logits, b, a, 1 - lam))
+
+
+def test_uniform_scores_give_log_n_per_axis():
+    n = 16
+    _, a, b, lam = problem(n=n, c=5)
+    zeros = torch.zeros(n, 5, dtype=torch.float64)
+    assert icm_loss(zeros, a, b, lam).item() == pytest.approx(2 * math.log(n), rel=1e-12)
+
+
+def test_target_groups_canonical_forms():
+    a = torch.tensor([1, 2, 3, 3, 4, 0, 5, 1])
+    b = torch.tensor([2, 1, 3, 0, 9, 4, 5, 2])
+    lam = torch.tensor([0.25, 0.75, 0.3, 1.0, 0.0, 1.0, 0.9, 0.5], dtype=torch.float64)
+    g = target_groups(a, b, lam).tolist()
+    assert g[0] == g[1]  # (1,2,.25) == (2,1,.75)
+    assert g[2] == g[3]  # a == b  and  lam == 1: both one-hot class 3
+    assert g[4] != g[5]  # one-hot 9 vs one-hot 0
+    assert g[0] != g[7]  # same classes, other weight
+    assert len(set(g)) == 6
+
+
+def test_dedup_without_duplicates_is_the_plain_loss():
+    logits, a, b, lam = problem(n=10, c=50, seed=1)
+    assert torch.allclose(icm_loss(logits, a, b, lam, dedup=True), icm_loss(logits, a, b, lam))
+
+
+def _fit(a, b, lam, dedup, c, steps=300):
+    logits = torch.zeros(len(a), c, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = icm_loss(logits, a, b, lam, dedup=dedup)
+        loss.backward()
+        opt.step()
+    return icm_loss(logits, a, b, lam, dedup=dedup).item()
+
+
+def test_dedup_removes_the_log_k_floor():
+    # 4 distinct targets, each k = 3 times: free logits cannot push the plain loss below
+    # 2 log k (log k per axis), while the multi-positive form goes towards 0.
+    k = 3
+    a = torch.tensor([0, 1, 2, 3] * k)
+    b = torch.tensor([1, 2, 3, 0] * k)
+    lam = torch.full((4 * k,), 0.7, dtype=torch.float64)
+    plain, dedup = _fit(a, b, lam, False, 4), _fit(a, b, lam, True, 4)
+    assert plain >= 2 * math.log(k) - 1e-6
+    assert plain < 2 * math.log(k) + 0.2  # it does get close to its floor
+    assert dedup < 0.1 * math.log(k)
+
+
+def test_low_precision_inputs_are_computed_in_float32():
+    logits, a, b, lam = problem(n=64, c=10, dtype=torch.float32)
+    ref = icm_loss(logits.double(), a, b, lam.double())
+    for dtype in (torch.bfloat16, torch.float16):
+        out = icm_loss(logits.detach().to(dtype), a, b, lam)
+        assert out.dtype == torch.float32
+        assert out.item() == pytest.approx(ref.item(), rel=2e-2)
+    big = logits.detach() * 1e3  # scores far beyond exp's float32 range stay finite
+    assert torch.isfinite(icm_loss(big.to(torch.bfloat16), a, b, lam))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"axis": "rows"}, "axis must be"),
+        ({"gather": "all"}, "gather must be"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    logits, a, b, lam = problem()
+    with pytest.raises(ValueError, match=match):
+        icm_loss(logits, a, b, lam, **kwargs)
+
+
+def test_bad_inputs():
+    logits, a, b, lam = problem(n=4, c=3)
+    with pytest.raises(ValueError, match="shape"):
+        icm_loss(logits, a[:3], b, lam)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        icm_loss(logits, a + 3, b, lam)
+    with pytest.raises(ValueError, match="int64"):
+        icm_loss(logits, a.int(), b, lam)
+    with pytest.raises(ValueError, match=r"lam must lie"):
+        icm_loss(logits, a, b, lam + 1)

@@ -1,0 +1,119 @@
+"""Training objectives by name: how a batch becomes a loss (mixing -> model -> loss).
+
+``ce`` is plain cross-entropy; ``mixup``, ``cutmix``, ``regmixup`` and ``remix`` are the
+standard soft-label formulations; ``icm_<method>`` mixes the inputs the same way and replaces the
+soft-label cross-entropy by the Infinite Class Mixup loss over the global batch.
+
+* RegMixup (Pinto et al. 2022): CE on the clean batch plus the mixed term, α = 20 by default.
+  Clean and mixed inputs go through the model in one forward pass.
+* Remix (Chou et al. 2020): inputs mixed with λ, labels with Remix's decoupled weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dist_icm import dist
+from dist_icm.loss import icm_loss
+from dist_icm.mixing import MixContext, Mixed, cutmix, mixup, remix_lam
+
+METHODS = ("ce", "mixup", "cutmix", "regmixup", "remix")
+OBJECTIVES = METHODS + tuple(f"icm_{m}" for m in METHODS[1:])
+DEFAULT_ALPHA = {"mixup": 0.2, "cutmix": 1.0, "regmixup": 20.0, "remix": 0.2}
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "icm_mixup"
+    alpha: float | None = None  # None: the paper's default for the method
+    per_sample: bool = False  # one λ per sample instead of per batch (Mixup, Remix)
+    group_size: int | None = None  # mixing group size; None: the whole per-device batch
+    axis: str = "both"  # ICM only
+    gather: str = "triples"  # ICM only
+    dedup: bool = False  # ICM only
+    regmix_weight: float = 1.0  # RegMixup: weight of the mixed term
+    tau: float = 0.5  # Remix
+    kappa: float = 3.0  # Remix
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"unknown loss {self.name!r}: use one of {', '.join(OBJECTIVES)}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"loss.alpha must be > 0, got {self.alpha}")
+
+    @property
+    def icm(self) -> bool:
+        return self.name.startswith("icm_")
+
+    @property
+    def method(self) -> str:
+        return self.name.removeprefix("icm_")
+
+    @property
+    def mix_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else DEFAULT_ALPHA[self.method]
+
+
+def soft_ce(logits: torch.Tensor, mixed: Mixed) -> torch.Tensor:
+    """Mixup's cross-entropy with the interpolated one-hot target, mean over the batch."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    lam = mixed.lam.to(logp.dtype)
+    nll_a = -logp.gather(1, mixed.a[:, None]).squeeze(1)
+    nll_b = -logp.gather(1, mixed.b[:, None]).squeeze(1)
+    return (lam * nll_a + (1 - lam) * nll_b).mean()
+
+
+class Objective:
+    """``objective(model, x, y, ctx) -> (loss, stats)`` for the configured method."""
+
+    def __init__(
+        self,
+        cfg: ObjectiveConfig,
+        *,
+        class_counts: torch.Tensor | None = None,
+        process_group: dist.Group = None,
+    ) -> None:
+        if cfg.method == "remix" and class_counts is None:
+            raise ValueError("Remix needs the training set's class counts")
+        self.cfg, self.class_counts, self.group = cfg, class_counts, process_group
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, ctx: MixContext) -> Mixed:
+        cfg = self.cfg
+        if cfg.method == "cutmix":
+            return cutmix(x, y, alpha=cfg.mix_alpha, ctx=ctx)
+        mixed = mixup(x, y, alpha=cfg.mix_alpha, ctx=ctx, per_sample=cfg.per_sample)
+        if cfg.method == "remix":
+            mixed.lam = remix_lam(
+                mixed.lam, mixed.a, mixed.b, self.class_counts, tau=cfg.tau, kappa=cfg.kappa
+            )
+        return mixed
+
+    def mixed_loss(self, logits: torch.Tensor, mixed: Mixed) -> torch.Tensor:
+        if not self.cfg.icm:
+            return soft_ce(logits, mixed)
+        return icm_loss(
+            logits,
+            mixed.a,
+            mixed.b,
+            mixed.lam,
+            axis=self.cfg.axis,
+            process_group=self.group,
+            gather=self.cfg.gather,
+            dedup=self.cfg.dedup,
+        )
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, ctx: MixContext):
+        cfg = self.cfg
+        if cfg.method == "ce":
+            return F.cross_entropy(model(x).float(), y), {}
+        mixed = self.mix(x, y, ctx)
+        stats = {"lam": float(mixed.lam.mean())}
+        if cfg.method == "regmixup":
+            logits = model(torch.cat([x, mixed.x]))
+            clean, mixed_logits = logits.split(x.shape[0])
+            loss = F.cross_entropy(clean.float(), y)
+            return loss + cfg.regmix_weight * self.mixed_loss(mixed_logits, mixed), stats
+        return self.mixed_loss(model(mixed.x), mixed), stats

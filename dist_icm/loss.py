@@ -39,10 +39,10 @@ AXES = ("class", "pair", "both")
 GATHERS = ("triples", "scores")
 
 # S Ỹᵀ as a matmul with a dense Ỹ costs n*N*C multiply-adds; as two column gathers it costs
-# 2*n*N plus the scatter in the backward pass. `python -m dist_icm.bench loss` measures both;
-# on the 2-core CPU machines here (fwd+bwd, float32, n=N=4096) the matmul won at C=100 and the
-# gathers at C=1000, and the crossover sat between C=200 and C=500. Recorded in the README.
-DENSE_MAX_CLASSES = 256
+# 2*n*N plus the scatter in the backward pass. `python -m dist_icm.bench loss` measures both
+# side by side; on the 2-core CPU machines here (fwd+bwd, float32, N=4096) the gathers took
+# 1.5x the matmul's time at C=10 and C=100, 1.3x at C=300 and 0.92x at C=1000 (README).
+DENSE_MAX_CLASSES = 512
 
 
 def mixing_matrix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, num_classes: int):
@@ -165,6 +165,7 @@ def icm_loss(
     process_group: dist.Group = None,
     gather: str = "triples",
     dedup: bool = False,
+    method: str = "auto",
 ) -> torch.Tensor:
     """Infinite Class Mixup loss of this process's rows; see the module docstring.
 
@@ -177,6 +178,7 @@ def icm_loss(
             every rank must hold the same n.
         gather: "triples" or "scores" (see the module docstring); both are exact.
         dedup: identical mixing vectors count as positives of each other.
+        method: how S̃ is formed, "matmul", "gather" or "auto" (see ``mixed_scores``).
 
     Returns:
         A scalar: the mean over this rank's rows of its class-axis and/or pair-axis terms.
@@ -193,7 +195,9 @@ def icm_loss(
         ga, gb, gl = a, b, lam
     own = dist.rank(process_group) * n + torch.arange(n, device=x.device)
 
-    rows = mixed_scores(x, ga, gb, gl)  # (n, N): this rank's images against all mixed classes
+    rows = mixed_scores(
+        x, ga, gb, gl, method
+    )  # (n, N): this rank's images against all mixed classes
     pos = None
     if dedup:
         groups = target_groups(ga, gb, gl)
@@ -206,7 +210,7 @@ def icm_loss(
         if world == 1:
             terms = _ce_terms(rows.T, own, None if pos is None else pos.T)
         elif gather == "scores":
-            cols = mixed_scores(dist.all_gather(x, process_group), a, b, lam)  # (N, n)
+            cols = mixed_scores(dist.all_gather(x, process_group), a, b, lam, method)  # (N, n)
             cols_pos = None if pos is None else (groups[:, None] == groups[None, own])
             terms = _ce_terms(cols.T, own, None if cols_pos is None else cols_pos.T)
         else:

@@ -1,0 +1,183 @@
+"""Raw data sets: float32 CHW images in [0, 1] and integer labels, no augmentation.
+
+Every data set returned by :func:`build_datasets` exposes ``.targets`` (one label per sample)
+so that subsets can stratify without decoding images. Normalisation statistics travel in the
+:class:`DatasetSpec`; augmentation and normalisation are applied by ``dist_icm.data.augment``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["DATASET_NAMES", "DataError", "DatasetSpec", "TensorImageDataset", "build_datasets"]
+
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder")
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(RuntimeError):
+    """A data set cannot be built; the message says what the user should do."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the trainer needs to know about a data set."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images (N, C, H, W) with labels; uint8 images are scaled to [0, 1] on access."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        if images.ndim != 4 or len(images) != len(targets):
+            raise ValueError(f"need images (N,C,H,W) and N targets, got {tuple(images.shape)}")
+        self.images = images
+        self.targets = targets.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i]
+        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+        return image, int(self.targets[i])
+
+
+class ImageFolderImages(Dataset):
+    """A torchvision ImageFolder that yields RGB float CHW tensors of one fixed square size.
+
+    Images whose size differs from ``image_size`` are resized (shorter side) and centre-cropped,
+    which is deterministic, so that default collation works on trees of mixed sizes.
+    """
+
+    def __init__(self, root: Path, image_size: int | None = None) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(root))
+        self.classes: list[str] = list(self.folder.classes)
+        self.targets: list[int] = list(self.folder.targets)
+        if image_size is None:
+            first = self.folder.loader(self.folder.samples[0][0])
+            image_size = first.size[1]  # PIL size is (width, height)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        import torchvision.transforms.functional as TF
+
+        path, label = self.folder.samples[i]
+        image = TF.to_tensor(self.folder.loader(path).convert("RGB"))
+        s = self.image_size
+        if image.shape[-2:] != (s, s):
+            image = TF.center_crop(TF.resize(image, s, antialias=True), [s, s])
+        return image, int(label)
+
+
+def _digits(seed: int) -> tuple[Dataset, Dataset, DatasetSpec]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.from_numpy((digits.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    train_idx, test_idx = train_test_split(
+        np.arange(len(y)), test_size=0.25, stratify=digits.target, random_state=seed
+    )
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    train = TensorImageDataset(x[train_idx], y[train_idx])
+    test = TensorImageDataset(x[test_idx], y[test_idx])
+    spec = DatasetSpec(
+        num_classes=10,
+        in_channels=1,
+        image_size=8,
+        class_names=tuple(str(int(c)) for c in digits.target_names),
+        mean=(float(train.images.mean()),),
+        std=(float(train.images.std()),),
+    )
+    return train, test, spec
+
+
+def _cifar(name: str, root: str | None, download: bool) -> tuple[Dataset, Dataset, DatasetSpec]:
+    from torchvision import datasets
+
+    pretty, cls = {
+        "cifar10": ("CIFAR-10", datasets.CIFAR10),
+        "cifar100": ("CIFAR-100", datasets.CIFAR100),
+    }[name]
+    if root is None:
+        raise DataError(f"{pretty} needs a root folder: set data.root to where it is (or goes)")
+    splits = []
+    for train in (True, False):
+        try:
+            raw = cls(root, train=train, download=download)
+        except Exception as e:  # URLError, RuntimeError("Dataset not found"), checksum errors...
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            how = "could not be downloaded" if download else "download=False"
+            raise DataError(
+                f"{pretty} not found under '{root}' and {how} ({reason}): "
+                f"download it on a machine with internet into {root}, "
+                "or use data=imagefolder with a JPEG tree"
+            ) from e
+        images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+        splits.append((TensorImageDataset(images, torch.as_tensor(raw.targets)), raw.classes))
+    (train_ds, classes), (test_ds, _) = splits
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    spec = DatasetSpec(len(classes), 3, 32, tuple(classes), mean, std)
+    return train_ds, test_ds, spec
+
+
+def _imagefolder(root: str | None) -> tuple[Dataset, Dataset, DatasetSpec]:
+    if root is None:
+        raise DataError("imagefolder needs data.root: a folder holding train/ and test/ (or val/)")
+    base = Path(root).expanduser()
+    train_dir = base / "train"
+    test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(
+            f"imagefolder root '{base}' must hold train/<class>/*.jpg and test/<class>/*.jpg "
+            "(or val/ instead of test/): point data.root at such a folder"
+        )
+    try:
+        train = ImageFolderImages(train_dir)
+        test = ImageFolderImages(test_dir, train.image_size)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"imagefolder under '{base}' is unusable ({e}): check the tree") from e
+    if test.classes != train.classes:
+        raise DataError(f"{train_dir} and {test_dir} have different class folders: make them match")
+    mean, std = (
+        (CIFAR10_MEAN, CIFAR10_STD) if train.image_size == 32 else (IMAGENET_MEAN, IMAGENET_STD)
+    )
+    spec = DatasetSpec(len(train.classes), 3, train.image_size, tuple(train.classes), mean, std)
+    return train, test, spec
+
+
+def build_datasets(
+    name: str, root: str | None, *, download: bool = True, seed: int = 0
+) -> tuple[Dataset, Dataset, DatasetSpec]:
+    """Build (train, test, spec) for ``name`` in :data:`DATASET_NAMES`; raises :class:`DataError`.
+
+    ``seed`` only affects ``digits`` (its stratified train/test split); ``root`` is ignored there.
+    """
+    if name == "digits":
+        return _digits(seed)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, root, download)
+    if name == "imagefolder":
+        return _imagefolder(root)
+    raise DataError(f"unknown data set '{name}': choose one of {', '.join(DATASET_NAMES)}")

@@ -1,0 +1,113 @@
+"""Batch sampling in which the *global* batch is the invariant.
+
+Each epoch is one permutation of the data set (``np.random.default_rng([seed, epoch])``) cut
+into consecutive global batches; rank ``r`` of ``P`` takes the contiguous slice
+``[r * n, (r + 1) * n)`` of every global batch, ``n = global_batch // P``. Concatenating the
+ranks' slices in rank order gives exactly the batches of a single-process run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ["GlobalBatchSampler", "make_loader"]
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this rank's share (a list of data set indices) of each global batch.
+
+    With ``drop_last=True`` the incomplete last global batch is dropped and every sample appears
+    at most once per epoch. With ``drop_last=False`` it is padded by wrapping around to the start
+    of the epoch's permutation, so every rank gets equally many equal-sized batches; the padding
+    samples then appear twice in that epoch.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        if world_size < 1 or global_batch < 1:
+            raise ValueError(
+                f"need world_size >= 1 and global_batch >= 1, got {world_size}, {global_batch}"
+            )
+        if global_batch % world_size != 0:
+            raise ValueError(
+                f"global_batch {global_batch} is not divisible by world_size {world_size}"
+            )
+        if global_batch > num_samples:
+            raise ValueError(f"global_batch {global_batch} exceeds the {num_samples} samples")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, {world_size})")
+        self.num_samples, self.global_batch = int(num_samples), int(global_batch)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.local_batch = self.global_batch // self.world_size
+        self.seed, self.shuffle, self.drop_last = int(seed), shuffle, drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches in a full epoch (regardless of the start batch)."""
+        full, rest = divmod(self.num_samples, self.global_batch)
+        return full + int(rest > 0 and not self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (its permutation); call before iterating, on every rank alike."""
+        self.epoch = int(epoch)
+
+    def set_start_batch(self, k: int) -> None:
+        """Skip the first ``k`` global batches of the current epoch when resuming mid-epoch.
+
+        One-shot: it applies to the next iteration only (consumed when ``iter`` is called);
+        later iterations start at batch 0 again. ``len`` counts from the start batch until then.
+        """
+        if not 0 <= k <= self.batches_per_epoch:
+            raise ValueError(f"start batch {k} is outside [0, {self.batches_per_epoch}]")
+        self.start_batch = int(k)
+
+    def global_order(self) -> np.ndarray:
+        """The epoch's indices in order, padded (drop_last=False) or cut to whole batches."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        total = self.batches_per_epoch * self.global_batch
+        if total > self.num_samples:  # wrap around; global_batch <= num_samples, so once is enough
+            order = np.concatenate([order, order[: total - self.num_samples]])
+        return order[:total]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self.start_batch = self.start_batch, 0  # consumed now, not lazily
+        batches = self.global_order().reshape(-1, self.global_batch)[start:]
+        local = batches[:, self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
+        return iter(local.tolist())
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+
+def make_loader(
+    dataset: Dataset, sampler: GlobalBatchSampler, *, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader driven by ``sampler`` (default collation, non-persistent workers).
+
+    Per epoch call ``sampler.set_epoch(e)`` and, for :class:`~dist_icm.data.augment.Augmented`
+    data, ``dataset.set_epoch(e)`` before iterating the loader.
+    """
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

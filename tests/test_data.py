@@ -1,0 +1,286 @@
+"""Tests of the torch data path on real data: digits, CIFAR-10 as JPEG, synthetic labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dist_icm.data import (
+    Augmented,
+    DataError,
+    DatasetSpec,
+    GlobalBatchSampler,
+    TensorImageDataset,
+    build_datasets,
+    class_counts,
+    labeled_subset,
+    long_tailed,
+    make_loader,
+    normalize_only,
+    stratified_fraction,
+)
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture(scope="module")
+def images32() -> TensorImageDataset:
+    """64 random 3x32x32 images with labels 0..9 (uint8 storage, as CIFAR)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return TensorImageDataset(images, torch.arange(64) % 10)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def test_digits_split_shapes_and_determinism() -> None:
+    train, test, spec = build_datasets("digits", None, seed=0)
+    assert (len(train), len(test)) == (1347, 450)
+    assert spec.num_classes == 10 and spec.in_channels == 1 and spec.image_size == 8
+    assert spec.class_names == tuple(str(i) for i in range(10))
+    assert len(spec.mean) == len(spec.std) == 1 and spec.std[0] > 0
+    x, y = train[0]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and 0 <= x.min() <= x.max() <= 1
+    assert isinstance(y, int)
+    for ds in (train, test):
+        assert len(ds.targets) == len(ds)
+        assert set(torch.as_tensor(ds.targets).tolist()) == set(range(10))
+    again, _, _ = build_datasets("digits", None, seed=0)
+    assert torch.equal(train.images, again.images) and torch.equal(train.targets, again.targets)
+    other, _, _ = build_datasets("digits", None, seed=1)
+    assert not torch.equal(train.targets, other.targets)
+
+
+def test_cifar10_without_internet_raises_clear_error(tmp_path: Path) -> None:
+    try:
+        build_datasets("cifar10", str(tmp_path / "cifar"), download=True)
+    except DataError as e:
+        msg = str(e)
+        assert "CIFAR-10 not found under" in msg and "download it on a machine with internet" in msg
+        assert "imagefolder" in msg and "\n" not in msg
+    else:
+        pytest.skip("CIFAR-10 downloaded: this machine has internet")
+    with pytest.raises(DataError, match="CIFAR-100 not found"):
+        build_datasets("cifar100", str(tmp_path / "absent"), download=False)
+
+
+def test_unknown_name_and_missing_roots(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="digits, cifar10, cifar100, imagefolder"):
+        build_datasets("mnist", None)
+    with pytest.raises(DataError, match="must hold train/"):
+        build_datasets("imagefolder", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="needs data.root"):
+        build_datasets("imagefolder", None)
+
+
+def test_imagefolder_cifar10_jpeg(cifar10_jpeg_root: Path) -> None:
+    train, test, spec = build_datasets("imagefolder", str(cifar10_jpeg_root))
+    assert (len(train), len(test)) == (50000, 10000)
+    assert spec == DatasetSpec(
+        num_classes=10,
+        in_channels=3,
+        image_size=32,
+        class_names=spec.class_names,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    )
+    assert spec.class_names[:3] == ("airplane", "automobile", "bird")
+    assert class_counts(train.targets, 10).tolist() == [5000] * 10
+    assert class_counts(test.targets, 10).tolist() == [1000] * 10
+    for ds, i in ((train, 0), (train, 49999), (test, 1234)):
+        x, y = ds[i]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert 0.0 <= x.min() < x.max() <= 1.0 and y == ds.targets[i]
+
+
+def test_imagefolder_val_and_resize(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        for c, size in (("a", (40, 40)), ("b", (48, 40))):  # PIL size = (width, height)
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", size, (200, 10, 30)).save(tmp_path / split / c / "0.png")
+    train, val, spec = build_datasets("imagefolder", str(tmp_path))
+    assert spec.image_size == 40 and spec.class_names == ("a", "b")
+    assert spec.mean == (0.485, 0.456, 0.406)
+    assert [x.shape for x, _ in (train[0], train[1], val[1])] == [(3, 40, 40)] * 3
+
+
+# ---------------------------------------------------------------- subsets
+
+LABELS = np.repeat(np.arange(10), np.arange(10, 110, 10))  # class c has 10 * (c + 1) samples
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.25, 0.1])
+def test_stratified_fraction_counts(fraction: float) -> None:
+    idx = stratified_fraction(LABELS, fraction, seed=3)
+    expected = [max(1, int(np.floor(fraction * n + 0.5))) for n in range(10, 110, 10)]
+    assert class_counts(LABELS[idx], 10).tolist() == expected
+    assert np.all(np.diff(idx) > 0)  # sorted, no duplicates
+    assert np.array_equal(idx, stratified_fraction(torch.as_tensor(LABELS), fraction, seed=3))
+    assert not np.array_equal(idx, stratified_fraction(LABELS.tolist(), fraction, seed=4))
+
+
+def test_stratified_fraction_keeps_one_per_class_and_validates() -> None:
+    assert class_counts(LABELS[stratified_fraction(LABELS, 0.01, 0)], 10).min() == 1
+    assert len(stratified_fraction(LABELS, 1.0, 0)) == len(LABELS)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="fraction"):
+            stratified_fraction(LABELS, bad, 0)
+
+
+@pytest.mark.parametrize("rho", [0.01, 0.1, 0.5])
+def test_long_tailed_profile(rho: float) -> None:
+    labels = np.repeat(np.arange(10), 500)
+    idx = long_tailed(labels, rho, seed=0)
+    counts = class_counts(labels[idx], 10)
+    assert counts[0] == 500 and counts[-1] == int(500 * rho)
+    assert np.all(np.diff(counts) <= 0)
+    expected = [int(np.floor(500 * rho ** (c / 9) + 1e-9)) for c in range(10)]
+    assert counts.tolist() == expected
+    assert np.array_equal(idx, long_tailed(labels, rho, seed=0))
+    assert not np.array_equal(idx, long_tailed(labels, rho, seed=1))
+    with pytest.raises(ValueError, match="imbalance"):
+        long_tailed(labels, 0.0, 0)
+
+
+def test_labeled_subset_keeps_targets(images32: TensorImageDataset) -> None:
+    idx = stratified_fraction(images32.targets, 0.5, seed=0)
+    sub = labeled_subset(images32, idx)
+    assert len(sub) == len(idx) and sub.targets.tolist() == images32.targets[idx].tolist()
+    assert sub[3][1] == int(sub.targets[3])
+    aug = Augmented(sub, mode="cifar", seed=0, mean=MEAN, std=STD)
+    assert torch.equal(torch.as_tensor(aug.targets), sub.targets)
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+@pytest.mark.parametrize("mode", ["cifar", "imagenet"])
+def test_augmented_depends_only_on_seed_epoch_index(
+    images32: TensorImageDataset, mode: str
+) -> None:
+    aug = Augmented(images32, mode=mode, seed=7, mean=MEAN, std=STD)
+    forward = [aug[i][0] for i in range(len(aug))]
+    backward = [aug[i][0] for i in reversed(range(len(aug)))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward, strict=True))
+    assert all(x.shape == (3, 32, 32) and x.dtype == torch.float32 for x in forward)
+    aug.set_epoch(1)
+    changed = sum(not torch.equal(a, aug[i][0]) for i, a in enumerate(forward))
+    assert changed > len(aug) // 2
+    other_seed = Augmented(images32, mode=mode, seed=8, mean=MEAN, std=STD)
+    assert sum(not torch.equal(a, other_seed[i][0]) for i, a in enumerate(forward)) > 0
+
+
+def test_augmented_none_and_normalize_only(images32: TensorImageDataset) -> None:
+    x, y = images32[5]
+    want = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    plain = Augmented(images32, mode="none", seed=0, mean=MEAN, std=STD)
+    assert torch.allclose(plain[5][0], want) and plain[5][1] == y
+    assert torch.allclose(normalize_only(images32, MEAN, STD)[5][0], want)
+    with pytest.raises(ValueError, match="unknown augmentation mode"):
+        Augmented(images32, mode="autoaugment", seed=0, mean=MEAN, std=STD)
+
+
+def test_cifar_crop_is_a_shifted_flipped_copy(images32: TensorImageDataset) -> None:
+    """With pad=4 every output is the input shifted by <= 4 pixels, zero-filled, maybe flipped."""
+    x, _ = images32[0]
+    aug = Augmented(images32, mode="cifar", seed=0, mean=(0.0,) * 3, std=(1.0,) * 3)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for epoch in range(8):
+        aug.set_epoch(epoch)
+        out = aug[0][0]
+        crops = [padded[:, t : t + 32, l : l + 32] for t in range(9) for l in range(9)]
+        assert any(torch.equal(out, c) or torch.equal(out, c.flip(-1)) for c in crops)
+
+
+def test_same_batches_across_worker_counts(images32: TensorImageDataset) -> None:
+    aug = Augmented(images32, mode="cifar", seed=1, mean=MEAN, std=STD)
+    runs = []
+    for workers in (0, 2):
+        sampler = GlobalBatchSampler(len(aug), 16, seed=2)
+        loader = make_loader(aug, sampler, num_workers=workers)
+        batches = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            aug.set_epoch(epoch)
+            batches += [(x.clone(), y.clone()) for x, y in loader]
+        runs.append(batches)
+    assert len(runs[0]) == len(runs[1]) == 8
+    for (x0, y0), (x1, y1) in zip(*runs, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert not torch.equal(runs[0][0][0], runs[0][4][0])  # epochs differ
+
+
+def test_real_cifar_jpeg_through_loader(cifar10_jpeg_root: Path) -> None:
+    train, _, spec = build_datasets("imagefolder", str(cifar10_jpeg_root))
+    sub = labeled_subset(train, stratified_fraction(train.targets, 0.002, seed=0))
+    assert class_counts(sub.targets, 10).tolist() == [10] * 10
+    aug = Augmented(sub, mode="cifar", seed=0, mean=spec.mean, std=spec.std)
+    loader = make_loader(aug, GlobalBatchSampler(len(aug), 50, world_size=2, rank=1))
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0][0].shape == (25, 3, 32, 32)
+    assert abs(float(batches[0][0].mean())) < 1.0
+
+
+# ---------------------------------------------------------------- sampler
+
+
+def _epoch(world: int, *, epoch: int = 0, start: int = 0, **kw: object) -> list[list[list[int]]]:
+    """steps x ranks x local indices, for 100 samples and global batch 12."""
+    per_rank = []
+    for rank in range(world):
+        s = GlobalBatchSampler(100, 12, rank=rank, world_size=world, seed=5, **kw)
+        s.set_epoch(epoch)
+        if start:
+            s.set_start_batch(start)
+        assert len(s) == 8 - start
+        per_rank.append(list(s))
+    return [list(step) for step in zip(*per_rank, strict=True)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_global_batches_match_single_process(world: int) -> None:
+    single = [step[0] for step in _epoch(1)]
+    steps = _epoch(world)
+    assert len(steps) == 8
+    for step, batch in zip(steps, single, strict=True):
+        assert all(len(part) == 12 // world for part in step)
+        assert sum(step, []) == batch
+    seen = sum(single, [])
+    assert len(seen) == len(set(seen)) == 96 and set(seen) <= set(range(100))
+    assert _epoch(world) == steps  # deterministic
+    assert sum(sum(_epoch(world, epoch=1), []), []) != sum(sum(steps, []), [])
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_set_start_batch_resumes_and_is_one_shot(world: int) -> None:
+    full = _epoch(world, epoch=2)
+    assert _epoch(world, epoch=2, start=3) == full[3:]
+    s = GlobalBatchSampler(100, 12, seed=5)
+    s.set_epoch(2)
+    s.set_start_batch(5)
+    assert len(list(s)) == 3 and len(s) == 8 and len(list(s)) == 8
+
+
+def test_no_shuffle_and_no_drop_last() -> None:
+    s = GlobalBatchSampler(10, 4, shuffle=False)
+    assert list(s) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    s = GlobalBatchSampler(10, 4, rank=1, world_size=2, shuffle=False, drop_last=False)
+    assert len(s) == 3 and list(s) == [[2, 3], [6, 7], [0, 1]]  # last batch 8, 9, 0, 1
+
+
+def test_sampler_validation() -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        GlobalBatchSampler(100, 10, world_size=3)
+    with pytest.raises(ValueError, match="exceeds"):
+        GlobalBatchSampler(10, 12)
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        GlobalBatchSampler(100, 12, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="rank -1 is outside"):
+        GlobalBatchSampler(100, 12, rank=-1, world_size=2)
+    with pytest.raises(ValueError, match="start batch 9"):
+        GlobalBatchSampler(100, 12).set_start_batch(9)

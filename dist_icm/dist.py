@@ -115,6 +115,24 @@ def all_reduce_max(x: torch.Tensor, group: Group) -> torch.Tensor:
     return out
 
 
+def all_reduce_mean(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Mean of ``x`` over ranks, no gradient (for logging values such as the loss)."""
+    out = x.detach().clone()
+    if is_distributed(group):
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        out /= size(group)
+    return out
+
+
+def broadcast_object(obj, group: Group, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (e.g. the run folder rank 0 chose)."""
+    if not is_distributed(group):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
 def check_equal_rows(n: int, group: Group, device: torch.device) -> None:
     """Raise ``ValueError`` on every rank unless all ranks hold ``n`` rows."""
     if not is_distributed(group):

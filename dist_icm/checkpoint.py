@@ -1,0 +1,195 @@
+"""Checkpoints: atomic writes, keep-last-k pruning, and a resume that survives a torn file.
+
+A checkpoint is ``<folder>/ckpt-<step:09d>.pt`` holding ``{"format": 1, "step": step, "state":
+state}``. :func:`save` writes it to a hidden temporary file in the same folder, fsyncs it and
+renames it into place, so a crash (even SIGKILL) leaves either the old set of checkpoints or the
+new one, never a half-written ``ckpt-*.pt``. Only one process may write a folder (the trainer
+calls :func:`save` on rank 0); every rank may read.
+
+Files are loaded with ``torch.load(weights_only=True)``: no pickled code runs on load, so a
+checkpoint needs no more trust than a tensor file. The price is that ``state`` may hold only
+tensors, plain python scalars/strings, dtypes/devices and dict/list/tuple/set containers;
+:func:`save` checks this up front (a numpy scalar from a metric would otherwise make a file that
+only fails at resume). :func:`rng_state` therefore stores the numpy RNG key as a list of ints.
+
+No ``torch.distributed`` here: the caller decides which rank writes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CKPT_GLOB = "ckpt-*.pt"
+FORMAT = 1
+_NAME = re.compile(r"ckpt-(\d+)\.pt")
+_TMP_GLOB = ".ckpt-*.tmp"
+# What weights_only loading accepts; exact types, since e.g. np.float64 subclasses float.
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_CONTAINERS = (dict, OrderedDict, list, tuple, set, torch.Size)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is truncated, corrupt or not written by :func:`save`."""
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives in ``folder``."""
+    return Path(folder) / f"ckpt-{step:09d}.pt"
+
+
+def _check_plain(obj: Any, where: str = "state") -> None:
+    """Raise TypeError naming the first value in ``obj`` that weights_only loading refuses."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:
+        return
+    if type(obj) not in _CONTAINERS:
+        kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        raise TypeError(
+            f"{where} is a {kind}, which a weights_only load refuses: store tensors or plain "
+            "python values (e.g. float(x), x.tolist())"
+        )
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_plain(key, f"{where} key {key!r}")
+            _check_plain(value, f"{where}[{key!r}]")
+    else:
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable, where the OS lets us open a directory."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(folder: str | Path, step: int, state: dict, keep: int = 3) -> Path:
+    """Atomically write ``state`` as the checkpoint of ``step``; keep only the newest ``keep``.
+
+    Leftover temporary files of an earlier, crashed save are removed too.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    _check_plain(state)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(folder, step)
+    tmp = folder / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "step": step, "state": state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+    for old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    for stale in folder.glob(_TMP_GLOB):
+        stale.unlink(missing_ok=True)
+    return final
+
+
+def _step_of(path: Path) -> int | None:
+    match = _NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """The checkpoints in ``folder``, oldest step first (temporary and other files ignored)."""
+    steps = {p: _step_of(p) for p in Path(folder).glob(CKPT_GLOB) if p.is_file()}
+    return sorted((p for p, step in steps.items() if step is not None), key=steps.__getitem__)
+
+
+def _reason(exc: BaseException) -> str:
+    """One short line saying why torch could not read a file."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # torch wraps the cause in paragraphs of advice
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    paragraph = text.strip().split("\n\n")[0]
+    line = " ".join(paragraph.split()).split(". ")[0].strip(" .")
+    return line[:160] or type(exc).__name__
+
+
+def load(path: str | Path, map_location: Any = "cpu") -> dict:
+    """The ``state`` saved in the checkpoint at ``path``; CheckpointError if it is unreadable."""
+    path = Path(path)
+    with open(path, "rb") as f:  # a missing file is FileNotFoundError, not corruption
+        try:
+            if not zipfile.is_zipfile(f):  # torch.save writes a zip; its index is at the end
+                raise ValueError("no zip index: truncated, or not written by torch.save")
+            f.seek(0)
+            payload = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            reason = _reason(exc)
+        else:
+            ours = isinstance(payload, dict) and payload.get("format") == FORMAT
+            if ours and isinstance(payload.get("state"), dict):
+                return payload["state"]
+            reason = f"not a dist_icm checkpoint of format {FORMAT}"
+    raise CheckpointError(f"checkpoint {path} is unreadable ({reason}): delete it or pass another")
+
+
+def latest(folder: str | Path, map_location: Any = "cpu") -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``folder`` that loads, with its state; None when there is none.
+
+    An unreadable one is skipped with a warning naming it, falling back to the one before.
+    """
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load(path, map_location)
+        except FileNotFoundError:  # pruned by the writer since we listed the folder
+            continue
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; skipping it for an older checkpoint", stacklevel=2)
+    return None
+
+
+def rng_state() -> dict:
+    """The global RNG states: python ``random``, numpy, torch CPU and the current CUDA device.
+
+    Only the current device: asking for every device's state would create a CUDA context on
+    each GPU the process can see (one per rank per GPU on a multi-GPU node).
+    """
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"] = {
+        "key": np_state["state"]["key"].tolist(),  # plain ints: loadable with weights_only
+        "pos": int(np_state["state"]["pos"]),
+    }
+    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured (CUDA only if saved and available here)."""
+    random.setstate(state["python"])
+    np_state = dict(state["numpy"])
+    key = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np_state["state"] = {"key": key, "pos": np_state["state"]["pos"]}
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())

@@ -1,0 +1,209 @@
+"""Typed, validated run configuration.
+
+Hydra composes the YAML groups under ``configs/``; :func:`to_config` merges every group onto its
+dataclass schema (unknown keys and wrong types fail there) and the dataclasses' own checks run.
+Checks that need the world size or the data (the global batch against world size x
+accumulation, the class count against the data set) live in :func:`check_against`. Every failure
+is a :class:`ConfigError` whose message is one line, which the entry point prints before exiting
+with code 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dist_icm.objectives import ObjectiveConfig
+from dist_icm.optim import OptimConfig
+from dist_icm.schedule import ScheduleConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, described in one line."""
+
+
+LOADERS = ("torch", "ffcv")
+AUGMENTS = ("auto", "cifar", "imagenet", "none")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
+    root: str | None = None
+    download: bool = True
+    num_classes: int | None = None  # optional check against the data
+    global_batch: int = 128  # THE batch knob: per-device batch and accumulation derive from it
+    fraction: float = 1.0  # stratified fraction of the training set
+    long_tail: float | None = None  # imbalance ratio rho (e.g. 0.01) for long-tailed subsets
+    augment: str = "auto"
+    loader: str = "torch"
+    num_workers: int = 0
+    eval_batch: int = 512
+
+    def __post_init__(self) -> None:
+        _one_of("data.loader", self.loader, LOADERS)
+        _one_of("data.augment", self.augment, AUGMENTS)
+        if self.global_batch < 1:
+            raise ConfigError(f"data.global_batch must be >= 1, got {self.global_batch}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"data.fraction must lie in (0, 1], got {self.fraction}")
+        if self.long_tail is not None and not 0 < self.long_tail <= 1:
+            raise ConfigError(f"data.long_tail must lie in (0, 1], got {self.long_tail}")
+        if self.name == "imagefolder" and not (self.root and Path(self.root).is_dir()):
+            raise ConfigError(
+                f"data.root {self.root!r} is not a folder (data=imagefolder needs one)"
+            )
+        if self.num_workers < 0 or self.eval_batch < 1:
+            raise ConfigError("data.num_workers must be >= 0 and data.eval_batch >= 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under several processes
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    precision: str = "no"
+    grad_accum: int = 1  # micro-steps per optimizer step; the ICM score matrix spans one
+    compile: bool = False
+    channels_last: bool = False
+    threads: int | None = None  # torch intra-op threads per process
+
+    def __post_init__(self) -> None:
+        _one_of("runtime.device", self.device, DEVICES)
+        _one_of("runtime.precision", self.precision, PRECISIONS)
+        if self.grad_accum < 1:
+            raise ConfigError(f"runtime.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    max_steps: int | None = None  # stop after this many optimizer steps (summary still written)
+    log_every: int = 50
+    eval_every: int = 1  # epochs
+    ckpt_every: int = 10  # epochs; a checkpoint is also written at the end
+    keep_ckpts: int = 3
+    seed: int = 0
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        for key in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resume: str | None = None  # None | "auto" (newest valid checkpoint in the run dir) | a path
+    run_dir: str | None = None  # set by the entry point (Hydra's output folder)
+
+
+SECTIONS = ("data", "model", "loss", "optim", "schedule", "runtime", "train")
+
+
+def register_schema() -> None:
+    """Store every key's default (from the dataclasses) as the config ``schema`` for Hydra.
+
+    ``configs/train.yaml`` lists it first, so the YAML groups only say what differs and any
+    key can be overridden from the command line without a ``+``.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    ConfigStore.instance().store(name="schema", node=defaults)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Validate a composed Hydra config into a :class:`Config` (raises :class:`ConfigError`)."""
+    unknown = set(cfg.keys()) - set(SECTIONS) - {"resume", "run_dir", "experiment"}
+    if unknown:
+        raise ConfigError(f"unknown top-level config key(s): {', '.join(sorted(unknown))}")
+    try:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    parts = {}
+    for name in SECTIONS:
+        schema = OmegaConf.structured(Config.__dataclass_fields__[name].default_factory)
+        OmegaConf.set_readonly(schema, False)  # frozen dataclasses: merge, then instantiate
+        try:
+            merged = OmegaConf.merge(schema, cfg.get(name) or {})
+            parts[name] = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{name}: {str(e).splitlines()[0]}") from None
+        except ValueError as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+    return Config(**parts, resume=cfg.get("resume"), run_dir=cfg.get("run_dir"))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The global batch split over devices and accumulation micro-steps."""
+
+    global_batch: int
+    world_size: int
+    grad_accum: int
+
+    @property
+    def per_device(self) -> int:
+        return self.global_batch // (self.world_size * self.grad_accum)
+
+    @property
+    def micro_global(self) -> int:
+        """Samples in one micro-step across all devices: the span of the ICM score matrix."""
+        return self.per_device * self.world_size
+
+
+def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
+    """Derive per-device batch and accumulation from the global batch, or fail clearly."""
+    plan = BatchPlan(cfg.data.global_batch, world_size, cfg.runtime.grad_accum)
+    if cfg.data.global_batch % (world_size * cfg.runtime.grad_accum):
+        raise ConfigError(
+            f"data.global_batch={cfg.data.global_batch} is not divisible by world size "
+            f"{world_size} x runtime.grad_accum {cfg.runtime.grad_accum}"
+        )
+    group = cfg.loss.group_size
+    if group is not None and plan.per_device % group:
+        raise ConfigError(
+            f"loss.group_size={group} must divide the per-device batch {plan.per_device} "
+            f"(global {plan.global_batch} / world {world_size} / accumulation {plan.grad_accum})"
+        )
+    return plan
+
+
+def check_against_data(cfg: Config, num_classes: int, train_size: int) -> None:
+    """Checks that need the data set: class count and batch size."""
+    if cfg.data.num_classes is not None and cfg.data.num_classes != num_classes:
+        raise ConfigError(
+            f"data.num_classes={cfg.data.num_classes} but {cfg.data.name} has {num_classes} classes"
+        )
+    if cfg.data.global_batch > train_size:
+        raise ConfigError(
+            f"data.global_batch={cfg.data.global_batch} exceeds the {train_size} training samples"
+        )

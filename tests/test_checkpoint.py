@@ -1,0 +1,194 @@
+"""Checkpoints: round trips, pruning, torn/stray files, RNG state, and a real SIGKILL mid-save."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dist_icm import checkpoint as ckpt
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _assert_same(a, b) -> None:
+    """Exact equality of nested dict/list/tuple structures holding tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, strict=True)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def _training_state() -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5**epoch)
+    for _ in range(2):
+        nn.functional.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict()}
+
+
+def test_round_trip_model_optimizer_scheduler(tmp_path: Path) -> None:
+    state = _training_state()
+    assert all("momentum_buffer" in s for s in state["optim"]["state"].values())
+    path = ckpt.save(tmp_path, 7, state)
+    assert path == ckpt.checkpoint_path(tmp_path, 7) == tmp_path / "ckpt-000000007.pt"
+    loaded = ckpt.load(path)
+    _assert_same(state, loaded)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == 1 and raw["step"] == 7
+    assert ckpt.latest(tmp_path)[0] == path
+
+
+def test_save_refuses_what_weights_only_cannot_load(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"state\['metrics'\]\['acc'\] is a numpy.float64"):
+        ckpt.save(tmp_path, 1, {"metrics": {"acc": np.float64(0.5)}})
+    with pytest.raises(ValueError, match="keep"):
+        ckpt.save(tmp_path, 1, {}, keep=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_last_prunes_by_step(tmp_path: Path) -> None:
+    for step in range(1, 6):
+        ckpt.save(tmp_path, step, {"step": step}, keep=2)
+    assert ckpt.list_checkpoints(tmp_path) == [ckpt.checkpoint_path(tmp_path, s) for s in (4, 5)]
+    other = tmp_path / "order"
+    ckpt.save(other, 10, {"step": 10})
+    ckpt.save(other, 9, {"step": 9})  # newer mtime, older step
+    path, state = ckpt.latest(other)
+    assert path.name == "ckpt-000000010.pt" and state == {"step": 10}
+    ckpt.save(other, 8, {"step": 8}, keep=1)  # the older step itself is the one pruned
+    assert ckpt.list_checkpoints(other) == [ckpt.checkpoint_path(other, 10)]
+
+
+def test_truncated_newest_is_skipped_with_warning(tmp_path: Path) -> None:
+    good = ckpt.save(tmp_path, 3, {"w": torch.arange(10_000.0)})
+    data = good.read_bytes()
+    torn = ckpt.checkpoint_path(tmp_path, 4)
+    torn.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match=f"checkpoint {torn} is unreadable .*truncated"):
+        path, state = ckpt.latest(tmp_path)
+    assert path == good and torch.equal(state["w"], torch.arange(10_000.0))
+    torn.write_bytes(data[:40])  # also torn just after the zip header
+    with pytest.warns(UserWarning, match="ckpt-000000004.pt is unreadable"):
+        assert ckpt.latest(tmp_path)[0] == good
+
+
+def test_stray_temp_and_foreign_files_are_ignored(tmp_path: Path) -> None:
+    assert ckpt.list_checkpoints(tmp_path / "missing") == []
+    assert ckpt.latest(tmp_path) is None
+    good = ckpt.save(tmp_path, 5, {"a": 1})
+    (tmp_path / ".ckpt-000000007.pt.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "ckpt-latest.pt").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    assert ckpt.list_checkpoints(tmp_path) == [good]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ckpt.latest(tmp_path) == (good, {"a": 1})
+    ckpt.save(tmp_path, 6, {"a": 2})  # the next save clears the crashed one's leftover
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_load_garbage_raises_checkpoint_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "ckpt-000000001.pt"
+    garbage.write_bytes(os.urandom(1000))
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load(garbage)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {garbage} is unreadable (")
+    assert message.endswith("): delete it or pass another") and "\n" not in message
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.ones(2)}, foreign)  # a valid torch file, not ours
+    with pytest.raises(ckpt.CheckpointError, match="not a dist_icm checkpoint"):
+        ckpt.load(foreign)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match=r"unreadable \(.+\)"):
+        ckpt.load(empty)
+    with pytest.raises(FileNotFoundError):
+        ckpt.load(tmp_path / "nope.pt")
+
+
+def _draws() -> tuple:
+    return random.random(), np.random.rand(4), np.random.randn(3), torch.rand(4), torch.randn(3)
+
+
+def test_rng_state_round_trip_through_a_file(tmp_path: Path) -> None:
+    np.random.randn()  # leave a cached gaussian in numpy's legacy state
+    saved = ckpt.rng_state()
+    expected = _draws()
+    path = ckpt.save(tmp_path, 1, {"rng": saved})
+    _draws()
+    ckpt.set_rng_state(ckpt.load(path)["rng"])
+    _assert_same(expected, _draws())
+    ckpt.set_rng_state(saved)  # the in-memory capture works the same
+    _assert_same(expected, _draws())
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from dist_icm import checkpoint as ckpt
+    folder = sys.argv[1]
+    step = 0
+    while True:
+        step += 1
+        # ~20 MB, every value = step, so a loaded file can be checked against its own name
+        ckpt.save(folder, step, {"w": torch.full((5_000_000,), float(step)), "step": step}, keep=2)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path: Path, seed: int) -> None:
+    """SIGKILL a writer a random while after its first save, at a moment it is mid-write."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not ckpt.list_checkpoints(tmp_path):
+            assert proc.poll() is None, "writer died before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.01)
+        delay = random.Random(seed).uniform(0.05, 1.5)
+        time.sleep(delay)
+        while not list(tmp_path.glob(".*.tmp")):  # then strike while a file is being written
+            assert proc.poll() is None, "writer exited on its own"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torn ckpt-*.pt may ever be visible
+        found = ckpt.latest(tmp_path)
+    assert found is not None, f"killed after {delay:.2f} s, folder: {names}"
+    path, state = found
+    assert state["step"] == int(path.name[5:-3]) and state["w"].shape == (5_000_000,)
+    assert torch.equal(state["w"], torch.full((5_000_000,), float(state["step"])))
+    assert len(ckpt.list_checkpoints(tmp_path)) <= 2, names

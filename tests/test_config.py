@@ -1,0 +1,83 @@
+"""Every config in configs/ composes and validates; bad values fail with one clear line."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dist_icm.config import Config, ConfigError, plan_batches, register_schema, to_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ["data", "model", "loss", "optim", "schedule", "runtime", "train"]
+
+
+def _compose(*overrides: str) -> Config:
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return to_config(compose("train", overrides=list(overrides)))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+EVERY_OPTION = [(g, o) for g in GROUPS for o in _options(g)]
+
+
+@pytest.mark.parametrize("group, option", EVERY_OPTION, ids=lambda v: str(v))
+def test_every_group_option_composes(group, option, tmp_path):
+    extra = [f"data.root={tmp_path}"] if (group, option) == ("data", "imagefolder") else []
+    cfg = _compose(f"{group}={option}", *extra)
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(experiment, tmp_path):
+    cfg = _compose(f"experiment={experiment}", f"data.root={tmp_path}")
+    assert cfg.data.global_batch >= 1
+
+
+def test_defaults_are_the_paper_where_it_speaks():
+    cfg = _compose("experiment=paper_cifar100")
+    assert (cfg.model.name, cfg.data.name, cfg.loss.name) == (
+        "cifar_resnet34",
+        "cifar100",
+        "icm_mixup",
+    )
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 5e-4)
+    assert tuple(cfg.schedule.milestones) == (50, 100, 150) and cfg.schedule.gamma == 0.2
+    assert cfg.schedule.epochs == cfg.train.epochs == 200 and cfg.data.global_batch == 128
+    assert cfg.loss.mix_alpha == 0.2 and _compose("loss=regmixup").loss.mix_alpha == 20.0
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("loss.alpha=-1", "alpha must be > 0"),
+        ("loss.name=mixupp", "unknown loss"),
+        ("data.global_batch=0", "global_batch must be >= 1"),
+        ("data.fraction=1.5", "fraction must lie in"),
+        ("runtime.precision=fp8", "runtime.precision must be one of"),
+        ("train.epochs=abc", "could not be converted"),
+        ("+data.colour=red", "colour"),
+        ("data=imagefolder", "not a folder"),
+        ("optim.lr=0", "lr"),
+        ("schedule.gamma=-1", "gamma"),
+    ],
+)
+def test_bad_values_fail_with_one_line(override, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        _compose(override)
+    assert "\n" not in str(info.value)
+
+
+def test_global_batch_plan():
+    cfg = _compose("data.global_batch=96", "runtime.grad_accum=2", "loss.group_size=8")
+    plan = plan_batches(cfg, 3)
+    assert (plan.per_device, plan.micro_global) == (16, 48)
+    with pytest.raises(ConfigError, match="not divisible by world size 5"):
+        plan_batches(cfg, 5)
+    with pytest.raises(ConfigError, match="group_size=8 must divide the per-device batch 12"):
+        plan_batches(
+            _compose("data.global_batch=96", "runtime.grad_accum=2", "loss.group_size=8"), 4
+        )

@@ -1,0 +1,97 @@
+"""The main job end to end through its real command line (Hydra, Accelerate, digits data)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+QUICK = ["experiment=quickstart", "train.progress=false", "train.tensorboard=false"]
+
+
+def train(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dist_icm.train", *QUICK, f"hydra.run.dir={run_dir}", *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}
+
+
+def test_short_run_writes_its_run_dir(tmp_path):
+    out = train(tmp_path, "train.max_steps=12", "train.log_every=4", "train.tensorboard=true")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in (
+        "top1",
+        "top5",
+        "nll",
+        "ece",
+        "epochs",
+        "global_batch",
+        "world_size",
+        "images_per_sec",
+        "wall_s",
+    ):
+        assert key in summary
+    assert summary["steps"] == 12 and summary["world_size"] == 1
+    assert summary["global_batch"] == 64 and 0 <= summary["ece"] <= 1
+    logged = records(tmp_path)
+    assert sorted(losses(tmp_path)) == [4, 8, 12]
+    assert all({"step", "epoch"} <= r.keys() for r in logged)
+    assert any("test/top1" in r for r in logged)
+    assert (tmp_path / ".hydra" / "config.yaml").exists()
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard events
+    assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert "top1" in out.stdout  # the results table
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.name=foo", "unknown model 'foo'"),
+        ("loss.alpha=0", "alpha must be > 0"),
+        ("data.global_batch=100000", "exceeds the 1347 samples"),
+        ("data.num_classes=100", "data.num_classes=100 but digits has 10 classes"),
+        ("loss.group_size=7", "group_size=7 must divide"),
+        ("resume=/no/such.pt", "no such checkpoint"),
+        ("runtime.precision=fp16", "fp16 needs a GPU"),
+        ("model=foo", "model/foo"),
+    ],
+)
+def test_bad_values_stop_at_start_with_one_line_and_exit_2(tmp_path, override, message):
+    out = train(tmp_path, override, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_resume_continues_exactly(tmp_path):
+    # an uninterrupted run of 2k steps against k steps, stop, resume=auto, k more steps
+    k = 9
+    common = ["train.log_every=1", "train.ckpt_every=100"]
+    train(tmp_path / "full", f"train.max_steps={2 * k}", *common)
+    train(tmp_path / "cut", f"train.max_steps={k}", *common)
+    train(tmp_path / "cut", f"train.max_steps={2 * k}", "resume=auto", *common)
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 2 * k + 1))
+    assert all(cut[s] == full[s] for s in full), (full, cut)
+    a = torch.load(next((tmp_path / "full" / "checkpoints").glob("*18.pt")), weights_only=False)
+    b = torch.load(next((tmp_path / "cut" / "checkpoints").glob("*18.pt")), weights_only=False)
+    for name, tensor in a["state"]["model"].items():
+        assert torch.equal(tensor, b["state"]["model"][name]), name
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_high_accuracy(tmp_path):
+    train(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["top1"] > 90 and summary["epochs"] == 15

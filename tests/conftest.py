@@ -69,3 +69,15 @@ def cifar10_jpeg_root() -> Path:
     root = _unpack_once(CIFAR10_JPEG_ARCHIVE, cache_root() / "cifar10-jpeg") / "cifar10"
     assert (root / "train").is_dir() and (root / "test").is_dir(), f"unexpected layout in {root}"
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip cleanly, with a reason, where no CUDA device is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

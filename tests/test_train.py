@@ -90,6 +90,29 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(tensor, b["state"]["model"][name]), name
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["runtime=bf16"],
+        ["runtime.grad_accum=2", "loss=icm_cutmix", "loss.group_size=8"],
+        ["loss=icm_regmixup", "loss.gather=scores", "loss.dedup=true", "data.fraction=0.5"],
+        ["loss=icm_remix", "data.long_tail=0.1", "data.global_batch=32"],
+        ["loss=mixup", "optim=lars", "schedule=linear_scaling", "train.epochs=200"],
+    ],
+    ids=["bf16", "accum-cutmix", "regmixup-scores-dedup-fraction", "remix-longtail", "lars"],
+)
+def test_runtime_and_objective_variants_train(tmp_path, overrides):
+    train(tmp_path, "train.max_steps=4", "train.log_every=2", *overrides)
+    loss = losses(tmp_path)
+    assert sorted(loss) == [2, 4] and all(v == v and abs(v) < 1e3 for v in loss.values())
+
+
+@pytest.mark.slow
+def test_compiled_model_trains(tmp_path):
+    train(tmp_path, "train.max_steps=3", "runtime.compile=true")
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
+
+
 @pytest.mark.slow
 def test_quickstart_reaches_high_accuracy(tmp_path):
     train(tmp_path)

@@ -15,6 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.multiproc
 
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "cpu.yaml"
+
 ARGS = [
     "experiment=quickstart",
     "train.max_steps=6",

@@ -53,6 +53,13 @@ class Runtime:
         """The group the global-batch loss spans (None on one process)."""
         return dist.default_group() if self.world_size > 1 else None
 
+    def check(self, model_cfg: ModelConfig) -> None:
+        """Start-up checks that need the runtime (raises ConfigError)."""
+        if model_cfg.sync_bn and self.world_size > 1 and self.device.type == "cpu":
+            raise ConfigError(
+                "model.sync_bn=true needs GPUs: torch's SyncBatchNorm has no CPU kernel"
+            )
+
     def prepare(self, model: torch.nn.Module, optimizer, model_cfg: ModelConfig):
         """Move and wrap model and optimizer (SyncBatchNorm, channels_last, DDP, compile)."""
         if model_cfg.sync_bn and self.world_size > 1:

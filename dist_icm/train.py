@@ -55,6 +55,7 @@ def run(cfg: Config) -> dict:
     t_start = time.perf_counter()
     try:
         rt = Runtime(cfg.runtime)
+        rt.check(cfg.model)
         plan = plan_batches(cfg, rt.world_size)
         torch.manual_seed(cfg.train.seed)  # model init; all other randomness is keyed explicitly
         data = build_data(

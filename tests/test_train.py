@@ -98,13 +98,37 @@ def test_resume_continues_exactly(tmp_path):
         ["loss=icm_regmixup", "loss.gather=scores", "loss.dedup=true", "data.fraction=0.5"],
         ["loss=icm_remix", "data.long_tail=0.1", "data.global_batch=32"],
         ["loss=mixup", "optim=lars", "schedule=linear_scaling", "train.epochs=200"],
+        ["runtime=channels_last", "loss=ce", "optim=lamb"],
     ],
-    ids=["bf16", "accum-cutmix", "regmixup-scores-dedup-fraction", "remix-longtail", "lars"],
+    ids=[
+        "bf16",
+        "accum-cutmix",
+        "regmixup-scores-dedup-fraction",
+        "remix-longtail",
+        "lars",
+        "channels_last-ce-lamb",
+    ],
 )
 def test_runtime_and_objective_variants_train(tmp_path, overrides):
     train(tmp_path, "train.max_steps=4", "train.log_every=2", *overrides)
     loss = losses(tmp_path)
     assert sorted(loss) == [2, 4] and all(v == v and abs(v) < 1e3 for v in loss.values())
+
+
+def test_trains_on_the_cifar10_jpeg_tree(tmp_path, cifar10_jpeg_root):
+    train(
+        tmp_path,
+        "experiment=cifar10_jpeg",
+        f"data.root={cifar10_jpeg_root}",
+        "model=small_cnn",
+        "data.global_batch=64",
+        "data.num_workers=0",
+        "train.max_steps=3",
+        "train.log_every=1",
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and 0 <= summary["top1"] <= 100
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
 
 
 @pytest.mark.slow

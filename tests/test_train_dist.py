@@ -27,7 +27,7 @@ ARGS = [
 ]
 
 
-def _run(run_dir: Path, world: int, *overrides: str) -> list[dict]:
+def _launch(run_dir: Path, world: int, *overrides: str) -> subprocess.CompletedProcess:
     module = ["-m", "dist_icm.train", *ARGS, f"hydra.run.dir={run_dir}", *overrides]
     if world == 1:
         cmd = [sys.executable, *module]
@@ -47,7 +47,11 @@ def _run(run_dir: Path, world: int, *overrides: str) -> list[dict]:
             "no",
             *module,
         ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _run(run_dir: Path, world: int, *overrides: str) -> list[dict]:
+    out = _launch(run_dir, world, *overrides)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
@@ -80,3 +84,11 @@ def test_negative_control_per_device_groups_break_invariance(tmp_path):
     one = _run(tmp_path / "one", 1, "loss.group_size=null")
     two = _run(tmp_path / "two", 2, "loss.group_size=null")
     assert not _close(_losses(two), _losses(one))
+
+
+def test_sync_bn_on_cpu_processes_stops_at_start(tmp_path):
+    out = _launch(tmp_path / "run", 2, "model.sync_bn=true")
+    # every rank says the one line and exits 2 (the launcher then adds its own report)
+    assert out.returncode != 0
+    assert out.stderr.count("dist_icm: error: model.sync_bn=true needs GPUs") == 2
+    assert "exitcode  : 2" in out.stderr

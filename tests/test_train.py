@@ -142,3 +142,10 @@ def test_quickstart_reaches_high_accuracy(tmp_path):
     train(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["top1"] > 90 and summary["epochs"] == 15
+
+
+def test_unreadable_checkpoint_stops_at_start(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = train(tmp_path / "run", f"resume={bad}", check=False)
+    assert out.returncode == 2 and "unreadable" in out.stderr and "Traceback" not in out.stderr

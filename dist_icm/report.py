@@ -77,8 +77,11 @@ class Report:
         """Write summary.json and print the results table."""
         if not self.enabled:
             return
+        if self._bar is not None:  # the bar ends before the table, not after it
+            self._bar.stop()
+            self._bar = None
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = Table(title=f"dist_icm results ({self.run_dir})")
+        table = Table(title="dist_icm results", caption=str(self.run_dir))
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key in (

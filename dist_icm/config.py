@@ -47,10 +47,21 @@ class DataConfig:
     long_tail: float | None = None  # imbalance ratio rho (e.g. 0.01) for long-tailed subsets
     augment: str = "auto"
     loader: str = "torch"
-    num_workers: int = 0
+    num_workers: int = 0  # torch: DataLoader processes; ffcv: decoding threads (0: all cores)
     eval_batch: int = 512
+    # --- data.loader=ffcv (dist_icm/data/write.py, ffcv_loader.py) ---
+    ffcv_cache: str | None = None  # .beton cache folder; None: $DIST_ICM_CACHE/ffcv or ~/.cache
+    ffcv_os_cache: bool = True  # read through the OS page cache (False: ffcv's process cache)
+    ffcv_write_mode: str = "auto"  # RGB storage: auto (raw up to 64 px, else jpg) | raw | jpg
+    ffcv_max_side: int | None = None  # RGB: cap the longer side when writing (ImageNet-size data)
+    ffcv_quality: int = 90  # JPEG quality when writing jpg
 
     def __post_init__(self) -> None:
+        _one_of("data.ffcv_write_mode", self.ffcv_write_mode, ("auto", "raw", "jpg"))
+        if self.ffcv_max_side is not None and self.ffcv_max_side < 8:
+            raise ConfigError(f"data.ffcv_max_side must be >= 8, got {self.ffcv_max_side}")
+        if not 1 <= self.ffcv_quality <= 100:
+            raise ConfigError(f"data.ffcv_quality must lie in [1, 100], got {self.ffcv_quality}")
         _one_of("data.loader", self.loader, LOADERS)
         _one_of("data.augment", self.augment, AUGMENTS)
         if self.global_batch < 1:

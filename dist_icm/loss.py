@@ -41,8 +41,9 @@ GATHERS = ("triples", "scores")
 # S Ỹᵀ as a matmul with a dense Ỹ costs n*N*C multiply-adds; as two column gathers it costs
 # 2*n*N plus the scatter in the backward pass. `python -m dist_icm.bench loss` measures both
 # side by side; on the 2-core CPU machines here (fwd+bwd, float32, N=4096) the gathers took
-# 1.5x the matmul's time at C=10 and C=100, 1.3x at C=300 and 0.92x at C=1000 (README).
-DENSE_MAX_CLASSES = 512
+# 1.79x the matmul's time at C=10, 1.36x at C=300, 1.09x at C=700, 0.97x at C=1000 and 0.72x
+# at C=2000 (N=8192: 1.55x at C=100, 1.00x at C=1000). GPUs were not measured yet.
+DENSE_MAX_CLASSES = 900
 
 
 def mixing_matrix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, num_classes: int):

@@ -62,6 +62,8 @@ def setup(cfg: Config) -> Job:
         micro_global=plan.micro_global,
         rank=rt.rank,
         world_size=rt.world_size,
+        device=rt.device,
+        channels_last=cfg.runtime.channels_last,
     )
     check_against_data(cfg, data.spec.num_classes, data.train_size)
     steps_per_epoch = data.sampler.batches_per_epoch // plan.grad_accum

@@ -31,7 +31,7 @@ def problem(n=10, c=7, seed=0, dtype=torch.float64):
 
 @pytest.mark.parametrize("axis", ["class", "pair", "both"])
 @pytest.mark.parametrize("method", ["matmul", "gather", "auto"])
-@pytest.mark.parametrize("c", [5, 600])  # below and above the auto switch (DENSE_MAX_CLASSES)
+@pytest.mark.parametrize("c", [5, 1000])  # below and above the auto switch (DENSE_MAX_CLASSES)
 def test_matches_dense_reference_values_and_gradients(axis, method, c):
     logits, a, b, lam = problem(n=12, c=c)
     ours = icm_loss(logits, a, b, lam, axis=axis, method=method)

@@ -39,11 +39,41 @@ def augment_mode(requested: str, spec: DatasetSpec) -> str:
     return "imagenet" if spec.image_size > 32 else "none"
 
 
-def build_data(data_cfg, *, seed: int, micro_global: int, rank: int, world_size: int):
-    """Data sets, subset, loaders; raises DataError / ValueError on bad input."""
+def build_data(
+    data_cfg,
+    *,
+    seed: int,
+    micro_global: int,
+    rank: int,
+    world_size: int,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+):
+    """Data sets, subset, loaders; raises DataError / ValueError on bad input.
+
+    ``device`` and ``channels_last`` are used by ``data.loader=ffcv`` only, whose pipeline ends
+    with the transfer to the device; the torch path leaves that to the trainer.
+    """
     train, test, spec = build_datasets(
         data_cfg.name, data_cfg.root, download=data_cfg.download, seed=seed
     )
+    # --- data.loader=ffcv (dist_icm/data/ffcv_loader.py): same sampler, subsets and bundle ---
+    if data_cfg.loader == "ffcv":
+        from dist_icm.data.ffcv_loader import build_ffcv_data  # DataError without ffcv
+
+        return build_ffcv_data(
+            data_cfg,
+            train,
+            test,
+            spec,
+            seed=seed,
+            micro_global=micro_global,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            channels_last=channels_last,
+        )
+    # --- end of the ffcv branch ---
     if data_cfg.fraction < 1:
         train = labeled_subset(train, stratified_fraction(train.targets, data_cfg.fraction, seed))
     if data_cfg.long_tail is not None:

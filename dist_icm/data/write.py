@@ -1,0 +1,302 @@
+"""Write data sets to FFCV ``.beton`` files, cached by data set, split and options.
+
+    python -m dist_icm.data.write cifar10 --root data/cifar10      # or: dist-icm-data cifar10 ...
+    python -m dist_icm.data.write imagefolder --root /data/imagenet --max-side 512 --quality 90
+
+One cache entry ``<cache>/<name>-<key>/`` holds ``train.beton``, ``test.beton`` and ``meta.json``
+(written last: an entry without it is incomplete and is written again). The key hashes the data
+set, its root, the digits split seed, the sizes and class names of the splits and the write
+options, so a second run with the same inputs reuses the entry. ``<cache>`` is ``--cache`` (or
+``data.ffcv_cache``), else ``$DIST_ICM_CACHE/ffcv``, else ``~/.cache/dist_icm/ffcv``.
+
+Subsets (``data.fraction``, ``data.long_tail``) are never written: they select indices of the
+full training ``.beton`` at load time, so each source is stored once per set of options.
+Images: RGB data as ``RGBImageField`` (``raw`` pixels, or ``jpg`` at ``quality``; ``auto`` is raw
+up to 64 pixels and jpg above, ``max_side`` caps the longer side); other data (digits, 1 channel)
+as float32 ``NDArrayField``. Labels as ``IntField``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dist_icm.data.datasets import DataError, DatasetSpec, ImageFolderImages, build_datasets
+
+__all__ = ["FFCV_INSTALL", "BetonSet", "WriteOptions", "check_beton", "ensure_betons", "main"]
+
+FORMAT = 1  # bump when what is written changes
+FFCV_APT = "apt-get install -y libopencv-dev pkg-config libturbojpeg0-dev"
+FFCV_INSTALL = f'install the system libraries (`{FFCV_APT}`), then `pip install -e ".[ffcv]"`'
+WRITE_MODES = ("auto", "raw", "jpg")
+
+
+def require_ffcv() -> None:
+    """Raise a one-line :class:`DataError` saying how to install ffcv when it cannot be imported."""
+    threads = torch.get_num_threads()
+    try:  # importing ffcv sets torch's threads to 1 (its Compiler's default): undone below
+        import ffcv.loader  # noqa: F401  (also loads ffcv's C extension and its libraries)
+    except Exception as e:  # ImportError, or OSError for a missing libturbojpeg / libopencv
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise DataError(
+            f"data.loader=ffcv needs the ffcv package ({reason}): {FFCV_INSTALL}"
+        ) from e
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How RGB images are stored (ignored for non-RGB data, which is stored raw)."""
+
+    mode: str = "auto"  # auto | raw | jpg
+    max_side: int | None = None  # resize so that the longer side is at most this
+    quality: int = 90  # JPEG quality for mode jpg
+
+    def __post_init__(self) -> None:
+        if self.mode not in WRITE_MODES:
+            raise DataError(
+                f"write mode must be one of {', '.join(WRITE_MODES)}, got {self.mode!r}"
+            )
+        if (self.max_side is not None and self.max_side < 8) or not 1 <= self.quality <= 100:
+            raise DataError(f"need max_side >= 8 and quality in [1, 100], got {self}")
+
+    def resolve(self, image_size: int) -> WriteOptions:
+        """Concrete options: ``auto`` is raw up to 64 pixels and jpg above; ``max_side`` only
+        applies above 64 pixels (smaller data is stored at the data set's fixed size)."""
+        small = image_size <= 64
+        mode = self.mode if self.mode != "auto" else ("raw" if small else "jpg")
+        side = None if small else self.max_side
+        return WriteOptions(mode, side, self.quality if mode == "jpg" else 90)
+
+
+@dataclass(frozen=True)
+class BetonSet:
+    """A complete cache entry: the two files, how images are stored, and the data set's spec."""
+
+    folder: Path
+    kind: str  # "rgb" (RGBImageField) or "ndarray" (float32 CHW NDArrayField)
+    fixed_size: bool  # every image has the spec's size (else decoders crop and resize)
+    spec: DatasetSpec
+    meta: dict
+
+    @property
+    def train(self) -> Path:
+        return self.folder / "train.beton"
+
+    @property
+    def test(self) -> Path:
+        return self.folder / "test.beton"
+
+
+class _Source(Dataset):
+    """What the writer's worker processes index: (HWC uint8 or CHW float32 array, label).
+
+    Failures are recorded in a shared value (the first failing index) and a blank sample is
+    returned instead, because ffcv's writer waits forever for a worker that died.
+    """
+
+    def __init__(self, base: Dataset, kind: str, fixed: bool) -> None:
+        self.base, self.kind, self.fixed = base, kind, fixed
+        self.failed = multiprocessing.Value("q", -1)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        try:
+            return self._get(int(i))
+        except Exception:
+            with self.failed.get_lock():
+                if self.failed.value < 0:
+                    self.failed.value = int(i)
+            blank = np.zeros((8, 8, 3), np.uint8) if self.kind == "rgb" else self._get(0)[0]
+            return blank, 0
+
+    def _get(self, i: int) -> tuple[np.ndarray, int]:
+        base = self.base
+        if isinstance(base, ImageFolderImages):  # PIL only: torch in ffcv's workers is slow
+            from PIL import Image
+
+            path, label = base.folder.samples[i]
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            if not self.fixed or pixels.shape[:2] == (base.image_size,) * 2:
+                return pixels, int(label)
+        images = getattr(base, "images", None)
+        if self.kind == "rgb" and isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+            pixels = images[i].permute(1, 2, 0).numpy()  # CIFAR: uint8 CHW in memory
+            return np.ascontiguousarray(pixels), int(base.targets[i])  # type: ignore[attr-defined]
+        image, label = base[i]  # float CHW in [0, 1], resized by ImageFolderImages
+        if self.kind == "ndarray":
+            return image.numpy().astype(np.float32), int(label)
+        pixels = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+        return np.ascontiguousarray(pixels.numpy()), int(label)
+
+    def describe(self, i: int) -> str:
+        folder = getattr(self.base, "folder", None)
+        return folder.samples[i][0] if folder is not None else f"sample {i}"
+
+
+def cache_root(cache: str | None) -> Path:
+    """``cache``, else ``$DIST_ICM_CACHE/ffcv``, else ``~/.cache/dist_icm/ffcv``."""
+    if cache:
+        return Path(cache).expanduser()
+    return Path(os.environ.get("DIST_ICM_CACHE", "~/.cache/dist_icm")).expanduser() / "ffcv"
+
+
+def _write(source: _Source, path: Path, options: WriteOptions, workers: int) -> None:
+    from ffcv.fields import IntField, NDArrayField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    if source.kind == "rgb":
+        image = RGBImageField(options.mode, options.max_side, jpeg_quality=options.quality)
+    else:
+        image = NDArrayField(np.dtype("float32"), tuple(source._get(0)[0].shape))
+    tmp = path.with_suffix(".beton.tmp")
+    writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=workers)
+    writer.from_indexed_dataset(source, chunksize=64)
+    if source.failed.value >= 0:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot read {source.describe(source.failed.value)}: fix or remove it")
+    tmp.replace(path)
+
+
+def ensure_betons(
+    train: Dataset,
+    test: Dataset,
+    spec: DatasetSpec,
+    *,
+    name: str,
+    root: str | None,
+    seed: int,
+    options: WriteOptions = WriteOptions(),
+    cache: str | None = None,
+    workers: int = 0,
+) -> BetonSet:
+    """The cache entry of these splits and options, written first if it is not complete.
+
+    Safe under several processes: they take a file lock, the first writes, the others reuse.
+    """
+    require_ffcv()
+    kind = "rgb" if spec.in_channels == 3 else "ndarray"
+    opts = options.resolve(spec.image_size)
+    fixed = kind == "ndarray" or spec.image_size <= 64
+    ident = {
+        "format": FORMAT,
+        "name": name,
+        "root": str(Path(root).expanduser().resolve()) if root else None,
+        "seed": seed if name == "digits" else None,  # only digits' split depends on it
+        "sizes": [len(train), len(test)],  # type: ignore[arg-type]
+        "classes": list(spec.class_names),
+        "options": asdict(opts) if kind == "rgb" else None,
+    }
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_root(cache) / f"{name}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            workers = workers or len(os.sched_getaffinity(0))
+            for split, data in (("train", train), ("test", test)):
+                n = len(data)  # type: ignore[arg-type]
+                print(f"dist_icm: writing {name} {split} ({n} images) to {folder}", flush=True)
+                _write(_Source(data, kind, fixed), folder / f"{split}.beton", opts, workers)
+            sizes = {s: (folder / f"{s}.beton").stat().st_size for s in ("train", "test")}
+            meta = ident | {"kind": kind, "fixed_size": fixed, "bytes": sizes, "spec": asdict(spec)}
+            meta_path.with_suffix(".tmp").write_text(json.dumps(meta, indent=1))
+            meta_path.with_suffix(".tmp").replace(meta_path)
+        meta = json.loads(meta_path.read_text())
+    return BetonSet(folder, kind, fixed, spec, meta)
+
+
+def check_beton(
+    path: Path, *, kind: str, num_classes: int, size: int | None = None, all_classes: bool = False
+) -> np.ndarray:
+    """Validate a ``.beton`` and return its labels; raises :class:`DataError` when it is
+    truncated or corrupt (or not ``size`` bytes), has other fields than ``kind`` needs, has
+    labels outside ``[0, num_classes)`` or (``all_classes``) lacks some of the classes."""
+    from ffcv.reader import Reader
+
+    fix = "delete it (or its cache folder) so that it is written again"
+    if not path.is_file():
+        raise DataError(f".beton {path} is missing: {fix}")
+    actual = path.stat().st_size
+    try:
+        reader = Reader(str(path))
+        table_at, table = int(reader.header["alloc_table_ptr"]), reader.alloc_table
+        ends = (table["ptr"] + table["size"]).max() if len(table) else 0
+        complete = len(reader.metadata) == reader.num_samples and ends <= table_at
+        complete = complete and table_at + table.nbytes == actual and size in (None, actual)
+    except Exception as e:  # short header, bad version, unreadable field descriptors...
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise DataError(f".beton {path} is truncated or corrupt ({reason}): {fix}") from e
+    if not complete:
+        raise DataError(f".beton {path} is truncated or corrupt ({actual} bytes): {fix}")
+    fields = {f: type(h).__name__ for f, h in reader.handlers.items()}
+    want = {"image": "RGBImageField" if kind == "rgb" else "NDArrayField", "label": "IntField"}
+    if fields != want:
+        raise DataError(f".beton {path} has fields {fields} but the config needs {want}: {fix}")
+    labels = np.asarray(reader.metadata["f1"], dtype=np.int64)
+    found = len(np.unique(labels))
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f".beton {path} has labels {labels.min()}..{labels.max()} but the data set has "
+            f"{num_classes} classes: {fix}"
+        )
+    if all_classes and found != num_classes:
+        raise DataError(f".beton {path} holds {found} of the {num_classes} classes: {fix}")
+    return labels
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dist_icm.data.write`` / ``dist-icm-data``: write (or find) a cache entry."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_icm.data.write",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", choices=("digits", "cifar10", "cifar100", "imagefolder"))
+    parser.add_argument("--root", help="data set folder (not used by digits)")
+    parser.add_argument("--cache", help="cache folder (default $DIST_ICM_CACHE/ffcv)")
+    parser.add_argument("--mode", default="auto", choices=WRITE_MODES)
+    parser.add_argument("--max-side", type=int, help="longest image side kept (RGB)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality (mode jpg)")
+    parser.add_argument("--workers", type=int, default=0, help="writer processes (0: all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="digits' train/test split seed")
+    parser.add_argument("--no-download", action="store_true", help="CIFAR: never download")
+    args = parser.parse_args(argv)
+    try:
+        options = WriteOptions(args.mode, args.max_side, args.quality)
+        train, test, spec = build_datasets(
+            args.name, args.root, download=not args.no_download, seed=args.seed
+        )
+        found = ensure_betons(
+            train,
+            test,
+            spec,
+            name=args.name,
+            root=args.root,
+            seed=args.seed,
+            options=options,
+            cache=args.cache,
+            workers=args.workers,
+        )
+    except DataError as e:
+        raise SystemExit(f"dist_icm: error: {str(e).splitlines()[0]}") from None
+    print(json.dumps({"train": str(found.train), "test": str(found.test), "meta": found.meta}))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ from dist_icm.objectives import Objective
 from dist_icm.optim import build_optimizer
 from dist_icm.report import Report
 from dist_icm.runtime import Runtime
-from dist_icm.schedule import lambda_for
+from dist_icm.schedule import lambda_for, plot_schedule
 
 
 @dataclass
@@ -175,6 +175,8 @@ def train(job: Job, state: dict | None = None) -> dict:
         f"{job.plan.per_device} x {job.plan.grad_accum} micro-steps; {spe} steps/epoch; "
         f"run dir {job.run_dir}" + (f"; resumed at step {step}" if state else "")
     )
+    if rt.is_main:  # the lr schedule at a glance, beside the metrics
+        plot_schedule(cfg.schedule, spe, job.run_dir / "lr_schedule.png")
     job.model.train()
     seen, train_time, metrics = 0, 0.0, {}
     loss_sum, loss_count = torch.zeros((), device=rt.device), 0

@@ -49,6 +49,7 @@ def test_short_run_writes_its_run_dir(tmp_path):
     assert all({"step", "epoch"} <= r.keys() for r in logged)
     assert any("test/top1" in r for r in logged)
     assert (tmp_path / ".hydra" / "config.yaml").exists()
+    assert (tmp_path / "lr_schedule.png").stat().st_size > 1000
     assert list((tmp_path / "tb").iterdir())  # TensorBoard events
     assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
     assert "top1" in out.stdout  # the results table

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dist_icm import loss as L
+from dist_icm.data.datasets import cache_root
 
 
 def _time_loss(logits, a, b, lam, method: str) -> float:
@@ -189,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d = sub.add_parser("data", help="images/s: ffcv loader vs torch DataLoader")
-    cache = Path(os.environ.get("DIST_ICM_CACHE", "~/.cache/dist_icm")).expanduser()
-    d.add_argument("--root", default=str(cache / "cifar10-jpeg" / "cifar10"))
+    d.add_argument("--root", default=str(cache_root() / "cifar10-jpeg" / "cifar10"))
     d.add_argument("--batch", type=int, default=256)
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--batches", type=int, default=150)

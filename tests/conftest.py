@@ -9,13 +9,14 @@ interrupted run or concurrent pytest-xdist workers never leave or see a half-wri
 
 from __future__ import annotations
 
-import os
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from dist_icm.data.datasets import cache_root as project_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
@@ -24,8 +25,7 @@ MARKER = ".extracted"
 
 def cache_root() -> Path:
     """Where test data is unpacked: ``$DIST_ICM_CACHE`` or ``~/.cache/dist_icm``."""
-    root = Path(os.environ.get("DIST_ICM_CACHE", Path.home() / ".cache" / "dist_icm"))
-    root = root.expanduser().resolve()
+    root = project_cache().resolve()
     if root == REPO_ROOT or REPO_ROOT in root.parents:
         raise RuntimeError(f"DIST_ICM_CACHE={root} is inside the repository; point it elsewhere")
     return root

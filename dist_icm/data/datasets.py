@@ -7,12 +7,22 @@ so that subsets can stratify without decoding images. Normalisation statistics t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+
+def cache_root() -> Path:
+    """The project's cache folder: ``$DIST_ICM_CACHE``, else ``~/.cache/dist_icm``.
+
+    Unpacked test data and FFCV ``.beton`` files live below it, never in the repository.
+    """
+    return Path(os.environ.get("DIST_ICM_CACHE", "~/.cache/dist_icm")).expanduser()
+
 
 __all__ = ["DATASET_NAMES", "DataError", "DatasetSpec", "TensorImageDataset", "build_datasets"]
 

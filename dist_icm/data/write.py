@@ -31,7 +31,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dist_icm.data.datasets import DataError, DatasetSpec, ImageFolderImages, build_datasets
+from dist_icm.data.datasets import (
+    DataError,
+    DatasetSpec,
+    ImageFolderImages,
+    build_datasets,
+)
+from dist_icm.data.datasets import (
+    cache_root as project_cache,
+)
 
 __all__ = ["FFCV_INSTALL", "BetonSet", "WriteOptions", "check_beton", "ensure_betons", "main"]
 
@@ -152,7 +160,7 @@ def cache_root(cache: str | None) -> Path:
     """``cache``, else ``$DIST_ICM_CACHE/ffcv``, else ``~/.cache/dist_icm/ffcv``."""
     if cache:
         return Path(cache).expanduser()
-    return Path(os.environ.get("DIST_ICM_CACHE", "~/.cache/dist_icm")).expanduser() / "ffcv"
+    return project_cache() / "ffcv"
 
 
 def _write(source: _Source, path: Path, options: WriteOptions, workers: int) -> None:

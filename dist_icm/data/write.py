@@ -37,9 +37,7 @@ from dist_icm.data.datasets import (
     ImageFolderImages,
     build_datasets,
 )
-from dist_icm.data.datasets import (
-    cache_root as project_cache,
-)
+from dist_icm.data.datasets import cache_root as project_cache
 
 __all__ = ["FFCV_INSTALL", "BetonSet", "WriteOptions", "check_beton", "ensure_betons", "main"]
 

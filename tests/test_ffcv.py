@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli import REPO, losses, run_train
+from cli import summary as read_summary
 from multiproc import run_group
 from PIL import Image
 
@@ -34,7 +36,6 @@ except DataError as e:
 
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 # numba quirk: the finaliser of a garbage-collected ffcv-compiled function can raise KeyError
 # while ffcv's loader thread compiles (numba.core.dispatcher, "Exception ignored"): harmless.
 pytestmark = pytest.mark.filterwarnings(
@@ -346,22 +347,18 @@ def test_trainer_cli_with_ffcv_matches_the_torch_loader(tmp_path, cache):
     loss = {}
     for loader in ("ffcv", "torch"):
         run = tmp_path / loader
-        cmd = [
-            sys.executable,
-            "-m",
-            "dist_icm.train",
+        run_train(
+            run,
             "experiment=quickstart",
             f"data.loader={loader}",
             "train.max_steps=5",
             "train.log_every=1",
             "train.progress=false",
             "train.tensorboard=false",
-            f"hydra.run.dir={run}",
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-        assert out.returncode == 0, out.stderr[-3000:]
-        records = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
-        loss[loader] = [r["train/loss"] for r in records if "train/loss" in r]
+            env=env,
+            timeout=300,
+        )
+        loss[loader] = list(losses(run).values())
     assert len(loss["ffcv"]) == 5 and np.allclose(loss["ffcv"], loss["torch"], rtol=1e-5)
 
 
@@ -371,10 +368,8 @@ def test_cifar10_accuracy_is_similar_with_both_loaders(tmp_path, cache, cifar10_
     top1 = {}
     for loader in ("torch", "ffcv"):
         run = tmp_path / loader
-        cmd = [
-            sys.executable,
-            "-m",
-            "dist_icm.train",
+        run_train(
+            run,
             "experiment=cifar10_jpeg",
             "model=small_cnn",
             f"data.root={cifar10_jpeg_root}",
@@ -384,11 +379,10 @@ def test_cifar10_accuracy_is_similar_with_both_loaders(tmp_path, cache, cifar10_
             "schedule=cosine",
             "train.progress=false",
             "train.tensorboard=false",
-            f"hydra.run.dir={run}",
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env, cwd=REPO)
-        assert out.returncode == 0, out.stderr[-3000:]
-        summary = json.loads((run / "summary.json").read_text())
+            env=env,
+            timeout=3600,
+        )
+        summary = read_summary(run)
         top1[loader] = summary["top1"]
         print(loader, json.dumps(summary))
     assert top1["torch"] > 35 and abs(top1["ffcv"] - top1["torch"]) < 3.0, top1

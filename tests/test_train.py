@@ -1,30 +1,17 @@
 """The main job end to end through its real command line (Hydra, Accelerate, digits data)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli import losses, records, run_train
 
 QUICK = ["experiment=quickstart", "train.progress=false", "train.tensorboard=false"]
 
 
-def train(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dist_icm.train", *QUICK, f"hydra.run.dir={run_dir}", *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"train failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return out
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}
+def train(run_dir: Path, *overrides: str, check: bool = True):
+    return run_train(run_dir, *QUICK, *overrides, check=check)
 
 
 def test_short_run_writes_its_run_dir(tmp_path):

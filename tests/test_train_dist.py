@@ -6,16 +6,12 @@ evaluate to the same test metrics. Negative control: without a fixed mixing grou
 partners depend on the per-device batch, and the same comparison tells the runs apart.
 """
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli import records, run_train, summary
 
 pytestmark = pytest.mark.multiproc
-
-CPU_CONFIG = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "cpu.yaml"
 
 ARGS = [
     "experiment=quickstart",
@@ -27,34 +23,9 @@ ARGS = [
 ]
 
 
-def _launch(run_dir: Path, world: int, *overrides: str) -> subprocess.CompletedProcess:
-    module = ["-m", "dist_icm.train", *ARGS, f"hydra.run.dir={run_dir}", *overrides]
-    if world == 1:
-        cmd = [sys.executable, *module]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(world),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            *module,
-        ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-
-
 def _run(run_dir: Path, world: int, *overrides: str) -> list[dict]:
-    out = _launch(run_dir, world, *overrides)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    run_train(run_dir, *ARGS, *overrides, world=world)
+    return records(run_dir)
 
 
 def _losses(records):
@@ -74,8 +45,7 @@ def test_same_losses_on_one_and_several_processes(tmp_path, world, batch, accum)
     assert _close(_losses(many), _losses(one)), (_losses(many), _losses(one))
     top1 = [r["test/top1"] for r in (one[-1], many[-1])]
     assert abs(top1[0] - top1[1]) <= 100 / 450  # at most one test image flips
-    summary = json.loads((tmp_path / "many" / "summary.json").read_text())
-    assert summary["world_size"] == world
+    assert summary(tmp_path / "many")["world_size"] == world
     # side effects on rank 0 only: nothing but the two run folders was written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "one"]
 
@@ -87,7 +57,7 @@ def test_negative_control_per_device_groups_break_invariance(tmp_path):
 
 
 def test_sync_bn_on_cpu_processes_stops_at_start(tmp_path):
-    out = _launch(tmp_path / "run", 2, "model.sync_bn=true")
+    out = run_train(tmp_path / "run", *ARGS, "model.sync_bn=true", world=2, check=False)
     # every rank says the one line and exits 2 (the launcher then adds its own report)
     assert out.returncode != 0
     assert out.stderr.count("dist_icm: error: model.sync_bn=true needs GPUs") == 2

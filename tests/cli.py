@@ -1,0 +1,51 @@
+"""Run the main job through its real command line, and read what its run folder holds.
+
+``run_train(run_dir, *overrides, world=N)`` starts ``python -m dist_icm.train`` (one process) or
+``accelerate launch`` with ``launch/accelerate/cpu.yaml`` (N processes, gloo) with
+``hydra.run.dir=run_dir``; ``check=True`` fails with the job's stderr when it does not exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_CONFIG = REPO / "launch" / "accelerate" / "cpu.yaml"
+
+
+def run_train(
+    run_dir: Path,
+    *overrides: str,
+    world: int = 1,
+    env: dict | None = None,
+    timeout: int = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    module = ["-m", "dist_icm.train", *overrides, f"hydra.run.dir={run_dir}"]
+    launcher = [sys.executable]
+    if world > 1:
+        launcher += ["-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
+        launcher += ["--num_processes", str(world)]
+    out = subprocess.run(
+        launcher + module, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"train failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out
+
+
+def records(run_dir: Path) -> list[dict]:
+    """The lines of the run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Logged training loss by optimizer step."""
+    return {r["step"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())

@@ -67,7 +67,11 @@ def soft_ce(logits: torch.Tensor, mixed: Mixed) -> torch.Tensor:
 
 
 class Objective:
-    """``objective(model, x, y, ctx) -> (loss, stats)`` for the configured method."""
+    """``objective(model, x, y, ctx) -> (loss, stats)`` for the configured method.
+
+    ``stats`` holds detached tensors (e.g. the batch's mean ``lam``); reading them as Python
+    numbers is left to whoever logs them, so the step itself never waits for the device.
+    """
 
     def __init__(
         self,
@@ -110,7 +114,7 @@ class Objective:
         if cfg.method == "ce":
             return F.cross_entropy(model(x).float(), y), {}
         mixed = self.mix(x, y, ctx)
-        stats = {"lam": float(mixed.lam.mean())}
+        stats = {"lam": mixed.lam.mean()}  # a tensor: no device sync in the training step
         if cfg.method == "regmixup":
             logits = model(torch.cat([x, mixed.x]))
             clean, mixed_logits = logits.split(x.shape[0])

@@ -94,6 +94,3 @@ class Runtime:
     def load_scaler_state(self, state: dict | None) -> None:
         if state is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state)
-
-    def close(self) -> None:
-        self.accelerator.end_training()

@@ -17,16 +17,22 @@ class-axis terms of its rows plus the pair-axis terms of its columns. The mean o
 values is the global loss, and under DDP (gradients averaged over ranks) the parameter gradient
 is exactly the single-process gradient on the whole batch. Two ways to get there:
 
-* ``gather="triples"`` (default): only the mixing triples (a, b, lam) travel (12 bytes a sample
-  in float32). Row i of S̃ needs only S_i, so the rank computes its row block S_r Ỹᵀ (n x N) and
-  the class axis is local; the pair-axis column normaliser is a distributed logsumexp: a max
-  all-reduce (no gradient) and a differentiable sum all-reduce of the exponentials.
+* ``gather="triples"`` (default): the mixing triples (a, b, lam) are all-gathered (12 bytes a
+  sample in float32, 16 in float64). Row i of S̃ needs only S_i, so the rank computes its row
+  block S_r Ỹᵀ (n x N) and the class axis is local; the pair-axis column normaliser is a
+  distributed logsumexp: a max all-reduce of the N column maxima (no gradient) and a
+  differentiable sum all-reduce of the N column sums, whose backward all-reduces N gradients
+  (with dedup, two rows of N in each).
 * ``gather="scores"``: the logits are all-gathered with gradient (they flow back to their owner)
   and the rank computes its column block S Ỹ_rᵀ (N x n) in full.
 
 ``dedup=True`` (beyond the paper) treats rows whose mixing vectors are identical as positives of
 each other (multi-positive CE: -log of the softmax mass on all positives), so duplicates of a
-target are no longer pushed apart; the plain loss cannot go below log k for k duplicates.
+target are no longer pushed apart; the plain loss cannot go below log k for k duplicates. (Its
+grouping, ``torch.unique``, reads its output size back from the device.)
+
+The loss runs in float32 (float64 for float64 logits) with autocast disabled, whatever the
+caller's autocast state.
 """
 
 from __future__ import annotations
@@ -137,19 +143,27 @@ def _unpack_triples(wire: torch.Tensor, dtype: torch.dtype):
     return wire[:, 0].long(), wire[:, 1].long(), lam
 
 
-def _check(logits, a, b, lam, axis, gather):
+def _check_local(logits, a, b, lam, axis, gather) -> None:
+    """Checks of arguments, shapes and dtypes: free (no device sync), every call."""
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
     if gather not in GATHERS:
         raise ValueError(f"gather must be one of {GATHERS}, got {gather!r}")
     if logits.ndim != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float (n, C) tensor, got {tuple(logits.shape)}")
-    n, num_classes = logits.shape
+    n = logits.shape[0]
     for name, t in (("a", a), ("b", b), ("lam", lam)):
         if t.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},) like the logits, got {tuple(t.shape)}")
     if a.dtype != torch.int64 or b.dtype != torch.int64:
         raise ValueError(f"a and b must be int64 class indices, got {a.dtype} and {b.dtype}")
+    if not lam.is_floating_point():
+        raise ValueError(f"lam must be a float tensor, got {lam.dtype}")
+
+
+def _check_values(logits, a, b, lam) -> None:
+    """Checks of values: each reads a result back from the device (a host sync)."""
+    n, num_classes = logits.shape
     if n and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= num_classes):
         raise ValueError(f"class indices a, b must lie in [0, {num_classes})")
     if n and not bool(((lam >= 0) & (lam <= 1)).all()):
@@ -167,12 +181,14 @@ def icm_loss(
     gather: str = "triples",
     dedup: bool = False,
     method: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Infinite Class Mixup loss of this process's rows; see the module docstring.
 
     Args:
-        logits: (n, C) scores S of the mixed images on this process (any float dtype; the
-            softmax parts run in float32, or float64 for float64 input).
+        logits: (n, C) scores S of the mixed images on this process (any float dtype). The
+            whole loss runs in float32 (float64 for float64 input) with autocast disabled, so
+            calling it inside ``torch.autocast`` gives the float32 result, not a bf16/fp16 one.
         a, b: (n,) int64 classes of the two sources; lam: (n,) weight of class a.
         axis: "class" (CE(S̃, I)), "pair" (CE(S̃ᵀ, I)) or "both" (their sum).
         process_group: ``None`` for one process; else S̃ spans the group's global batch and
@@ -180,15 +196,34 @@ def icm_loss(
         gather: "triples" or "scores" (see the module docstring); both are exact.
         dedup: identical mixing vectors count as positives of each other.
         method: how S̃ is formed, "matmul", "gather" or "auto" (see ``mixed_scores``).
+        validate: also check values (class indices in range, lam in [0, 1]: one host sync
+            each) and, with a group, that every rank holds the same n (one small all-gather),
+            so that a bad batch raises the same error on every rank instead of leaving the
+            others waiting in a collective. Arguments, shapes and dtypes are always checked
+            (that costs nothing). The trainer turns it off: its mixing makes valid triples.
 
     Returns:
         A scalar: the mean over this rank's rows of its class-axis and/or pair-axis terms.
+
+    Raises:
+        ValueError: on bad arguments or inputs, and on an empty batch (n = 0), which has no
+            mean; with ``validate`` and a group, on every rank alike.
     """
-    _check(logits, a, b, lam, axis, gather)
+    _check_local(logits, a, b, lam, axis, gather)
+    n = logits.shape[0]
+    if validate:
+        _check_values(logits, a, b, lam)
+        dist.check_equal_rows(n, process_group, logits.device)
+    if n == 0:
+        raise ValueError("icm_loss got an empty batch (n = 0): the loss has no rows to average")
+    with torch.autocast(logits.device.type, enabled=False):
+        return _loss(logits, a, b, lam, axis, process_group, gather, dedup, method)
+
+
+def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method) -> torch.Tensor:
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     lam = lam.to(x.dtype)
     world, n = dist.size(process_group), x.shape[0]
-    dist.check_equal_rows(n, process_group, x.device)
     if world > 1:
         wire = dist.all_gather_nograd(_pack_triples(a, b, lam), process_group)
         ga, gb, gl = _unpack_triples(wire, x.dtype)
@@ -196,9 +231,7 @@ def icm_loss(
         ga, gb, gl = a, b, lam
     own = dist.rank(process_group) * n + torch.arange(n, device=x.device)
 
-    rows = mixed_scores(
-        x, ga, gb, gl, method
-    )  # (n, N): this rank's images against all mixed classes
+    rows = mixed_scores(x, ga, gb, gl, method)  # (n, N): this rank's images against all classes
     pos = None
     if dedup:
         groups = target_groups(ga, gb, gl)

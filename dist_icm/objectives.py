@@ -71,6 +71,8 @@ class Objective:
 
     ``stats`` holds detached tensors (e.g. the batch's mean ``lam``); reading them as Python
     numbers is left to whoever logs them, so the step itself never waits for the device.
+    ``validate=False`` skips the ICM loss's value checks and row-count gather (see
+    :func:`~dist_icm.loss.icm_loss`): for callers whose triples come from :mod:`dist_icm.mixing`.
     """
 
     def __init__(
@@ -79,10 +81,12 @@ class Objective:
         *,
         class_counts: torch.Tensor | None = None,
         process_group: dist.Group = None,
+        validate: bool = True,
     ) -> None:
         if cfg.method == "remix" and class_counts is None:
             raise ValueError("Remix needs the training set's class counts")
         self.cfg, self.class_counts, self.group = cfg, class_counts, process_group
+        self.validate = validate  # icm_loss's value checks (off in the trainer's hot path)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor, ctx: MixContext) -> Mixed:
         cfg = self.cfg
@@ -107,6 +111,7 @@ class Objective:
             process_group=self.group,
             gather=self.cfg.gather,
             dedup=self.cfg.dedup,
+            validate=self.validate,
         )
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, ctx: MixContext):

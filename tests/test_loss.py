@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_icm.loss import icm_loss, mixed_scores, mixing_matrix, target_groups
 
@@ -82,10 +83,19 @@ def test_class_axis_ignores_a_per_image_logit_shift(n, c, seed):
     assert torch.allclose(base, icm_loss(logits + shift, a, b, lam, axis="class"), rtol=1e-10)
 
 
-def test_swapped_triples_are_the_same_target():
-    logits, a, b, lam = problem(n=8, c=6)
-    lam = torch.full_like(lam, 0.5)
-    assert torch.equal(icm_loss(logits, a, b, lam), icm_loss(logits, b, a, 1 - lam))
+@pytest.mark.parametrize("dedup", [False, True])
+def test_swapped_triples_are_the_same_target(dedup):
+    # (a, b, lam) and (b, a, 1 - lam) are one mixing vector. With dyadic weights 1 - (1 - lam)
+    # is exact, so the loss is bit for bit the same; with any weights it agrees to rounding.
+    logits, a, b, _ = problem(n=8, c=6)
+    dyadic = torch.tensor([0.5, 0.25, 0.75, 0.125, 0.875, 0.0, 1.0, 0.375], dtype=torch.float64)
+    swapped = icm_loss(logits, b, a, 1 - dyadic, dedup=dedup)
+    assert torch.equal(icm_loss(logits, a, b, dyadic, dedup=dedup), swapped)
+    lam = torch.rand(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    one, other = icm_loss(logits, a, b, lam), icm_loss(logits, b, a, 1 - lam)
+    assert torch.allclose(one, other, rtol=1e-13, atol=0)
+    # ...and a different vector is a different target: the comparison can tell
+    assert not torch.allclose(one, icm_loss(logits, b, a, lam), rtol=1e-3)
 
 
 def test_uniform_scores_give_log_n_per_axis():
@@ -170,3 +180,63 @@ def test_bad_inputs():
         icm_loss(logits, a.int(), b, lam)
     with pytest.raises(ValueError, match=r"lam must lie"):
         icm_loss(logits, a, b, lam + 1)
+
+
+def _under_autocast(logits, a, b, lam, device="cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=dtype):
+        return icm_loss(logits, a, b, lam)
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_autocast_does_not_lower_the_loss_precision(dedup):
+    # the usual call: `with autocast(): loss = icm_loss(model(x), ...)`; a bf16 matmul and
+    # logsumexp would be off by ~1e-3 relative (measured 1.4e-3 here before the fix)
+    g = torch.Generator().manual_seed(0)
+    n, c = 512, 100
+    logits = torch.randn(n, c, generator=g) * 4
+    a, b = torch.randint(0, c, (n,), generator=g), torch.randint(0, c, (n,), generator=g)
+    lam = torch.rand(n, generator=g)
+    ref = icm_loss(logits, a, b, lam, dedup=dedup)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = icm_loss(logits, a, b, lam, dedup=dedup)
+        assert torch.is_autocast_enabled("cpu")  # the caller's state is left as it was
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    # negative control: the same computation with autocast left on is visibly less precise
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lossy = mixed_scores(logits, a, b, lam).logsumexp(1).mean()
+    exact = mixed_scores(logits, a, b, lam).logsumexp(1).mean()
+    assert abs(lossy.float() - exact) > 1e-4 * abs(exact)
+
+
+def test_an_empty_batch_raises_instead_of_returning_nan():
+    logits, a, b, lam = problem(n=0, c=5)
+    for validate in (True, False):
+        with pytest.raises(ValueError, match="empty batch"):
+            icm_loss(logits, a, b, lam, validate=validate)
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts reads of a tensor's value back to the host (item(), bool(), int() ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_validate_false_reads_nothing_back_from_the_device():
+    logits, a, b, lam = problem(n=16, c=7)
+    with _SyncCounter() as checked:
+        icm_loss(logits, a, b, lam).backward()
+    with _SyncCounter() as trusted:
+        icm_loss(logits, a, b, lam, validate=False).backward()
+    assert checked.syncs >= 2 and trusted.syncs == 0
+    # value checks are skipped, the free ones (shapes, dtypes, arguments) are not
+    icm_loss(logits, a, b, lam + 1, validate=False)
+    with pytest.raises(ValueError, match="shape"):
+        icm_loss(logits, a[:3], b, lam, validate=False)
+    with pytest.raises(ValueError, match="axis must be"):
+        icm_loss(logits, a, b, lam, axis="rows", validate=False)

@@ -5,10 +5,11 @@ define each mixed target ỹ = lam·e_a + (1 - lam)·e_b (what both the soft-lab
 Infinite Class Mixup loss consume).
 
 Randomness never comes from a global RNG. Partners are drawn inside *mixing groups* of a fixed
-size; the permutation (and, per sample, λ) of a group comes from a generator seeded by
-(seed, step, global group index), and the per-batch λ (and CutMix box) from one seeded by
-(seed, step). A rank passes the global index of its first group, so with a fixed group size the
-mixed global batch is the same on 1 or on P processes.
+size; the permutation (and, per sample, λ) of a group comes from the ``mix_group`` stream keyed
+by (seed, step, global group index), and the per-batch λ (and CutMix box) from the ``mix_batch``
+stream keyed by (seed, step) (:mod:`dist_icm.streams`). A rank passes the global index of its
+first group, so with a fixed group size the mixed global batch is the same on 1 or on P
+processes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from dist_icm import streams
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,11 @@ class MixContext:
 
     def batch_rng(self) -> np.random.Generator:
         """The generator every rank shares for this step (per-batch λ, CutMix box)."""
-        return np.random.default_rng([self.seed, self.step, 0])
+        return streams.rng("mix_batch", self.seed, self.step)
 
     def group_rng(self, k: int) -> np.random.Generator:
         """The generator of local group k (global index first_group + k)."""
-        return np.random.default_rng([self.seed, self.step, 1, self.first_group + k])
+        return streams.rng("mix_group", self.seed, self.step, self.first_group + k)
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Per-sample augmentation whose randomness depends only on (seed, epoch, index).
 
-Each ``__getitem__`` draws from its own ``np.random.default_rng([seed, epoch, i])``, never from
-torch's global RNG or torchvision's random transforms. A sample therefore gets the same crop and
-flip on any rank and in any DataLoader worker, so a run on P processes sees exactly the global
-batches of a run on one.
+Each ``__getitem__`` draws from its own generator, the ``augment`` stream keyed by (seed, epoch,
+i) (:mod:`dist_icm.streams`), never from torch's global RNG or torchvision's random transforms.
+A sample therefore gets the same crop and flip on any rank and in any DataLoader worker, so a
+run on P processes sees exactly the global batches of a run on one.
 
 Epochs and DataLoader workers: :meth:`Augmented.set_epoch` stores the epoch as an attribute.
 Workers receive a copy of the data set when the loader's iterator is created, so call
@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from dist_icm import streams
 
 __all__ = ["AUGMENT_MODES", "Augmented", "normalize_only"]
 
@@ -97,7 +99,7 @@ class Augmented(_Normalized):
     ``mode``: ``"cifar"`` (random crop after zero padding by ``pad``, horizontal flip p=0.5),
     ``"imagenet"`` (random resized crop to the input size, scale (0.08, 1), ratio (3/4, 4/3),
     horizontal flip p=0.5) or ``"none"`` (normalise only). Item ``i`` of epoch ``e`` is drawn
-    from ``np.random.default_rng([seed, e, i])``; ``i`` is the index into this wrapper.
+    from ``streams.rng("augment", seed, e, i)``; ``i`` is the index into this wrapper.
     """
 
     def __init__(
@@ -130,7 +132,7 @@ class Augmented(_Normalized):
             i += len(self)
         image, label = self.base[i]
         if self.mode != "none":
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = streams.rng("augment", self.seed, self.epoch, i)
             if self.mode == "cifar":
                 image = _random_crop(image, rng, self.pad)
             else:

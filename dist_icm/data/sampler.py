@@ -1,6 +1,6 @@
 """Batch sampling in which the *global* batch is the invariant.
 
-Each epoch is one permutation of the data set (``np.random.default_rng([seed, epoch])``) cut
+Each epoch is one permutation of the data set (the ``sampler`` stream keyed by (seed, epoch)) cut
 into consecutive global batches; rank ``r`` of ``P`` takes the contiguous slice
 ``[r * n, (r + 1) * n)`` of every global batch, ``n = global_batch // P``. Concatenating the
 ranks' slices in rank order gives exactly the batches of a single-process run.
@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dist_icm import streams
 
 __all__ = ["GlobalBatchSampler", "make_loader"]
 
@@ -78,7 +80,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def global_order(self) -> np.ndarray:
         """The epoch's indices in order, padded (drop_last=False) or cut to whole batches."""
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+            order = streams.rng("sampler", self.seed, self.epoch).permutation(self.num_samples)
         else:
             order = np.arange(self.num_samples)
         total = self.batches_per_epoch * self.global_batch

@@ -13,12 +13,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-__all__ = ["LabeledSubset", "class_counts", "labeled_subset", "long_tailed", "stratified_fraction"]
+from dist_icm import streams
+
+__all__ = [
+    "LabeledSubset",
+    "as_labels",
+    "class_counts",
+    "labeled_subset",
+    "long_tailed",
+    "stratified_fraction",
+]
 
 Targets = Sequence[int] | np.ndarray | torch.Tensor
 
 
-def _labels(targets: Targets) -> np.ndarray:
+def as_labels(targets: Targets) -> np.ndarray:
     """Labels as a 1-D int64 array."""
     if isinstance(targets, torch.Tensor):
         targets = targets.detach().cpu().numpy()
@@ -39,7 +48,7 @@ def _per_class(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
 
 def class_counts(targets: Targets, num_classes: int) -> np.ndarray:
     """Number of samples of each class 0..num_classes-1."""
-    labels = _labels(targets)
+    labels = as_labels(targets)
     if labels.size and labels.max() >= num_classes:
         raise ValueError(f"label {labels.max()} out of range for num_classes={num_classes}")
     return np.bincount(labels, minlength=num_classes)
@@ -53,9 +62,9 @@ def stratified_fraction(targets: Targets, fraction: float, seed: int) -> np.ndar
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    rng = np.random.default_rng(seed)
+    rng = streams.rng("fraction", seed)
     kept = []
-    for _, idx in _per_class(_labels(targets)):
+    for _, idx in _per_class(as_labels(targets)):
         k = max(1, int(np.floor(fraction * len(idx) + 0.5)))
         kept.append(rng.choice(idx, size=min(k, len(idx)), replace=False))
     return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
@@ -70,12 +79,12 @@ def long_tailed(targets: Targets, imbalance: float, seed: int) -> np.ndarray:
     """
     if not 0.0 < imbalance <= 1.0:
         raise ValueError(f"imbalance must be in (0, 1], got {imbalance}")
-    groups = _per_class(_labels(targets))
+    groups = _per_class(as_labels(targets))
     if not groups:
         return np.zeros(0, dtype=np.int64)
     n_max = max(len(idx) for _, idx in groups)
     span = max(len(groups) - 1, 1)
-    rng = np.random.default_rng(seed)
+    rng = streams.rng("long_tail", seed)
     kept = []
     for c, (_, idx) in enumerate(groups):
         # the epsilon keeps products such as 100 * 0.29 = 28.999999999999996 from flooring to 28
@@ -89,7 +98,7 @@ class LabeledSubset(Subset):
 
     def __init__(self, dataset: Dataset, indices: Sequence[int] | np.ndarray) -> None:
         super().__init__(dataset, [int(i) for i in indices])
-        labels = _labels(dataset.targets)  # type: ignore[attr-defined]
+        labels = as_labels(dataset.targets)  # type: ignore[attr-defined]
         self.targets = torch.from_numpy(labels[np.asarray(self.indices, dtype=np.int64)])
 
 

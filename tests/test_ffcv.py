@@ -25,7 +25,7 @@ from PIL import Image
 from dist_icm.config import DataConfig
 from dist_icm.data.datasets import DataError, build_datasets
 from dist_icm.data.pipeline import build_data
-from dist_icm.data.write import WriteOptions, check_beton, ensure_betons, require_ffcv
+from dist_icm.data.write import WriteOptions, ensure_betons, require_ffcv
 
 try:
     require_ffcv()
@@ -35,6 +35,8 @@ except DataError as e:
     pytest.skip(f"ffcv is not importable: {e}", allow_module_level=True)
 
 from ffcv.loader import Loader, OrderOption  # noqa: E402
+
+from dist_icm.data.ffcv_loader import check_beton  # noqa: E402
 
 # numba quirk: the finaliser of a garbage-collected ffcv-compiled function can raise KeyError
 # while ffcv's loader thread compiles (numba.core.dispatcher, "Exception ignored"): harmless.

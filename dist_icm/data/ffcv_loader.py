@@ -10,12 +10,12 @@ import raises the one-line :class:`~dist_icm.data.datasets.DataError` that says 
   is initialised with the sampler's rank and world size. ffcv's own distributed orders are not
   used: they wrap ``DistributedSampler(drop_last=False)``, which interleaves the ranks and pads
   the epoch with repeated samples.
-- Augmentation: ``cifar`` = crop after zero padding by 4 + horizontal flip; ``imagenet`` = ffcv's
-  random-resized-crop decoder (numba's unseeded generator) + flip. Crops and flips are drawn from
-  a hash of (seed, epoch, sample index): independent of ranks and threads, like the torch path
-  (whose draws differ).
-- Output: float32 NCHW normalised images (``channels_last`` strides on request) and int64 labels
-  of shape (n,), fresh tensors moved to ``device`` by the pipeline's last op (RGB as uint8).
+- Augmentation: ``cifar`` = :class:`~dist_icm.data.ffcv_ops.CropFlip` (seeded per sample,
+  independent of ranks and threads); ``imagenet`` = ffcv's random-resized-crop decoder (numba's
+  unseeded generator) + flip. Training indices and test shards come from
+  :mod:`dist_icm.data.bundle`, as on the torch path.
+- Output: float32 NCHW normalised images and int64 labels of shape (n,) on ``device``
+  (:class:`~dist_icm.data.ffcv_ops.ToDevice`).
 - Quirk: importing or iterating ffcv sets torch's thread count; this module restores it.
 """
 
@@ -26,7 +26,7 @@ from dist_icm.data.write import require_ffcv
 require_ffcv()
 
 import queue  # noqa: E402
-from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,121 +39,56 @@ from ffcv.fields.rgb_image import (  # noqa: E402
     SimpleRGBImageDecoder,
 )
 from ffcv.loader import Loader, OrderOption  # noqa: E402
-from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
-from ffcv.pipeline.operation import Operation  # noqa: E402
+from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import ToTensor, ToTorchImage  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
 from dist_icm import dist  # noqa: E402
+from dist_icm.data.bundle import DataBundle, augment_mode, test_shard, train_indices  # noqa: E402
 from dist_icm.data.datasets import DataError, DatasetSpec  # noqa: E402
-from dist_icm.data.pipeline import DataBundle, augment_mode  # noqa: E402
+from dist_icm.data.ffcv_ops import AugmentState, CropFlip, ToDevice  # noqa: E402
 from dist_icm.data.sampler import GlobalBatchSampler  # noqa: E402
-from dist_icm.data.subsets import class_counts, long_tailed, stratified_fraction  # noqa: E402
-from dist_icm.data.write import BetonSet, WriteOptions, check_beton, ensure_betons  # noqa: E402
+from dist_icm.data.subsets import class_counts  # noqa: E402
+from dist_icm.data.write import BetonSet, WriteOptions, ensure_betons  # noqa: E402
 
-__all__ = ["AugmentState", "FFCVLoader", "build_ffcv_data", "pipelines"]
-
-
-@numba.njit(inline="always")
-def _mix(x):  # splitmix64's finaliser on uint64
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+__all__ = ["AugmentState", "FFCVLoader", "build_ffcv_data", "check_beton", "pipelines"]
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _crop_flip(images, out, indices, seed, epoch, pad):  # pragma: no cover (numba)
-    n, h, w, c = images.shape
-    span = np.uint64(2 * pad + 1)
-    key = _mix(_mix(np.uint64(seed) + np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(epoch))
-    for i in numba.prange(n):
-        r = _mix(key ^ _mix(np.uint64(indices[i]) + np.uint64(0x632BE59BD9B4E019)))
-        top = np.int64(r % span) - pad
-        left = np.int64((r >> np.uint64(16)) % span) - pad
-        flip = (r >> np.uint64(32)) & np.uint64(1)
-        for y in range(h):
-            sy = y + top
-            for x in range(w):
-                sx = (w - 1 - x if flip else x) + left
-                if 0 <= sy < h and 0 <= sx < w:
-                    for k in range(c):
-                        out[i, y, x, k] = images[i, sy, sx, k]
-                else:
-                    for k in range(c):
-                        out[i, y, x, k] = 0
-    return out
-
-
-class AugmentState:
-    """``bundle.train`` of the FFCV path: holds the augmentation epoch and the labels."""
-
-    def __init__(self, seed: int, targets: np.ndarray) -> None:
-        self.seed, self.epoch, self.targets = int(seed), 0, torch.from_numpy(targets)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's crops and flips; call before iterating the loader."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be non-negative, got {epoch}")
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-
-class _CropFlip(Operation):
-    """Seeded crop (zero padding ``pad``) and horizontal flip of HWC uint8 images."""
-
-    def __init__(self, state: AugmentState, pad: int) -> None:
-        super().__init__()
-        self.state, self.pad = state, int(pad)
-
-    def generate_code(self):
-        state, pad = self.state, self.pad
-
-        def crop_flip(images, dst, indices):  # runs in Python, calls the compiled kernel
-            return _crop_flip(images, dst[: len(images)], indices, state.seed, state.epoch, pad)
-
-        crop_flip.with_indices = True
-        return crop_flip
-
-    def declare_state_and_memory(self, previous_state):
-        query = AllocationQuery(previous_state.shape, previous_state.dtype)
-        return replace(previous_state, jit_mode=False), query
-
-
-class _ToDevice(Operation):
-    """Last op: to ``device``, float32 (scaled, normalised images) or int64 (n,) labels."""
-
-    def __init__(self, device, mean=None, std=None, scale=1.0, channels_last=False) -> None:
-        super().__init__()
-        self.device, self.channels_last = torch.device(device), channels_last
-        self.mean = None if mean is None else torch.tensor(mean).view(1, -1, 1, 1) * scale
-        self.std = None if std is None else torch.tensor(std).view(1, -1, 1, 1) * scale
-        cuda = self.device.type == "cuda"
-        self.consumer = torch.cuda.current_stream(self.device) if cuda else None
-
-    def generate_code(self):
-        dev, mean, std, last = self.device, self.mean, self.std, self.channels_last
-        if mean is not None:
-            mean, std = mean.to(dev), std.to(dev)
-
-        def to_device(inp, _):
-            x = inp.to(dev, non_blocking=True)
-            if mean is None:
-                out = x.reshape(-1).to(torch.int64, copy=True)
-            else:
-                out = torch.sub(x.float(), mean).div_(std)
-                fmt = torch.channels_last if last else torch.contiguous_format
-                out = out.contiguous(memory_format=fmt)
-            if out.is_cuda:  # allocated on ffcv's side stream, used on the consumer's
-                out.record_stream(self.consumer)
-            return out
-
-        return to_device
-
-    def declare_state_and_memory(self, previous_state):
-        dtype = torch.int64 if self.mean is None else torch.float32
-        return replace(previous_state, jit_mode=False, device=self.device, dtype=dtype), None
+def check_beton(
+    path: Path, *, kind: str, num_classes: int, size: int | None = None, all_classes: bool = False
+) -> np.ndarray:
+    """Validate a ``.beton`` and return its labels; raises :class:`DataError` when it is
+    truncated or corrupt (or not ``size`` bytes), has other fields than ``kind`` needs, has
+    labels outside ``[0, num_classes)`` or (``all_classes``) lacks some of the classes."""
+    fix = "delete it (or its cache folder) so that it is written again"
+    if not path.is_file():
+        raise DataError(f".beton {path} is missing: {fix}")
+    actual = path.stat().st_size
+    try:
+        reader = Reader(str(path))
+        table_at, table = int(reader.header["alloc_table_ptr"]), reader.alloc_table
+        ends = (table["ptr"] + table["size"]).max() if len(table) else 0
+        complete = len(reader.metadata) == reader.num_samples and ends <= table_at
+        complete = complete and table_at + table.nbytes == actual and size in (None, actual)
+    except Exception as e:  # short header, bad version, unreadable field descriptors...
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise DataError(f".beton {path} is truncated or corrupt ({reason}): {fix}") from e
+    if not complete:
+        raise DataError(f".beton {path} is truncated or corrupt ({actual} bytes): {fix}")
+    fields = {f: type(h).__name__ for f, h in reader.handlers.items()}
+    want = {"image": "RGBImageField" if kind == "rgb" else "NDArrayField", "label": "IntField"}
+    if fields != want:
+        raise DataError(f".beton {path} has fields {fields} but the config needs {want}: {fix}")
+    labels = np.asarray(reader.metadata["f1"], dtype=np.int64)
+    found = len(np.unique(labels))
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f".beton {path} has labels {labels.min()}..{labels.max()} but the data set has "
+            f"{num_classes} classes: {fix}"
+        )
+    if all_classes and found != num_classes:
+        raise DataError(f".beton {path} holds {found} of the {num_classes} classes: {fix}")
+    return labels
 
 
 def pipelines(
@@ -162,7 +97,7 @@ def pipelines(
     """Per-field FFCV pipelines; ``state`` None (or ``mode`` none) means no augmentation."""
     spec: DatasetSpec = betons.spec
     s, scale = spec.image_size, 1.0 if betons.kind == "ndarray" else 255.0
-    last = _ToDevice(device, spec.mean, spec.std, scale, channels_last)
+    last = ToDevice(device, spec.mean, spec.std, scale, channels_last)
     if betons.kind == "ndarray":
         if state is not None and mode != "none":
             raise DataError(
@@ -178,9 +113,9 @@ def pipelines(
             decoder = decoder or CenterCropRGBImageDecoder((s, s), ratio=1.0)
         image = [decoder]
         if state is not None and mode != "none":
-            image.append(_CropFlip(state, 4 if mode == "cifar" else 0))
+            image.append(CropFlip(state, 4 if mode == "cifar" else 0))
         image += [ToTensor(), ToTorchImage(channels_last=True, convert_back_int16=False), last]
-    return {"image": image, "label": [IntDecoder(), ToTensor(), _ToDevice(device)]}
+    return {"image": image, "label": [IntDecoder(), ToTensor(), ToDevice(device)]}
 
 
 class _Replay(TraversalOrder):
@@ -253,7 +188,7 @@ def build_ffcv_data(
     device="cpu",
     channels_last: bool = False,
 ) -> DataBundle:
-    """The FFCV :class:`~dist_icm.data.pipeline.DataBundle` (writes the .betons if needed).
+    """The FFCV :class:`~dist_icm.data.bundle.DataBundle` (writes the .betons if needed).
 
     ``bundle.sampler`` is the torch path's sampler (ffcv replays it), ``bundle.train`` an
     :class:`AugmentState`; subsets select indices of the full training .beton at load time.
@@ -275,11 +210,9 @@ def build_ffcv_data(
         betons.train, kind=kind, num_classes=n, size=sizes["train"], all_classes=True
     )
     n_test = len(check_beton(betons.test, kind=kind, num_classes=n, size=sizes["test"]))
-    subset = np.arange(len(labels))
-    if data_cfg.fraction < 1:
-        subset = subset[stratified_fraction(labels[subset], data_cfg.fraction, seed)]
-    if data_cfg.long_tail is not None:
-        subset = subset[long_tailed(labels[subset], data_cfg.long_tail, seed)]
+    subset = train_indices(
+        labels, fraction=data_cfg.fraction, long_tail=data_cfg.long_tail, seed=seed
+    )
     state = AugmentState(seed, labels[subset])
     sampler = GlobalBatchSampler(
         len(subset), micro_global, rank=rank, world_size=world_size, seed=seed
@@ -309,7 +242,6 @@ def build_ffcv_data(
         order=_Replay(sampler, subset),
         distributed=world_size > 1,
     )
-    lo, hi = n_test * rank // world_size, n_test * (rank + 1) // world_size
     test_loader = loader(
         betons.test,
         data_cfg.eval_batch,
@@ -317,7 +249,7 @@ def build_ffcv_data(
         None,
         drop_last=False,
         order=OrderOption.SEQUENTIAL,
-        indices=np.arange(lo, hi),
+        indices=np.asarray(test_shard(n_test, rank, world_size), dtype=np.int64),
     )
     counts = torch.as_tensor(class_counts(labels[subset], spec.num_classes))
     return DataBundle(state, sampler, train_loader, test_loader, spec, counts, len(subset))

@@ -8,35 +8,14 @@ per rank, sizes may differ by one); the ranks add up their metric sums.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Subset
 
 from dist_icm.data.augment import Augmented, normalize_only
-from dist_icm.data.datasets import DatasetSpec, build_datasets
+from dist_icm.data.bundle import DataBundle, augment_mode, test_shard, train_indices
+from dist_icm.data.datasets import build_datasets
 from dist_icm.data.sampler import GlobalBatchSampler, make_loader
-from dist_icm.data.subsets import class_counts, labeled_subset, long_tailed, stratified_fraction
-
-
-@dataclass
-class DataBundle:
-    train: Augmented
-    sampler: GlobalBatchSampler
-    loader: DataLoader
-    test_loader: DataLoader
-    spec: DatasetSpec
-    class_counts: torch.Tensor  # of the (sub-sampled) training set, for Remix
-    train_size: int
-
-
-def augment_mode(requested: str, spec: DatasetSpec) -> str:
-    """``auto``: the paper's crop+flip for 32-pixel data, random resized crop above, none below."""
-    if requested != "auto":
-        return requested
-    if spec.image_size == 32:
-        return "cifar"
-    return "imagenet" if spec.image_size > 32 else "none"
+from dist_icm.data.subsets import as_labels, class_counts, labeled_subset
 
 
 def build_data(
@@ -48,7 +27,7 @@ def build_data(
     world_size: int,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
-):
+) -> DataBundle:
     """Data sets, subset, loaders; raises DataError / ValueError on bad input.
 
     ``device`` and ``channels_last`` are used by ``data.loader=ffcv`` only, whose pipeline ends
@@ -57,7 +36,6 @@ def build_data(
     train, test, spec = build_datasets(
         data_cfg.name, data_cfg.root, download=data_cfg.download, seed=seed
     )
-    # --- data.loader=ffcv (dist_icm/data/ffcv_loader.py): same sampler, subsets and bundle ---
     if data_cfg.loader == "ffcv":
         from dist_icm.data.ffcv_loader import build_ffcv_data  # DataError without ffcv
 
@@ -73,27 +51,23 @@ def build_data(
             device=device,
             channels_last=channels_last,
         )
-    # --- end of the ffcv branch ---
-    if data_cfg.fraction < 1:
-        train = labeled_subset(train, stratified_fraction(train.targets, data_cfg.fraction, seed))
-    if data_cfg.long_tail is not None:
-        train = labeled_subset(train, long_tailed(train.targets, data_cfg.long_tail, seed))
-    counts = torch.as_tensor(class_counts(train.targets, spec.num_classes))
+    labels = as_labels(train.targets)
+    keep = train_indices(
+        labels, fraction=data_cfg.fraction, long_tail=data_cfg.long_tail, seed=seed
+    )
+    if len(keep) < len(labels):
+        train = labeled_subset(train, keep)
+    counts = torch.as_tensor(class_counts(labels[keep], spec.num_classes))
     mode = augment_mode(data_cfg.augment, spec)
     train_aug = Augmented(train, mode=mode, seed=seed, mean=spec.mean, std=spec.std)
     sampler = GlobalBatchSampler(
         len(train_aug), micro_global, rank=rank, world_size=world_size, seed=seed
     )
     loader = make_loader(train_aug, sampler, num_workers=data_cfg.num_workers)
+    shard = test_shard(len(test), rank, world_size)
     test_loader = DataLoader(
-        _shard(normalize_only(test, spec.mean, spec.std), rank, world_size),
+        Subset(normalize_only(test, spec.mean, spec.std), shard),
         batch_size=data_cfg.eval_batch,
         num_workers=data_cfg.num_workers,
     )
     return DataBundle(train_aug, sampler, loader, test_loader, spec, counts, len(train_aug))
-
-
-def _shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
-    n = len(dataset)
-    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-    return torch.utils.data.Subset(dataset, range(lo, hi))

@@ -39,7 +39,7 @@ from dist_icm.data.datasets import (
 )
 from dist_icm.data.datasets import cache_root as project_cache
 
-__all__ = ["FFCV_INSTALL", "BetonSet", "WriteOptions", "check_beton", "ensure_betons", "main"]
+__all__ = ["FFCV_INSTALL", "BetonSet", "WriteOptions", "ensure_betons", "main"]
 
 FORMAT = 1  # bump when what is written changes
 FFCV_APT = "apt-get install -y libopencv-dev pkg-config libturbojpeg0-dev"
@@ -225,45 +225,6 @@ def ensure_betons(
             meta_path.with_suffix(".tmp").replace(meta_path)
         meta = json.loads(meta_path.read_text())
     return BetonSet(folder, kind, fixed, spec, meta)
-
-
-def check_beton(
-    path: Path, *, kind: str, num_classes: int, size: int | None = None, all_classes: bool = False
-) -> np.ndarray:
-    """Validate a ``.beton`` and return its labels; raises :class:`DataError` when it is
-    truncated or corrupt (or not ``size`` bytes), has other fields than ``kind`` needs, has
-    labels outside ``[0, num_classes)`` or (``all_classes``) lacks some of the classes."""
-    from ffcv.reader import Reader
-
-    fix = "delete it (or its cache folder) so that it is written again"
-    if not path.is_file():
-        raise DataError(f".beton {path} is missing: {fix}")
-    actual = path.stat().st_size
-    try:
-        reader = Reader(str(path))
-        table_at, table = int(reader.header["alloc_table_ptr"]), reader.alloc_table
-        ends = (table["ptr"] + table["size"]).max() if len(table) else 0
-        complete = len(reader.metadata) == reader.num_samples and ends <= table_at
-        complete = complete and table_at + table.nbytes == actual and size in (None, actual)
-    except Exception as e:  # short header, bad version, unreadable field descriptors...
-        reason = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise DataError(f".beton {path} is truncated or corrupt ({reason}): {fix}") from e
-    if not complete:
-        raise DataError(f".beton {path} is truncated or corrupt ({actual} bytes): {fix}")
-    fields = {f: type(h).__name__ for f, h in reader.handlers.items()}
-    want = {"image": "RGBImageField" if kind == "rgb" else "NDArrayField", "label": "IntField"}
-    if fields != want:
-        raise DataError(f".beton {path} has fields {fields} but the config needs {want}: {fix}")
-    labels = np.asarray(reader.metadata["f1"], dtype=np.int64)
-    found = len(np.unique(labels))
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(
-            f".beton {path} has labels {labels.min()}..{labels.max()} but the data set has "
-            f"{num_classes} classes: {fix}"
-        )
-    if all_classes and found != num_classes:
-        raise DataError(f".beton {path} holds {found} of the {num_classes} classes: {fix}")
-    return labels
 
 
 def main(argv: list[str] | None = None) -> None:

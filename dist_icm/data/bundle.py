@@ -1,0 +1,64 @@
+"""What both loaders share: the bundle they hand the trainer, and the indices they read.
+
+The data package reads as data sets (:mod:`.datasets`) -> indices (here) -> sampler
+(:mod:`.sampler`) -> loader (:mod:`.pipeline` for torch, :mod:`.ffcv_loader` for FFCV). Both
+loaders take their training indices from :func:`train_indices` (``data.fraction`` then
+``data.long_tail``, seeded) and their test shard from :func:`test_shard`, so the two paths read
+the same samples by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_icm.data.datasets import DatasetSpec
+from dist_icm.data.sampler import GlobalBatchSampler
+from dist_icm.data.subsets import long_tailed, stratified_fraction
+
+__all__ = ["DataBundle", "augment_mode", "test_shard", "train_indices"]
+
+
+@dataclass
+class DataBundle:
+    """This rank's data, whichever loader reads it."""
+
+    train: Any  # has set_epoch(epoch) and len(): the torch Augmented set or FFCV's AugmentState
+    sampler: GlobalBatchSampler
+    loader: Any  # iterable of (images, labels) batches of this rank's share
+    test_loader: Any  # iterable of (images, labels) over this rank's test shard
+    spec: DatasetSpec
+    class_counts: torch.Tensor  # of the (sub-sampled) training set, for Remix
+    train_size: int
+
+
+def augment_mode(requested: str, spec: DatasetSpec) -> str:
+    """``auto``: the paper's crop+flip for 32-pixel data, random resized crop above, none below."""
+    if requested != "auto":
+        return requested
+    if spec.image_size == 32:
+        return "cifar"
+    return "imagenet" if spec.image_size > 32 else "none"
+
+
+def train_indices(
+    labels: np.ndarray, *, fraction: float, long_tail: float | None, seed: int
+) -> np.ndarray:
+    """Sorted indices of the training samples kept: a stratified ``fraction``, then the
+    long-tailed profile ``long_tail`` of what is left (each seeded, see :mod:`.subsets`)."""
+    keep = np.arange(len(labels))
+    if fraction < 1:
+        keep = keep[stratified_fraction(labels[keep], fraction, seed)]
+    if long_tail is not None:
+        keep = keep[long_tailed(labels[keep], long_tail, seed)]
+    return keep
+
+
+def test_shard(n: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous, disjoint slice of ``n`` test samples (sizes differ by <= 1)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    return range(n * rank // world_size, n * (rank + 1) // world_size)

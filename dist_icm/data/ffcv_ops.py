@@ -1,0 +1,132 @@
+"""FFCV pipeline operations of ``data.loader=ffcv``: the seeded crop+flip and the device step.
+
+- :class:`CropFlip`: crop after zero padding by ``pad`` and a horizontal flip of HWC uint8
+  images, drawn from a splitmix64 hash of (the ``augment`` stream's tag, seed, epoch, sample
+  index) in a numba kernel: independent of ranks and threads, like the torch path's
+  ``augment`` stream (the two paths draw different crops: different generators).
+- :class:`ToDevice`: the last op of a pipeline; float32 normalised NCHW images or int64 (n,)
+  labels on the device, fresh tensors (``channels_last`` strides on request).
+
+Imported only where ffcv is importable (:mod:`.ffcv_loader` checks first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numba
+import numpy as np
+import torch
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.operation import Operation
+
+from dist_icm.streams import STREAMS
+
+__all__ = ["AugmentState", "CropFlip", "ToDevice"]
+
+TAG = STREAMS["augment"][0]  # the hash is keyed like the torch path's ``augment`` stream
+
+
+@numba.njit(inline="always")
+def _mix(x):  # splitmix64's finaliser on uint64
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _crop_flip(images, out, indices, tag, seed, epoch, pad):  # pragma: no cover (numba)
+    n, h, w, c = images.shape
+    span = np.uint64(2 * pad + 1)
+    key = _mix(_mix(np.uint64(tag) + np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(seed))
+    key = _mix(key ^ np.uint64(epoch))
+    for i in numba.prange(n):
+        r = _mix(key ^ _mix(np.uint64(indices[i]) + np.uint64(0x632BE59BD9B4E019)))
+        top = np.int64(r % span) - pad
+        left = np.int64((r >> np.uint64(16)) % span) - pad
+        flip = (r >> np.uint64(32)) & np.uint64(1)
+        for y in range(h):
+            sy = y + top
+            for x in range(w):
+                sx = (w - 1 - x if flip else x) + left
+                if 0 <= sy < h and 0 <= sx < w:
+                    for k in range(c):
+                        out[i, y, x, k] = images[i, sy, sx, k]
+                else:
+                    for k in range(c):
+                        out[i, y, x, k] = 0
+    return out
+
+
+class AugmentState:
+    """``bundle.train`` of the FFCV path: holds the augmentation epoch and the labels."""
+
+    def __init__(self, seed: int, targets: np.ndarray) -> None:
+        self.seed, self.epoch, self.targets = int(seed), 0, torch.from_numpy(targets)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's crops and flips; call before iterating the loader."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class CropFlip(Operation):
+    """Seeded crop (zero padding ``pad``) and horizontal flip of HWC uint8 images."""
+
+    def __init__(self, state: AugmentState, pad: int) -> None:
+        super().__init__()
+        self.state, self.pad = state, int(pad)
+
+    def generate_code(self):
+        state, pad = self.state, self.pad
+
+        def crop_flip(images, dst, indices):  # runs in Python, calls the compiled kernel
+            return _crop_flip(
+                images, dst[: len(images)], indices, TAG, state.seed, state.epoch, pad
+            )
+
+        crop_flip.with_indices = True
+        return crop_flip
+
+    def declare_state_and_memory(self, previous_state):
+        query = AllocationQuery(previous_state.shape, previous_state.dtype)
+        return replace(previous_state, jit_mode=False), query
+
+
+class ToDevice(Operation):
+    """Last op: to ``device``, float32 (scaled, normalised images) or int64 (n,) labels."""
+
+    def __init__(self, device, mean=None, std=None, scale=1.0, channels_last=False) -> None:
+        super().__init__()
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.mean = None if mean is None else torch.tensor(mean).view(1, -1, 1, 1) * scale
+        self.std = None if std is None else torch.tensor(std).view(1, -1, 1, 1) * scale
+        cuda = self.device.type == "cuda"
+        self.consumer = torch.cuda.current_stream(self.device) if cuda else None
+
+    def generate_code(self):
+        dev, mean, std, last = self.device, self.mean, self.std, self.channels_last
+        if mean is not None:
+            mean, std = mean.to(dev), std.to(dev)
+
+        def to_device(inp, _):
+            x = inp.to(dev, non_blocking=True)
+            if mean is None:
+                out = x.reshape(-1).to(torch.int64, copy=True)
+            else:
+                out = torch.sub(x.float(), mean).div_(std)
+                fmt = torch.channels_last if last else torch.contiguous_format
+                out = out.contiguous(memory_format=fmt)
+            if out.is_cuda:  # allocated on ffcv's side stream, used on the consumer's
+                out.record_stream(self.consumer)
+            return out
+
+        return to_device
+
+    def declare_state_and_memory(self, previous_state):
+        dtype = torch.int64 if self.mean is None else torch.float32
+        return replace(previous_state, jit_mode=False, device=self.device, dtype=dtype), None

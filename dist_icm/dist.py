@@ -12,11 +12,18 @@ exactly the one a single process would get on the whole batch:
 * ``all_reduce_max(x)`` and ``all_gather_nograd(x)``: no gradient (maxima that only stabilise a
   logsumexp, and integer data such as the mixing triples).
 
+And the few things ranks must agree on, decided once and shared: ``broadcast_object`` (rank 0's
+choice), ``all_gather_object`` (every rank's outcome, to fail together), ``rank_zero_first``
+(rank 0 does it, e.g. a download, then the others) and ``average_buffers`` (one set of BatchNorm
+statistics before an evaluation or a save).
+
 Every function takes the process group explicitly; ``None`` means "no group": one process, and
 the collectives are the identity. Nothing here multiplies by the world size.
 """
 
 from __future__ import annotations
+
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -129,8 +136,100 @@ def broadcast_object(obj, group: Group, src: int = 0):
     if not is_distributed(group):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src), group=group)
     return box[0]
+
+
+def all_gather_object(obj, group: Group) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` on one process)."""
+    if not is_distributed(group):
+        return [obj]
+    out = [None] * size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def rank_zero_first(fn, group: Group):
+    """``fn()`` on rank 0 first, then on the other ranks; every rank returns its own result.
+
+    For work that must happen once before the others may look (a download into a shared folder).
+    Failures are shared: if ``fn`` raises on rank 0 the others do not call it and raise the same
+    exception; if it raises on any other rank, every rank raises that rank's exception (the first
+    failing rank's), so no rank is left waiting in a later collective.
+    """
+    if not is_distributed(group):
+        return fn()
+    me, result, error = rank(group), None, None
+    if me == 0:
+        result, error = _attempt(fn)
+    first = broadcast_object(_portable(error), group)
+    if first is not None:
+        raise first
+    if me != 0:
+        result, error = _attempt(fn)
+    for failed in all_gather_object(_portable(error), group):
+        if failed is not None:
+            raise failed
+    return result
+
+
+def _attempt(fn):
+    try:
+        return fn(), None
+    except Exception as e:  # shared with the other ranks, then raised on every rank
+        return None, e
+
+
+def _portable(error: Exception | None) -> Exception | None:
+    """``error`` if it survives pickling, else a RuntimeError with its one-line text."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+
+
+def average_buffers(module: torch.nn.Module, group: Group) -> None:
+    """Make ``module``'s buffers one across ranks, in place: BatchNorm running means and
+    variances become their mean over ranks; every other buffer (counters, constants) rank 0's.
+
+    Averaging, not rank 0's copy: under DDP with ``broadcast_buffers=False`` each rank's running
+    statistics follow its own share of every batch, and as the BatchNorm update is linear, their
+    mean is the running average of the whole global batch's per-device (or ghost-group)
+    statistics. A broadcast would throw away the other ranks' data.
+    """
+    if not is_distributed(group):
+        return
+    averaged = {
+        id(t)
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for t in (m.running_mean, m.running_var)
+    }
+    buffers = [b for b in module.buffers() if b.numel()]
+    mean = [b for b in buffers if id(b) in averaged]
+    _coalesced(mean, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group))
+    with torch.no_grad():
+        for b in mean:
+            b.div_(size(group))
+    src = dist.get_global_rank(group, 0)
+    rest = [b for b in buffers if id(b) not in averaged]
+    _coalesced(rest, lambda flat: dist.broadcast(flat, src=src, group=group))
+
+
+def _coalesced(tensors: list[torch.Tensor], collective) -> None:
+    """Run ``collective`` in place on one flat tensor per dtype, then copy the results back."""
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in same])
+        collective(flat)
+        offset = 0
+        with torch.no_grad():
+            for t in same:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def check_equal_rows(n: int, group: Group, device: torch.device) -> None:

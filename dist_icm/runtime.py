@@ -11,12 +11,14 @@ with gloo because ``runtime.device`` is cpu or no GPU is visible.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 
 from dist_icm import dist
 from dist_icm.config import ConfigError, ModelConfig, RuntimeConfig
+from dist_icm.norm import convert_ghost_bn
 
 
 class Runtime:
@@ -30,7 +32,13 @@ class Runtime:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.precision)
+        # Each rank keeps its own BatchNorm running statistics (DDP would otherwise overwrite
+        # them with rank 0's at every forward); the trainer averages them over ranks before
+        # every evaluation and save (dist.average_buffers).
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        self.accelerator = Accelerator(
+            cpu=cpu, mixed_precision=cfg.precision, kwargs_handlers=[ddp]
+        )
 
     @property
     def rank(self) -> int:
@@ -61,12 +69,18 @@ class Runtime:
             )
 
     def prepare(self, model: torch.nn.Module, optimizer, model_cfg: ModelConfig):
-        """Move and wrap model and optimizer (SyncBatchNorm, channels_last, DDP, compile)."""
+        """Move and wrap model and optimizer (ghost or SyncBatchNorm, channels_last, DDP,
+        compile)."""
+        if model_cfg.bn_group is not None:
+            model = convert_ghost_bn(model, model_cfg.bn_group)
         if model_cfg.sync_bn and self.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        model, optimizer = self.accelerator.prepare(model, optimizer)
+        with warnings.catch_warnings():  # torch >= 2.14 renames it forward_sync_buffers, which
+            # Accelerate's DDP kwargs cannot pass yet; broadcast_buffers=False is still honoured
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
+            model, optimizer = self.accelerator.prepare(model, optimizer)
         if self.cfg.compile:
             model = torch.compile(model)
         return model, optimizer

@@ -80,3 +80,82 @@ def test_single_process_collectives_are_identities():
     assert D.all_gather(x, None) is x and D.all_reduce_sum(x, None) is x
     assert torch.equal(D.all_reduce_max(x, None), x)
     D.check_equal_rows(3, None, x.device)
+
+
+def _bn_model(rank):
+    """A BatchNorm model whose running statistics were updated on this rank's own data."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double()
+    model.register_buffer("constant", torch.full((2,), 1.0 / 3, dtype=torch.float64))
+    model(_shard(rank, n=5, c=3) * (1 + rank))  # rank-dependent batch statistics
+    model.constant += rank  # a non-BN buffer that (wrongly) differs: rank 0's wins
+    return model
+
+
+def _buffers_worker(rank, world):
+    group = torch.distributed.group.WORLD
+    model = _bn_model(rank)
+    D.average_buffers(model, group)
+    out = {k: v.clone() for k, v in model.state_dict().items()}
+    out["objects"] = D.all_gather_object({"rank": rank}, group)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_average_buffers_is_the_mean_of_the_ranks_statistics(world):
+    results = run_group(_buffers_worker, world)
+    models = [_bn_model(r) for r in range(world)]
+    for key in ("1.running_mean", "1.running_var"):
+        expected = sum(m.state_dict()[key] for m in models) / world
+        for out in results:
+            assert torch.allclose(out[key], expected, rtol=1e-14)
+        # negative control: the ranks' own statistics differed, so rank 0's copy is not it
+        assert not torch.allclose(models[0].state_dict()[key], expected, rtol=1e-3)
+    for out in results:
+        assert torch.equal(out["constant"], models[0].constant)  # not averaged: rank 0's
+        assert torch.equal(out["1.num_batches_tracked"], models[0][1].num_batches_tracked)
+        assert out["objects"] == [{"rank": r} for r in range(world)]
+
+
+def _first_worker(rank, world, folder, fail_on, direct=False):
+    import time
+    from pathlib import Path
+
+    def fetch():  # a stand-in download: slow, and leaves a file the later ranks can see
+        start = time.monotonic()
+        if rank == fail_on:
+            raise FileNotFoundError(f"rank {rank} could not fetch")
+        time.sleep(0.3)
+        Path(folder).mkdir(exist_ok=True)
+        (Path(folder) / f"rank{rank}").write_text(f"{start} {time.monotonic()}")
+        return sorted(p.name for p in Path(folder).iterdir())
+
+    try:
+        if direct:  # negative control: every rank at once
+            torch.distributed.barrier()
+            return fetch()
+        return D.rank_zero_first(fetch, torch.distributed.group.WORLD)
+    except FileNotFoundError as e:
+        return f"error: {e}"
+
+
+def test_rank_zero_first_runs_rank_zero_before_the_others(tmp_path):
+    seen = run_group(_first_worker, 3, str(tmp_path), -1)
+    assert seen[0] == ["rank0"]  # rank 0 alone at its time; the others found its result
+    assert all("rank0" in s for s in seen[1:])
+    spans = {p.name: [float(t) for t in p.read_text().split()] for p in tmp_path.iterdir()}
+    assert spans["rank0"][1] <= min(spans["rank1"][0], spans["rank2"][0])
+    # negative control: without it, the ranks fetch at the same time and the check tells
+    run_group(_first_worker, 3, str(tmp_path / "direct"), -1, True)
+    spans = {
+        p.name: [float(t) for t in p.read_text().split()] for p in (tmp_path / "direct").iterdir()
+    }
+    assert not spans["rank0"][1] <= min(spans["rank1"][0], spans["rank2"][0])
+
+
+@pytest.mark.parametrize("fail_on", [0, 2])
+def test_rank_zero_first_fails_on_every_rank_together(tmp_path, fail_on):
+    outcomes = run_group(_first_worker, 3, str(tmp_path), fail_on)
+    assert outcomes == [f"error: rank {fail_on} could not fetch"] * 3
+    if fail_on == 0:  # the others never tried
+        assert list(tmp_path.iterdir()) == []

@@ -81,7 +81,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under several processes
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under several processes (GPUs)
+    bn_group: int | None = None  # ghost batch norm: BN statistics over groups of this many samples
+
+    def __post_init__(self) -> None:
+        if self.bn_group is not None and self.bn_group < 1:
+            raise ConfigError(f"model.bn_group must be >= 1, got {self.bn_group}")
+        if self.bn_group is not None and self.sync_bn:
+            raise ConfigError("model.sync_bn and model.bn_group exclude each other: choose one")
 
 
 @dataclass
@@ -132,10 +139,12 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resume: str | None = None  # None | "auto" (newest valid checkpoint in the run dir) | a path
-    run_dir: str | None = None  # set by the entry point (Hydra's output folder)
+    resume_force: bool = False  # resume even where the checkpoint's config differs (see resume.py)
+    run_dir: str | None = None  # the run folder (default: outputs/<date>/<time>)
 
 
 SECTIONS = ("data", "model", "loss", "optim", "schedule", "runtime", "train")
+TOP_LEVEL = ("resume", "resume_force", "run_dir")
 
 
 def register_schema() -> None:
@@ -148,11 +157,14 @@ def register_schema() -> None:
 
     defaults = OmegaConf.to_container(OmegaConf.structured(Config))
     ConfigStore.instance().store(name="schema", node=defaults)
+    # hydra.run.dir in configs/train.yaml: run_dir when given, else the timestamped default
+    if not OmegaConf.has_resolver("dist_icm_or"):
+        OmegaConf.register_new_resolver("dist_icm_or", lambda value, default: value or default)
 
 
 def to_config(cfg: DictConfig) -> Config:
     """Validate a composed Hydra config into a :class:`Config` (raises :class:`ConfigError`)."""
-    unknown = set(cfg.keys()) - set(SECTIONS) - {"resume", "run_dir", "experiment"}
+    unknown = set(cfg.keys()) - set(SECTIONS) - {*TOP_LEVEL, "experiment"}
     if unknown:
         raise ConfigError(f"unknown top-level config key(s): {', '.join(sorted(unknown))}")
     try:
@@ -170,7 +182,10 @@ def to_config(cfg: DictConfig) -> Config:
             raise ConfigError(f"{name}: {str(e).splitlines()[0]}") from None
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
-    return Config(**parts, resume=cfg.get("resume"), run_dir=cfg.get("run_dir"))
+    top = {key: cfg.get(key) for key in TOP_LEVEL if cfg.get(key) is not None}
+    if not isinstance(top.get("resume_force", False), bool):
+        raise ConfigError(f"resume_force must be true or false, got {top['resume_force']!r}")
+    return Config(**parts, **top)
 
 
 @dataclass(frozen=True)
@@ -199,12 +214,15 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
             f"data.global_batch={cfg.data.global_batch} is not divisible by world size "
             f"{world_size} x runtime.grad_accum {cfg.runtime.grad_accum}"
         )
-    group = cfg.loss.group_size
-    if group is not None and plan.per_device % group:
-        raise ConfigError(
-            f"loss.group_size={group} must divide the per-device batch {plan.per_device} "
-            f"(global {plan.global_batch} / world {world_size} / accumulation {plan.grad_accum})"
-        )
+    split = f"(global {plan.global_batch} / world {world_size} / accumulation {plan.grad_accum})"
+    for key, group in (
+        ("loss.group_size", cfg.loss.group_size),
+        ("model.bn_group", cfg.model.bn_group),
+    ):
+        if group is not None and plan.per_device % group:
+            raise ConfigError(
+                f"{key}={group} must divide the per-device batch {plan.per_device} {split}"
+            )
     return plan
 
 

@@ -1,18 +1,44 @@
-"""What a run shows and writes: progress bar, metrics.jsonl, TensorBoard, summary, final table.
+"""What a run shows and writes: progress bar, metrics.jsonl, TensorBoard, train.log, summary.
 
 Only the main process creates a :class:`Report` that writes; the others get a silent one
 (``enabled=False``), so every call site stays the same and side effects happen on rank 0 only.
+
+* On a terminal: a progress bar, metric lines and a results table. Off a terminal (a log file, a
+  pipe, a Slurm output file): the same lines, plain and never wrapped, and the results as
+  ``key value`` lines, so that numbers and paths stay whole for grep.
+* Every line shown also goes to the ``dist_icm`` logger, which the run's Hydra logging config
+  (``configs/hydra/job_logging/dist_icm.yaml``) writes to ``<run dir>/train.log``.
+* Resuming at step s drops what ``metrics.jsonl`` and TensorBoard hold past step s (the steps
+  the resumed run does again), so each step appears once.
+* ``summary.json`` is strict JSON: a non-finite value is written as ``null``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+LOG = logging.getLogger("dist_icm")
+RESULT_KEYS = (
+    "top1",
+    "top5",
+    "nll",
+    "ece",
+    "epochs",
+    "steps",
+    "global_batch",
+    "world_size",
+    "run_images_per_sec",
+    "session_wall_s",
+)
 
 
 class Report:
@@ -23,23 +49,27 @@ class Report:
         enabled: bool,
         total_steps: int,
         start_step: int = 0,
+        resumed: bool = False,
         progress: bool = True,
         tensorboard: bool = True,
     ) -> None:
         self.enabled, self.run_dir = enabled, run_dir
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
         self._bar = self._task = self._tb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            drop_records_after(run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"))
-        if progress:
+            purge = start_step + 1 if resumed else None  # hides the events past the checkpoint
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+        if progress and self.console.is_terminal:
             self._bar = Progress(
-                TextColumn("[bold]train"),
+                TextColumn("train"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"),
@@ -56,13 +86,13 @@ class Report:
         """One line of metrics.jsonl (and TensorBoard scalars), keyed by ``step``."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps(_strict(record), allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
                     self._tb.add_scalar(key, value, record["step"])
-        self.console.print(_line(record))
+        self.print(_line(record))
 
     def progress(self, step: int, info: dict) -> None:
         if self._bar is not None:
@@ -70,35 +100,40 @@ class Report:
             self._bar.update(self._task, completed=step, info=text)
 
     def print(self, text: str) -> None:
+        """A line on the console (stderr) and in train.log."""
         if self.enabled:
             self.console.print(text)
+            LOG.info(text)
 
     def summary(self, summary: dict) -> None:
-        """Write summary.json and print the results table."""
+        """Write summary.json and show the results (a table on a terminal, lines off one)."""
         if not self.enabled:
             return
-        if self._bar is not None:  # the bar ends before the table, not after it
+        if self._bar is not None:  # the bar ends before the results, not after them
             self._bar.stop()
             self._bar = None
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = Table(title="dist_icm results", caption=str(self.run_dir))
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key in (
-            "top1",
-            "top5",
-            "nll",
-            "ece",
-            "epochs",
-            "steps",
-            "global_batch",
-            "world_size",
-            "images_per_sec",
-            "wall_s",
-        ):
-            value = summary.get(key)
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-        Console().print(table)
+        text = json.dumps(_strict(summary), indent=2, allow_nan=False) + "\n"
+        (self.run_dir / "summary.json").write_text(text)
+        rows = [(k, _fmt(summary.get(k))) for k in RESULT_KEYS]
+        for key, value in rows:
+            LOG.info("%s %s", key, value)
+        out = Console(soft_wrap=True, markup=False, highlight=False)
+        if out.is_terminal:
+            table = Table(title="dist_icm results", caption=str(self.run_dir))
+            table.add_column("metric")
+            table.add_column("value", justify="right")
+            for key, value in rows:
+                table.add_row(key, value)
+            out.print(table)
+        else:
+            print(
+                "dist_icm results",
+                *(f"{k} {v}" for k, v in rows),
+                f"run_dir {self.run_dir}",
+                sep="\n",
+                file=sys.stdout,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -107,6 +142,36 @@ class Report:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Keep only the lines of a metrics.jsonl whose ``step`` is at most ``step`` (atomically);
+    returns how many were dropped. A missing file is left missing."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+    return len(lines) - len(kept)
+
+
+def _strict(obj):
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _line(record: dict) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dist_icm.checkpoint import CheckpointError
@@ -52,7 +53,10 @@ def _hydra_main(raw: DictConfig) -> None:
         cfg = to_config(raw)
     except ConfigError as e:
         _fail(e)
-    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    if cfg.run_dir is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        _fail(ConfigError("run_dir names one run's folder: with -m set hydra.sweep.dir instead"))
+    cfg.run_dir = hydra_cfg.runtime.output_dir
     run(cfg)
 
 

@@ -1,24 +1,31 @@
-"""The training loop, top to bottom: set up a :class:`Job`, restore, step, evaluate, save.
+"""The training loop, top to bottom: set up a :class:`Job`, resume, step, evaluate, save.
 
 One optimizer step is ``grad_accum`` micro-steps; in each, every rank mixes its slice of the
 micro-global batch (randomness keyed by seed, micro-step and global group), runs the objective
 (the ICM loss spans the micro-global batch through the runtime's process group) and
-back-propagates; DDP's all-reduce runs on the last micro-step only. Logged losses are means
-over ranks. Start-up problems raise :class:`~dist_icm.config.ConfigError` or
-:class:`~dist_icm.data.datasets.DataError` before any training happens.
+back-propagates; DDP's all-reduce runs on the last micro-step only. The hot path reads nothing
+back from the device and adds no collective to the loss's own: logged losses are summed on the
+device and read (a mean over ranks) only every ``train.log_every`` steps.
+
+What ranks must agree on is decided once: the data set is fetched by rank 0 first, the
+checkpoint is chosen by rank 0 (:mod:`dist_icm.resume`), and BatchNorm statistics are averaged
+over ranks before every evaluation and save, so the metrics reported are those of the model
+saved. Start-up problems raise :class:`~dist_icm.config.ConfigError`,
+:class:`~dist_icm.data.datasets.DataError` or ``CheckpointError`` before any training happens.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dist_icm import checkpoint, dist
+from dist_icm import checkpoint, dist, resume, streams
 from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
-from dist_icm.data.pipeline import DataBundle, build_data
+from dist_icm.data.bundle import DataBundle
+from dist_icm.data.pipeline import build_data
 from dist_icm.metrics import evaluate_sums, finalize
 from dist_icm.mixing import MixContext
 from dist_icm.models import build_model
@@ -44,6 +51,7 @@ class Job:
     steps_per_epoch: int
     total_steps: int
     run_dir: Path
+    notes: list[str] = field(default_factory=list)  # start-up lines for the run's report
 
     @property
     def ckpt_dir(self) -> Path:
@@ -55,28 +63,34 @@ def setup(cfg: Config) -> Job:
     rt = Runtime(cfg.runtime)
     rt.check(cfg.model)
     plan = plan_batches(cfg, rt.world_size)
-    torch.manual_seed(cfg.train.seed)  # model init; all other randomness is keyed explicitly
-    data = build_data(
-        cfg.data,
-        seed=cfg.train.seed,
-        micro_global=plan.micro_global,
-        rank=rt.rank,
-        world_size=rt.world_size,
-        device=rt.device,
-        channels_last=cfg.runtime.channels_last,
-    )
+    group = rt.process_group
+
+    def data():  # rank 0 first: a download (or .beton write) happens once, the others reuse it
+        return build_data(
+            cfg.data,
+            seed=cfg.train.seed,
+            micro_global=plan.micro_global,
+            rank=rt.rank,
+            world_size=rt.world_size,
+            device=rt.device,
+            channels_last=cfg.runtime.channels_last,
+        )
+
+    data = dist.rank_zero_first(data, group)
     check_against_data(cfg, data.spec.num_classes, data.train_size)
     steps_per_epoch = data.sampler.batches_per_epoch // plan.grad_accum
     if steps_per_epoch < 1:
         raise ConfigError(f"data.global_batch={plan.global_batch} leaves no full step per epoch")
+    streams.seed_torch("init", cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, data.spec.num_classes, data.spec.in_channels)
     optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda_for(steps_per_epoch, cfg.schedule)
     )
     model, optimizer = rt.prepare(model, optimizer, cfg.model)
-    group = rt.process_group
-    objective = Objective(cfg.loss, class_counts=data.class_counts, process_group=group)
+    objective = Objective(
+        cfg.loss, class_counts=data.class_counts, process_group=group, validate=False
+    )
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
@@ -87,22 +101,25 @@ def setup(cfg: Config) -> Job:
 
 
 def find_checkpoint(job: Job) -> dict | None:
-    """The state to resume from: ``resume=auto`` takes the newest valid one (or none)."""
-    resume = job.cfg.resume
-    if resume is None:
+    """The state every rank resumes from (chosen by rank 0; see :mod:`dist_icm.resume`), after
+    checking that it was made with this run's config; None to start from scratch."""
+    cfg = job.cfg
+    found = resume.choose(job.ckpt_dir, cfg.resume, job.rt.process_group)
+    if found is None:
+        if cfg.resume == "auto":
+            job.notes.append(f"resume=auto: no checkpoint in {job.ckpt_dir}; starting at step 0")
         return None
-    if resume == "auto":
-        found = checkpoint.latest(job.ckpt_dir)
-        return None if found is None else found[1]
-    if not Path(resume).is_file():
-        raise ConfigError(f"resume={resume!r}: no such checkpoint file (or use resume=auto)")
-    return checkpoint.load(resume)
+    saved = found.state.get("config")
+    note = resume.check_config(saved, asdict(cfg), force=cfg.resume_force, step=found.step)
+    job.notes += [note] if note else []
+    return found.state
 
 
 def restore(job: Job, state: dict) -> int:
-    """Load model, optimizer, schedule, scaler and RNG states; returns the step to go on from.
+    """Load model, optimizer, schedule and scaler states; returns the step to go on from.
 
-    The sampler position follows from the step (epoch and batch within it).
+    The sampler position follows from the step (epoch and batch within it); every random draw
+    of a step is keyed by the step, so nothing else needs restoring.
     """
     job.rt.unwrap(job.model).load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
@@ -112,8 +129,9 @@ def restore(job: Job, state: dict) -> int:
     return state["step"]
 
 
-def save(job: Job, step: int) -> None:
-    """Rank 0 writes an atomic checkpoint; every rank waits for it."""
+def save(job: Job, step: int, run: dict) -> None:
+    """Rank 0 writes an atomic checkpoint of the (rank-averaged) model; every rank waits."""
+    dist.average_buffers(job.rt.unwrap(job.model), job.rt.process_group)
     if job.rt.is_main:
         state = {
             "model": job.rt.unwrap(job.model).state_dict(),
@@ -123,15 +141,19 @@ def save(job: Job, step: int) -> None:
             "rng": checkpoint.rng_state(),
             "step": step,
             "config": asdict(job.cfg),
+            "run": dict(run),  # training time and images over all sessions so far
         }
         checkpoint.save(job.ckpt_dir, step, state, keep=job.cfg.train.keep_ckpts)
     dist.barrier(job.rt.process_group)
 
 
 def evaluate(job: Job) -> dict:
-    """Metrics of the whole test set: each rank's shard, sums added over ranks."""
+    """Metrics of the whole test set: each rank's shard, scored by one (rank-averaged) model,
+    sums added over ranks."""
     rt = job.rt
-    sums = evaluate_sums(rt.unwrap(job.model), job.data.test_loader, rt.device)
+    model = rt.unwrap(job.model)
+    dist.average_buffers(model, rt.process_group)
+    sums = evaluate_sums(model, job.data.test_loader, rt.device)
     sums = dist.all_reduce_sum(sums.to(rt.device), rt.process_group).cpu()
     return {f"test/{k}": v for k, v in finalize(sums).items() if k != "count"}
 
@@ -141,6 +163,7 @@ def train_step(job: Job, batches, step: int) -> torch.Tensor:
     cfg, rt, accum = job.cfg, job.rt, job.plan.grad_accum
     group_size = cfg.loss.group_size
     first_group = rt.rank * job.plan.per_device // (group_size or job.plan.per_device)
+    streams.seed_torch("model", cfg.train.seed, step, rt.rank)  # dropout differs by rank
     total = torch.zeros((), device=rt.device)
     for m in range(accum):
         x, y = next(batches)
@@ -161,19 +184,26 @@ def train(job: Job, state: dict | None = None) -> dict:
     checkpointing on the way; returns the summary (on every rank)."""
     t_start = time.perf_counter()
     cfg, rt, data, spe = job.cfg, job.rt, job.data, job.steps_per_epoch
-    step = restore(job, state) if state is not None else 0
+    start = step = restore(job, state) if state is not None else 0
+    before = dict(state.get("run", {})) if state is not None else {}
+    run = {"train_s": before.get("train_s", 0.0), "images": before.get("images", 0)}
     report = Report(
         job.run_dir,
         enabled=rt.is_main,
         total_steps=job.total_steps,
         start_step=step,
+        resumed=state is not None,
         progress=cfg.train.progress,
         tensorboard=cfg.train.tensorboard,
     )
+    for note in job.notes:
+        report.print(note)
+    optimizer = type(getattr(job.optimizer, "optimizer", job.optimizer)).__name__
     report.print(
         f"global batch {job.plan.global_batch} = {rt.world_size} processes x "
         f"{job.plan.per_device} x {job.plan.grad_accum} micro-steps; {spe} steps/epoch; "
-        f"run dir {job.run_dir}" + (f"; resumed at step {step}" if state else "")
+        f"optimizer {optimizer}; run dir {job.run_dir}"
+        + (f"; resumed at step {step}" if state else "")
     )
     if rt.is_main:  # the lr schedule at a glance, beside the metrics
         plot_schedule(cfg.schedule, spe, job.run_dir / "lr_schedule.png")
@@ -208,16 +238,24 @@ def train(job: Job, state: dict | None = None) -> dict:
             report.log({"step": step, "epoch": step / spe} | metrics)
             job.model.train()
         if end or (step % spe == 0 and epochs_done % cfg.train.ckpt_every == 0):
-            save(job, step)
+            totals = {"train_s": run["train_s"] + train_time, "images": run["images"] + seen}
+            save(job, step, totals)
     if not metrics:  # resumed at (or past) the end: nothing was trained, still report
         metrics = evaluate(job)
+    run = {"train_s": run["train_s"] + train_time, "images": run["images"] + seen}
     summary = {k.removeprefix("test/"): v for k, v in metrics.items()} | {
         "epochs": step / spe,
         "steps": step,
         "global_batch": job.plan.global_batch,
         "world_size": rt.world_size,
-        "images_per_sec": seen / train_time if train_time else 0.0,
-        "wall_s": time.perf_counter() - t_start,
+        # this process (since its start, or its resume at `resumed_at_step`)
+        "resumed_at_step": start if state is not None else None,
+        "session_wall_s": time.perf_counter() - t_start,
+        "session_train_s": train_time,
+        "session_images_per_sec": seen / train_time if train_time else 0.0,
+        # the whole run: every session up to its last checkpoint, and this one
+        "run_train_s": run["train_s"],
+        "run_images_per_sec": run["images"] / run["train_s"] if run["train_s"] else 0.0,
     }
     report.summary(summary)
     report.close()

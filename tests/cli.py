@@ -2,7 +2,8 @@
 
 ``run_train(run_dir, *overrides, world=N)`` starts ``python -m dist_icm.train`` (one process) or
 ``accelerate launch`` with ``launch/accelerate/cpu.yaml`` (N processes, gloo) with
-``hydra.run.dir=run_dir``; ``check=True`` fails with the job's stderr when it does not exit 0.
+``hydra.run.dir=run_dir`` (unless it is None), from ``cwd`` (default: the repository);
+``check=True`` fails with the job's stderr when it does not exit 0.
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ CPU_CONFIG = REPO / "launch" / "accelerate" / "cpu.yaml"
 
 
 def run_train(
-    run_dir: Path,
+    run_dir: Path | None,
     *overrides: str,
     world: int = 1,
     env: dict | None = None,
     timeout: int = 600,
     check: bool = True,
+    cwd: Path = REPO,
 ) -> subprocess.CompletedProcess:
-    module = ["-m", "dist_icm.train", *overrides, f"hydra.run.dir={run_dir}"]
+    module = ["-m", "dist_icm.train", *overrides]
+    module += [] if run_dir is None else [f"hydra.run.dir={run_dir}"]
     launcher = [sys.executable]
     if world > 1:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
         launcher += ["--num_processes", str(world)]
     out = subprocess.run(
-        launcher + module, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+        launcher + module, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
     )
     if check and out.returncode != 0:
         raise AssertionError(f"train failed ({out.returncode}):\n{out.stderr[-3000:]}")

@@ -63,11 +63,14 @@ def test_defaults_are_the_paper_where_it_speaks():
         ("data=imagefolder", "not a folder"),
         ("optim.lr=0", "lr"),
         ("schedule.gamma=-1", "gamma"),
+        ("model.bn_group=0", "model.bn_group must be >= 1"),
+        ("model.bn_group=8,model.sync_bn=true", "exclude each other"),
+        ("resume_force=maybe", "resume_force"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, match):
     with pytest.raises(ConfigError, match=match) as info:
-        _compose(override)
+        _compose(*override.split(","))
     assert "\n" not in str(info.value)
 
 
@@ -81,3 +84,40 @@ def test_global_batch_plan():
         plan_batches(
             _compose("data.global_batch=96", "runtime.grad_accum=2", "loss.group_size=8"), 4
         )
+
+
+def test_ghost_batch_norm_groups_must_divide_the_per_device_batch():
+    cfg = _compose("data.global_batch=96", "model.bn_group=16")
+    assert plan_batches(cfg, 3).per_device == 32
+    with pytest.raises(ConfigError, match="model.bn_group=16 must divide the per-device batch 24"):
+        plan_batches(cfg, 4)
+
+
+def test_run_dir_sets_the_run_folder(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"run_dir={tmp_path}"], return_hydra_config=True)
+        assert cfg.hydra.run.dir == str(tmp_path)
+        default = compose("train", return_hydra_config=True)
+        assert default.hydra.run.dir.startswith("outputs/")
+
+
+def test_the_readme_gpu_node_example_is_a_sound_large_batch_config(tmp_path):
+    # README, "Training": the 8-GPU command's overrides
+    cfg = _compose(
+        "experiment=paper_cifar100",
+        "runtime=bf16",
+        "data.global_batch=1024",
+        "schedule=linear_scaling",
+        "model.sync_bn=true",
+        "loss.group_size=128",
+        f"data.root={tmp_path}",
+    )
+    from dist_icm.schedule import lr_factor, scaled_lr
+
+    assert scaled_lr(cfg.optim.lr, 1024, cfg.optim.reference_batch, cfg.optim.lr_scaling) == 0.4
+    assert cfg.schedule.warmup_epochs == 5 and lr_factor(0, 10, cfg.schedule) < 0.1
+    assert cfg.model.sync_bn and cfg.loss.group_size == 128 and cfg.runtime.precision == "bf16"
+    assert plan_batches(cfg, 8).per_device == 128

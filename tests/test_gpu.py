@@ -32,6 +32,23 @@ def test_loss_on_cuda_matches_cpu_float64(dtype, c):
     assert abs(out.item() - ref.item()) <= tol * abs(ref.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loss_under_cuda_autocast_is_the_float32_loss(dtype):
+    g = torch.Generator().manual_seed(0)
+    n, c = 4096, 100
+    logits = (torch.randn(n, c, generator=g) * 4).cuda()
+    a, b = (
+        torch.randint(0, c, (n,), generator=g).cuda(),
+        torch.randint(0, c, (n,), generator=g).cuda(),
+    )
+    lam = torch.rand(n, generator=g).cuda()
+    ref = icm_loss(logits, a, b, lam, dedup=True)
+    with torch.autocast("cuda", dtype=dtype):
+        out = icm_loss(logits, a, b, lam, dedup=True)
+    assert out.dtype == torch.float32
+    assert abs(out.item() - ref.item()) <= 1e-6 * abs(ref.item())
+
+
 def test_bf16_training_run_on_gpu(tmp_path):
     cmd = [
         sys.executable,

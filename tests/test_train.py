@@ -1,6 +1,7 @@
 """The main job end to end through its real command line (Hydra, Accelerate, digits data)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,32 +15,76 @@ def train(run_dir: Path, *overrides: str, check: bool = True):
     return run_train(run_dir, *QUICK, *overrides, check=check)
 
 
+SUMMARY_KEYS = (
+    "top1",
+    "top5",
+    "nll",
+    "ece",
+    "epochs",
+    "steps",
+    "global_batch",
+    "world_size",
+    "resumed_at_step",
+    "session_wall_s",
+    "session_train_s",
+    "session_images_per_sec",
+    "run_train_s",
+    "run_images_per_sec",
+)
+
+
+def _strict_json(path: Path):
+    def refuse(constant):
+        raise ValueError(f"{path.name} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def test_short_run_writes_its_run_dir(tmp_path):
-    out = train(tmp_path, "train.max_steps=12", "train.log_every=4", "train.tensorboard=true")
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    for key in (
-        "top1",
-        "top5",
-        "nll",
-        "ece",
-        "epochs",
-        "global_batch",
-        "world_size",
-        "images_per_sec",
-        "wall_s",
-    ):
-        assert key in summary
+    # a deep folder: its path is longer than the 80 columns a non-terminal console assumes
+    run = tmp_path / ("a-long-folder-name-" * 4) / "run"
+    out = train(run, "train.max_steps=12", "train.log_every=4", "train.tensorboard=true")
+    summary = _strict_json(run / "summary.json")
+    assert set(summary) == set(SUMMARY_KEYS)
     assert summary["steps"] == 12 and summary["world_size"] == 1
     assert summary["global_batch"] == 64 and 0 <= summary["ece"] <= 1
-    logged = records(tmp_path)
-    assert sorted(losses(tmp_path)) == [4, 8, 12]
+    assert summary["resumed_at_step"] is None
+    assert summary["run_train_s"] == summary["session_train_s"] > 0
+    assert summary["session_wall_s"] > summary["session_train_s"]
+    logged = records(run)
+    assert sorted(losses(run)) == [4, 8, 12]
     assert all({"step", "epoch"} <= r.keys() for r in logged)
     assert any("test/top1" in r for r in logged)
-    assert (tmp_path / ".hydra" / "config.yaml").exists()
-    assert (tmp_path / "lr_schedule.png").stat().st_size > 1000
-    assert list((tmp_path / "tb").iterdir())  # TensorBoard events
-    assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
-    assert "top1" in out.stdout  # the results table
+    assert (run / ".hydra" / "config.yaml").exists()
+    assert (run / "lr_schedule.png").stat().st_size > 1000
+    assert list((run / "tb").iterdir())  # TensorBoard events
+    assert list((run / "checkpoints").glob("ckpt-*.pt"))
+    # off a terminal: whole lines, never wrapped, so paths and numbers stay greppable
+    start = [ln for ln in out.stderr.splitlines() if ln.startswith("global batch 64")]
+    assert len(start) == 1 and start[0].endswith(f"run dir {run}")
+    assert f"top1 {summary['top1']:.4g}" in out.stdout.splitlines()
+    step12 = [ln for ln in out.stderr.splitlines() if ln.startswith("step 12 ")]
+    assert len(step12) == 2 and all("\n" not in ln for ln in step12)
+    # train.log holds what was shown, with time stamps
+    log = (run / "train.log").read_text()
+    assert start[0] in log and "step 12 " in log and "top1 " in log
+
+
+def test_run_dir_is_honoured(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run_train(None, *QUICK, "train.max_steps=2", f"run_dir={tmp_path / 'mine'}", cwd=cwd)
+    assert (tmp_path / "mine" / "summary.json").is_file()
+    out = run_train(None, "-m", *QUICK, "run_dir=somewhere", check=False, cwd=cwd)
+    assert out.returncode == 2 and "dist_icm: error: run_dir names one run's folder" in out.stderr
+
+
+def test_a_diverged_run_still_writes_strict_json(tmp_path):
+    train(tmp_path, "train.max_steps=3", "optim.lr=1e10")
+    summary = _strict_json(tmp_path / "summary.json")
+    assert summary["nll"] is None  # NaN, written as null
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
 
 
 @pytest.mark.parametrize(
@@ -79,28 +124,38 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, optimizer",
     [
-        ["runtime=bf16"],
-        ["runtime.grad_accum=2", "loss=icm_cutmix", "loss.group_size=8"],
-        ["loss=icm_regmixup", "loss.gather=scores", "loss.dedup=true", "data.fraction=0.5"],
-        ["loss=icm_remix", "data.long_tail=0.1", "data.global_batch=32"],
-        ["loss=mixup", "optim=lars", "schedule=linear_scaling", "train.epochs=200"],
-        ["runtime=channels_last", "loss=ce", "optim=lamb"],
+        (["runtime.grad_accum=2", "loss=icm_cutmix", "loss.group_size=8"], "SGD"),
+        (
+            ["loss=icm_regmixup", "loss.gather=scores", "loss.dedup=true", "data.fraction=0.5"],
+            "SGD",
+        ),
+        (["loss=icm_remix", "data.long_tail=0.1", "data.global_batch=32"], "SGD"),
+        (["loss=mixup", "optim=lars", "schedule=linear_scaling", "train.epochs=200"], "Lars"),
+        (["runtime=channels_last", "loss=ce", "optim=lamb"], "Lamb"),
     ],
-    ids=[
-        "bf16",
-        "accum-cutmix",
-        "regmixup-scores-dedup-fraction",
-        "remix-longtail",
-        "lars",
-        "channels_last-ce-lamb",
-    ],
+    ids=["accum-cutmix", "regmixup-scores-dedup-fraction", "remix-longtail", "lars", "ce-lamb"],
 )
-def test_runtime_and_objective_variants_train(tmp_path, overrides):
-    train(tmp_path, "train.max_steps=4", "train.log_every=2", *overrides)
+def test_runtime_and_objective_variants_train(tmp_path, overrides, optimizer):
+    out = train(tmp_path, "train.max_steps=20", "train.log_every=10", *overrides)
+    assert f"; optimizer {optimizer};" in out.stderr  # the optimizer asked for is the one built
     loss = losses(tmp_path)
-    assert sorted(loss) == [2, 4] and all(v == v and abs(v) < 1e3 for v in loss.values())
+    assert sorted(loss) == [10, 20] and all(math.isfinite(v) for v in loss.values())
+    assert loss[20] < loss[10]  # and it trains: the loss goes down
+
+
+def test_bf16_autocast_tracks_float32(tmp_path):
+    common = ["train.max_steps=6", "train.log_every=1"]
+    full, half = (
+        train(tmp_path / "fp32", *common),
+        train(tmp_path / "bf16", *common, "runtime=bf16"),
+    )
+    assert full.returncode == half.returncode == 0
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    rel = [abs(bf16[s] - fp32[s]) / fp32[s] for s in fp32]
+    assert max(rel) < 2e-2  # the same run, to bf16's precision
+    assert max(rel) > 1e-6  # and not float32 under another name: autocast really ran
 
 
 def test_trains_on_the_cifar10_jpeg_tree(tmp_path, cifar10_jpeg_root):
@@ -115,8 +170,27 @@ def test_trains_on_the_cifar10_jpeg_tree(tmp_path, cifar10_jpeg_root):
         "train.log_every=1",
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 3 and 0 <= summary["top1"] <= 100
-    assert sorted(losses(tmp_path)) == [1, 2, 3]
+    assert summary["steps"] == 3 and sorted(losses(tmp_path)) == [1, 2, 3]
+    # the reported metrics are those of the saved model on the real test JPEGs, read here
+    # independently with torchvision (class folders in order, the CIFAR-10 normalisation)
+    from torchvision import datasets, transforms
+
+    from dist_icm.checkpoint import latest
+    from dist_icm.data.datasets import CIFAR10_MEAN, CIFAR10_STD
+    from dist_icm.metrics import evaluate_sums, finalize
+    from dist_icm.models import build_model
+
+    model = build_model("small_cnn", 10, 3)
+    model.load_state_dict(latest(tmp_path / "checkpoints")[1]["model"])
+    tf = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    )
+    test = datasets.ImageFolder(str(cifar10_jpeg_root / "test"), transform=tf)
+    loader = torch.utils.data.DataLoader(test, batch_size=1000)
+    mine = finalize(evaluate_sums(model, loader, "cpu"))
+    assert mine["count"] == 10_000
+    assert mine["top1"] == pytest.approx(summary["top1"], abs=1e-9)
+    assert mine["nll"] == pytest.approx(summary["nll"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -1,0 +1,143 @@
+"""Resuming a run: one checkpoint for all ranks, chosen once, made with the same config.
+
+* **One truth.** Rank 0 alone chooses the checkpoint (``resume=auto``: the newest that loads in
+  the run folder; else the path given) and shares its path; every rank loads that file, and
+  all ranks compare what they got (the step, or why the file could not be read) before any of
+  them goes on. With node-local disks, a slow network file system or a read error on one rank,
+  the ranks therefore either resume from the same step or stop together with one message,
+  instead of training different weights until a collective hangs.
+* **The same run.** A checkpoint holds its config. Resuming with other values of the keys that
+  define what a step is and what the weights are (:data:`GUARDED`: the data and its subset, the
+  global batch and accumulation, the seed, the model, the loss and its mixing groups) is refused
+  with one line naming them; ``resume_force=true`` continues anyway. The world size is free to
+  change: the global batch is the invariant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_icm import checkpoint, dist
+from dist_icm.checkpoint import CheckpointError
+from dist_icm.config import ConfigError
+
+# Config keys (or whole sections) that must match between a checkpoint and the resumed run.
+GUARDED = (
+    "data.name",
+    "data.fraction",
+    "data.long_tail",
+    "data.global_batch",
+    "data.augment",
+    "runtime.grad_accum",
+    "train.seed",
+    "model",
+    "loss",
+)
+
+
+@dataclass
+class Resumed:
+    """The checkpoint every rank resumes from."""
+
+    path: Path
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def choose(folder: Path, resume: str | None, group: dist.Group) -> Resumed | None:
+    """The checkpoint to resume from, the same on every rank (None: start from scratch).
+
+    ``resume`` is None (no resume), ``"auto"`` (rank 0 takes the newest loadable checkpoint in
+    ``folder``) or a path. Raises :class:`ConfigError` for a missing path and
+    :class:`CheckpointError` when any rank cannot read the chosen file or the ranks' files hold
+    different steps, on every rank alike.
+    """
+    if resume is None:
+        return None
+    chosen, error = None, None
+    if dist.rank(group) == 0:
+        chosen, error = _rank_zero_choice(Path(folder), resume)
+    # with resume=auto only the file's name travels: each rank reads it in its own view of the
+    # run folder (the same folder on a shared file system, or a node-local copy of it)
+    name = None if chosen is None else chosen[0].name if resume == "auto" else str(chosen[0])
+    name, error = dist.broadcast_object((name, error), group)
+    if error is not None:
+        raise ConfigError(error)
+    if name is None:
+        return None
+    path = Path(folder) / name if resume == "auto" else Path(name)
+    state, reason = (chosen[1], None) if chosen is not None else _load(path)
+    outcomes = dist.all_gather_object(reason or int(state["step"]), group)
+    failed = [(r, o) for r, o in enumerate(outcomes) if isinstance(o, str)]
+    if failed:
+        rank, why = failed[0]
+        raise CheckpointError(f"rank {rank} cannot read the checkpoint rank 0 chose: {why}")
+    if len(set(outcomes)) > 1:
+        raise CheckpointError(
+            f"the ranks' copies of {path.name} hold different steps {outcomes}: "
+            "they must see the same file (a shared folder)"
+        )
+    return Resumed(path, state)
+
+
+def _rank_zero_choice(folder: Path, resume: str):
+    if resume == "auto":
+        found = checkpoint.latest(folder)
+        return found, None
+    if not Path(resume).is_file():
+        return None, f"resume={resume!r}: no such checkpoint file (or use resume=auto)"
+    state, reason = _load(resume)
+    if reason is not None:
+        return None, reason
+    return (Path(resume), state), None
+
+
+def _load(path) -> tuple[dict | None, str | None]:
+    try:
+        return checkpoint.load(path), None
+    except (OSError, CheckpointError) as e:
+        return None, str(e).splitlines()[0]
+
+
+def changed_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, current value) for each :data:`GUARDED` key that differs."""
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    changed = []
+    for key in sorted(set(saved_flat) | set(current_flat)):
+        if any(key == g or key.startswith(g + ".") for g in GUARDED):
+            old, new = saved_flat.get(key), current_flat.get(key)
+            if old != new:
+                changed.append((key, old, new))
+    return changed
+
+
+def check_config(saved: dict | None, current: dict, *, force: bool, step: int) -> str | None:
+    """Raise ConfigError when the checkpoint's config differs in a guarded key (one line);
+    with ``force``, return the line to show instead. None when nothing differs."""
+    if saved is None:
+        return None
+    changed = changed_keys(saved, current)
+    if not changed:
+        return None
+    what = ", ".join(f"{k}={old!r} (now {new!r})" for k, old, new in changed)
+    if force:
+        return f"resume_force=true: resuming step {step} despite a changed config: {what}"
+    raise ConfigError(
+        f"the checkpoint at step {step} was made with {what}: its steps would mean something "
+        "else now; use a new run folder, or resume_force=true to continue anyway"
+    )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= _flatten(value, name + ".")
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out

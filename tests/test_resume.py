@@ -1,0 +1,138 @@
+"""Resuming: rank 0 chooses one checkpoint for all ranks, a changed config is refused, and the
+run's logs hold each step once."""
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from cli import losses, records, run_train
+from multiproc import run_group
+
+from dist_icm import checkpoint
+from dist_icm.checkpoint import CheckpointError
+from dist_icm.config import ConfigError
+from dist_icm.resume import changed_keys, check_config, choose
+
+QUICK = ["experiment=quickstart", "train.progress=false"]
+
+
+def _views(root: Path, case: str) -> list[Path]:
+    """Two ranks' views of one run's checkpoints (node-local copies), differing by ``case``."""
+    folders = [root / "rank0", root / "rank1"]
+    for folder in folders:
+        for step in (3, 6):
+            checkpoint.save(folder, step, {"step": step, "w": torch.full((3,), float(step))})
+    newest = folders[1] / "ckpt-000000006.pt"
+    if case == "torn":  # a read error on one node
+        newest.write_bytes(newest.read_bytes()[:100])
+    elif case == "missing":  # the file has not reached rank 1's disk yet
+        newest.unlink()
+    elif case == "stale":  # rank 1's file of that name holds another step
+        checkpoint.save(folders[1], 6, {"step": 5, "w": torch.zeros(3)})
+    return folders
+
+
+def _choose_worker(rank, world, folders, per_rank):
+    import warnings
+
+    warnings.simplefilter("ignore")  # the torn file's warning on rank 1 (per-rank control)
+    if per_rank:  # the old way: every rank looks for itself
+        return checkpoint.latest(folders[rank])[1]["step"]
+    try:
+        found = choose(Path(folders[rank]), "auto", torch.distributed.group.WORLD)
+        return found.step
+    except CheckpointError as e:
+        return f"error: {e}"
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("case", ["same", "torn", "missing", "stale"])
+def test_rank_zero_chooses_and_all_ranks_agree(tmp_path, case):
+    folders = [str(f) for f in _views(tmp_path, case)]
+    got = run_group(_choose_worker, 2, folders, False)
+    if case == "same":
+        assert got == [6, 6]
+    else:
+        assert got[0] == got[1] and got[0].startswith("error: ")
+        why = "different steps" if case == "stale" else "rank 1 cannot read"
+        assert why in got[0] and "\n" not in got[0]
+    if case == "torn":  # negative control: ranks that choose for themselves disagree
+        assert run_group(_choose_worker, 2, folders, True) == [6, 3]
+
+
+def test_choose_on_one_process(tmp_path):
+    assert choose(tmp_path, None, None) is None
+    assert choose(tmp_path, "auto", None) is None  # nothing there yet
+    checkpoint.save(tmp_path, 4, {"step": 4})
+    assert choose(tmp_path, "auto", None).step == 4
+    assert choose(tmp_path, str(tmp_path / "ckpt-000000004.pt"), None).step == 4
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        choose(tmp_path, str(tmp_path / "nope.pt"), None)
+
+
+def test_changed_keys_name_what_defines_a_step():
+    saved = {
+        "data": {"name": "digits", "global_batch": 64, "root": "/a", "num_workers": 0},
+        "loss": {"name": "icm_mixup", "group_size": 16},
+        "train": {"seed": 0, "epochs": 15},
+        "runtime": {"grad_accum": 1, "threads": None},
+        "model": {"name": "small_cnn"},
+    }
+    same = {**saved, "train": {"seed": 0, "epochs": 30}, "runtime": {"grad_accum": 1, "threads": 2}}
+    same["data"] = {**saved["data"], "root": "/b", "num_workers": 4}
+    assert changed_keys(saved, same) == []  # epochs, paths and workers are free to change
+    other = {**same, "loss": {"name": "icm_mixup", "group_size": 8}}
+    other["data"] = {**same["data"], "global_batch": 128}
+    assert [k for k, _, _ in changed_keys(saved, other)] == ["data.global_batch", "loss.group_size"]
+    with pytest.raises(ConfigError, match=r"data.global_batch=64 \(now 128\), loss.group_size"):
+        check_config(saved, other, force=False, step=9)
+    note = check_config(saved, other, force=True, step=9)
+    assert note.startswith("resume_force=true: resuming step 9")
+
+
+def test_a_changed_config_is_refused_unless_forced(tmp_path):
+    run = tmp_path / "run"
+    run_train(run, *QUICK, "train.max_steps=3")
+    out = run_train(
+        run, *QUICK, "train.max_steps=6", "resume=auto", "data.global_batch=32", check=False
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    line = [ln for ln in out.stderr.splitlines() if ln.startswith("dist_icm: error:")]
+    assert len(line) == 1 and "data.global_batch=64 (now 32)" in line[0]
+    forced = run_train(
+        run, *QUICK, "train.max_steps=6", "resume=auto", "data.global_batch=32", "resume_force=true"
+    )
+    assert "resume_force=true: resuming step 3" in forced.stderr
+
+
+def test_resume_auto_in_a_fresh_folder_says_so(tmp_path):
+    out = run_train(tmp_path / "new", *QUICK, "train.max_steps=2", "resume=auto")
+    assert "resume=auto: no checkpoint in" in out.stderr and "starting at step 0" in out.stderr
+
+
+def _scalars(tb: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_resumed_runs_log_each_step_once(tmp_path):
+    # a run that crashed after step 30 but before its checkpoint: the last one is at step 21
+    common = ["train.max_steps=30", "train.log_every=3", "train.ckpt_every=1"]
+    run_train(tmp_path / "full", *QUICK, *common)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    (crashed / "checkpoints" / "ckpt-000000030.pt").unlink()
+    (crashed / "summary.json").unlink()
+    out = run_train(crashed, *QUICK, *common, "resume=auto")
+    assert "resumed at step 21" in out.stderr
+    steps = [r["step"] for r in records(crashed) if "train/loss" in r]
+    assert steps == sorted(set(steps)) == list(range(3, 31, 3))  # each step once, in order
+    assert losses(crashed) == losses(tmp_path / "full")  # and the very same values
+    evals = Counter(r["step"] for r in records(crashed) if "test/top1" in r)
+    assert evals == {21: 1, 30: 1}
+    assert _scalars(crashed / "tb", "train/loss") == list(range(3, 31, 3))

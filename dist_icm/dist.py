@@ -232,19 +232,6 @@ def _coalesced(tensors: list[torch.Tensor], collective) -> None:
                 offset += t.numel()
 
 
-def check_equal_rows(n: int, group: Group, device: torch.device) -> None:
-    """Raise ``ValueError`` on every rank unless all ranks hold ``n`` rows."""
-    if not is_distributed(group):
-        return
-    sizes = all_gather_nograd(torch.tensor([n], device=device, dtype=torch.int64), group)
-    if not bool((sizes == n).all()):
-        raise ValueError(
-            f"the global-batch loss needs the same number of rows on every rank, got "
-            f"{sizes.tolist()}: make the global batch divisible by the world size and drop "
-            f"incomplete last batches"
-        )
-
-
 def barrier(group: Group = None) -> None:
     """Wait for every process of ``group`` (or the world group) when distributed."""
     group = group if group is not None else default_group()

@@ -161,13 +161,36 @@ def _check_local(logits, a, b, lam, axis, gather) -> None:
         raise ValueError(f"lam must be a float tensor, got {lam.dtype}")
 
 
-def _check_values(logits, a, b, lam) -> None:
-    """Checks of values: each reads a result back from the device (a host sync)."""
+_PROBLEMS = ("", "class indices a, b must lie in [0, {C})", "lam must lie in [0, 1]")
+
+
+def _problem(logits, a, b, lam) -> int:
+    """0 if the values are valid, else the index of what is wrong in ``_PROBLEMS``."""
     n, num_classes = logits.shape
     if n and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= num_classes):
-        raise ValueError(f"class indices a, b must lie in [0, {num_classes})")
+        return 1
     if n and not bool(((lam >= 0) & (lam <= 1)).all()):
-        raise ValueError("lam must lie in [0, 1]")
+        return 2
+    return 0
+
+
+def _validate(logits, a, b, lam, group) -> None:
+    """Value checks, and with a group the same verdict on every rank: each rank's row count and
+    problem travel in one small all-gather, so a bad batch on one rank raises on all of them
+    instead of leaving the others waiting in the loss's next collective."""
+    n, num_classes = logits.shape
+    mine = torch.tensor([[n, _problem(logits, a, b, lam)]], device=logits.device)
+    verdicts = dist.all_gather_nograd(mine, group).tolist()
+    for rank, (_, problem) in enumerate(verdicts):
+        if problem:
+            where = f" (on rank {rank})" if dist.is_distributed(group) else ""
+            raise ValueError(_PROBLEMS[problem].format(C=num_classes) + where)
+    sizes = [rows for rows, _ in verdicts]
+    if any(rows != n for rows in sizes):
+        raise ValueError(
+            f"the global-batch loss needs the same number of rows on every rank, got {sizes}: "
+            "make the global batch divisible by the world size and drop incomplete last batches"
+        )
 
 
 def icm_loss(
@@ -212,8 +235,7 @@ def icm_loss(
     _check_local(logits, a, b, lam, axis, gather)
     n = logits.shape[0]
     if validate:
-        _check_values(logits, a, b, lam)
-        dist.check_equal_rows(n, process_group, logits.device)
+        _validate(logits, a, b, lam, process_group)
     if n == 0:
         raise ValueError("icm_loss got an empty batch (n = 0): the loss has no rows to average")
     with torch.autocast(logits.device.type, enabled=False):

@@ -29,6 +29,7 @@ from dist_icm.data.pipeline import build_data
 from dist_icm.metrics import evaluate_sums, finalize
 from dist_icm.mixing import MixContext
 from dist_icm.models import build_model
+from dist_icm.norm import count_batch_norms
 from dist_icm.objectives import Objective
 from dist_icm.optim import build_optimizer
 from dist_icm.report import Report
@@ -78,25 +79,26 @@ def setup(cfg: Config) -> Job:
 
     data = dist.rank_zero_first(data, group)
     check_against_data(cfg, data.spec.num_classes, data.train_size)
-    steps_per_epoch = data.sampler.batches_per_epoch // plan.grad_accum
-    if steps_per_epoch < 1:
+    spe = data.sampler.batches_per_epoch // plan.grad_accum  # optimizer steps per epoch
+    if spe < 1:
         raise ConfigError(f"data.global_batch={plan.global_batch} leaves no full step per epoch")
     streams.seed_torch("init", cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, data.spec.num_classes, data.spec.in_channels)
+    notes = []
+    if cfg.model.bn_group is not None and not count_batch_norms(model):
+        notes.append(f"model.bn_group={cfg.model.bn_group}: {cfg.model.name} has no BatchNorm")
     optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda_for(steps_per_epoch, cfg.schedule)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(spe, cfg.schedule))
     model, optimizer = rt.prepare(model, optimizer, cfg.model)
     objective = Objective(
         cfg.loss, class_counts=data.class_counts, process_group=group, validate=False
     )
-    total = cfg.train.epochs * steps_per_epoch
+    total = cfg.train.epochs * spe
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     run_dir = Path(dist.broadcast_object(cfg.run_dir or "outputs/run", group))
     return Job(
-        cfg, rt, plan, data, model, optimizer, scheduler, objective, steps_per_epoch, total, run_dir
+        cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir, notes
     )
 
 
@@ -199,11 +201,11 @@ def train(job: Job, state: dict | None = None) -> dict:
     for note in job.notes:
         report.print(note)
     optimizer = type(getattr(job.optimizer, "optimizer", job.optimizer)).__name__
+    procs = f"{rt.world_size} process" + ("es" if rt.world_size > 1 else "")
     report.print(
-        f"global batch {job.plan.global_batch} = {rt.world_size} processes x "
-        f"{job.plan.per_device} x {job.plan.grad_accum} micro-steps; {spe} steps/epoch; "
-        f"optimizer {optimizer}; run dir {job.run_dir}"
-        + (f"; resumed at step {step}" if state else "")
+        f"global batch {job.plan.global_batch} = {procs} x {job.plan.per_device} x "
+        f"{job.plan.grad_accum} micro-steps; {spe} steps/epoch; optimizer {optimizer}; "
+        f"run dir {job.run_dir}" + (f"; resumed at step {step}" if state else "")
     )
     if rt.is_main:  # the lr schedule at a glance, beside the metrics
         plot_schedule(cfg.schedule, spe, job.run_dir / "lr_schedule.png")

@@ -43,12 +43,6 @@ def _worker(rank, world):
     out["max"] = D.all_reduce_max(_shard(rank), group)
     out["nograd"] = D.all_gather_nograd(_shard(rank), group)
     out["size"], out["rank"] = D.size(group), D.rank(group)
-    try:
-        D.check_equal_rows(2 + rank, group, torch.device("cpu"))
-        out["unequal"] = None
-    except ValueError as e:
-        out["unequal"] = str(e)
-    D.check_equal_rows(5, group, torch.device("cpu"))  # equal rows: no error
     return out
 
 
@@ -69,7 +63,6 @@ def test_collectives_match_single_process(world):
         assert torch.allclose(out["sum_grad"], s_total, rtol=1e-13)
         assert torch.equal(out["max"], torch.stack(shards).amax(0))
         assert torch.equal(out["nograd"], full)
-        assert "same number of rows" in out["unequal"]
         # the negative control really is wrong: it misses the other ranks' gradient
         assert not torch.allclose(out["naive_grad"], w_total[3 * r : 3 * r + 3], rtol=1e-3)
 
@@ -79,7 +72,6 @@ def test_single_process_collectives_are_identities():
     assert D.size(None) == 1 and D.rank(None) == 0 and not D.is_distributed(None)
     assert D.all_gather(x, None) is x and D.all_reduce_sum(x, None) is x
     assert torch.equal(D.all_reduce_max(x, None), x)
-    D.check_equal_rows(3, None, x.device)
 
 
 def _bn_model(rank):

@@ -137,3 +137,19 @@ def _unequal_worker(rank, world):
 def test_unequal_rows_fail_clearly_on_every_rank():
     messages = run_group(_unequal_worker, 2)
     assert all(m and "same number of rows" in m for m in messages)
+
+
+def _bad_value_worker(rank, world):
+    logits = torch.zeros(3, C, dtype=torch.float64)
+    idx = torch.zeros(3, dtype=torch.int64)
+    lam = torch.full((3,), 2.0 if rank == 1 else 0.5)  # only rank 1's batch is bad
+    try:
+        icm_loss(logits, idx, idx, lam, process_group=torch.distributed.group.WORLD)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_a_bad_batch_on_one_rank_raises_on_every_rank():
+    # rank 0's values are fine: it must not go on into the loss's collectives alone
+    assert run_group(_bad_value_worker, 3) == ["lam must lie in [0, 1] (on rank 1)"] * 3

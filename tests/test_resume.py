@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import losses, records, run_train
+from cli import losses, records, run_train, summary
 from multiproc import run_group
 
 from dist_icm import checkpoint
@@ -136,3 +136,6 @@ def test_resumed_runs_log_each_step_once(tmp_path):
     evals = Counter(r["step"] for r in records(crashed) if "test/top1" in r)
     assert evals == {21: 1, 30: 1}
     assert _scalars(crashed / "tb", "train/loss") == list(range(3, 31, 3))
+    resumed = summary(crashed)  # this session's figures, and the whole run's
+    assert resumed["resumed_at_step"] == 21 and resumed["steps"] == 30
+    assert resumed["run_train_s"] > resumed["session_train_s"] > 0

@@ -85,12 +85,19 @@ def test_class_axis_ignores_a_per_image_logit_shift(n, c, seed):
 
 @pytest.mark.parametrize("dedup", [False, True])
 def test_swapped_triples_are_the_same_target(dedup):
-    # (a, b, lam) and (b, a, 1 - lam) are one mixing vector. With dyadic weights 1 - (1 - lam)
-    # is exact, so the loss is bit for bit the same; with any weights it agrees to rounding.
+    # (a, b, lam) and (b, a, 1 - lam) are one mixing vector. Rows 4..7 repeat rows 0..3's
+    # targets, written swapped: the loss is the one of the same rows written alike (bit for bit
+    # with dyadic weights, where 1 - (1 - lam) is exact), and with dedup they are duplicates.
     logits, a, b, _ = problem(n=8, c=6)
-    dyadic = torch.tensor([0.5, 0.25, 0.75, 0.125, 0.875, 0.0, 1.0, 0.375], dtype=torch.float64)
-    swapped = icm_loss(logits, b, a, 1 - dyadic, dedup=dedup)
-    assert torch.equal(icm_loss(logits, a, b, dyadic, dedup=dedup), swapped)
+    lam = torch.tensor([0.5, 0.25, 0.875, 0.0], dtype=torch.float64)
+    a4, b4 = a[:4], b[:4]
+    swapped = (torch.cat([a4, b4]), torch.cat([b4, a4]), torch.cat([lam, 1 - lam]))
+    alike = (torch.cat([a4, a4]), torch.cat([b4, b4]), torch.cat([lam, lam]))
+    assert torch.equal(
+        icm_loss(logits, *swapped, dedup=dedup), icm_loss(logits, *alike, dedup=dedup)
+    )
+    if dedup:  # the repeats really are duplicates: the plain loss differs
+        assert not torch.allclose(icm_loss(logits, *alike), icm_loss(logits, *alike, dedup=True))
     lam = torch.rand(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     one, other = icm_loss(logits, a, b, lam), icm_loss(logits, b, a, 1 - lam)
     assert torch.allclose(one, other, rtol=1e-13, atol=0)

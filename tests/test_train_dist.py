@@ -24,7 +24,10 @@ ARGS = [
 
 
 def _run(run_dir: Path, world: int, *overrides: str, cwd: Path | None = None) -> list[dict]:
-    run_train(run_dir, *ARGS, *overrides, world=world, **({"cwd": cwd} if cwd else {}))
+    if cwd is None:
+        run_train(run_dir, *ARGS, *overrides, world=world)
+    else:  # the user's way to name the folder; ranks > 0 then run in cwd, which must stay empty
+        run_train(None, *ARGS, *overrides, f"run_dir={run_dir}", world=world, cwd=cwd)
     return records(run_dir)
 
 

@@ -146,17 +146,25 @@ class Report:
 
 def drop_records_after(path: Path, step: int) -> int:
     """Keep only the lines of a metrics.jsonl whose ``step`` is at most ``step`` (atomically);
-    returns how many were dropped. A missing file is left missing."""
+    returns how many were dropped. A line a crash cut short is dropped too; a missing file is
+    left missing."""
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if _step_of(line, default=step + 1) <= step]
     if len(kept) == len(lines):
         return 0
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
     return len(lines) - len(kept)
+
+
+def _step_of(line: str, default: int) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return default
 
 
 def _strict(obj):

@@ -120,8 +120,9 @@ def find_checkpoint(job: Job) -> dict | None:
 def restore(job: Job, state: dict) -> int:
     """Load model, optimizer, schedule and scaler states; returns the step to go on from.
 
-    The sampler position follows from the step (epoch and batch within it); every random draw
-    of a step is keyed by the step, so nothing else needs restoring.
+    The sampler position follows from the step (epoch and batch within it), and every random
+    draw of the trainer is keyed by the step (:mod:`dist_icm.streams`); the global RNG states
+    (rank 0's) are restored for code that draws from them anyway.
     """
     job.rt.unwrap(job.model).load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])

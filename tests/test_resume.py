@@ -128,6 +128,8 @@ def test_resumed_runs_log_each_step_once(tmp_path):
     shutil.copytree(tmp_path / "full", crashed)
     (crashed / "checkpoints" / "ckpt-000000030.pt").unlink()
     (crashed / "summary.json").unlink()
+    with open(crashed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 31, "train/lo')  # and a line the crash cut short
     out = run_train(crashed, *QUICK, *common, "resume=auto")
     assert "resumed at step 21" in out.stderr
     steps = [r["step"] for r in records(crashed) if "train/loss" in r]
@@ -139,3 +141,13 @@ def test_resumed_runs_log_each_step_once(tmp_path):
     resumed = summary(crashed)  # this session's figures, and the whole run's
     assert resumed["resumed_at_step"] == 21 and resumed["steps"] == 30
     assert resumed["run_train_s"] > resumed["session_train_s"] > 0
+
+
+def test_drop_records_after_keeps_the_checkpoint_s_past(tmp_path):
+    from dist_icm.report import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "x": 1}\n{"step": 3}\n{"step": 2, "y": 2}\n{"st')
+    assert drop_records_after(path, 2) == 2
+    assert path.read_text() == '{"step": 1}\n{"step": 2, "x": 1}\n{"step": 2, "y": 2}\n'
+    assert drop_records_after(tmp_path / "missing.jsonl", 2) == 0

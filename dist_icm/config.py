@@ -114,6 +114,8 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 1  # epochs
     ckpt_every: int = 10  # epochs; a checkpoint is also written at the end
+    ckpt_every_steps: int | None = None  # also every this many optimizer steps
+    ckpt_every_min: float | None = None  # also every this many minutes (rank 0's clock)
     keep_ckpts: int = 3
     seed: int = 0
     progress: bool = True
@@ -127,6 +129,10 @@ class TrainConfig:
         for key in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.ckpt_every_steps is not None and self.ckpt_every_steps < 1:
+            raise ConfigError(f"train.ckpt_every_steps must be >= 1, got {self.ckpt_every_steps}")
+        if self.ckpt_every_min is not None and not self.ckpt_every_min > 0:
+            raise ConfigError(f"train.ckpt_every_min must be > 0, got {self.ckpt_every_min}")
 
 
 @dataclass

@@ -232,6 +232,25 @@ def _coalesced(tensors: list[torch.Tensor], collective) -> None:
                 offset += t.numel()
 
 
+def control_group() -> Group:
+    """A gloo group over every rank for small control messages (stop flags), kept off the
+    training backend's stream (NCCL) and its order of collectives; None on one process.
+
+    Every rank must call it, in the same order as its other group creations.
+    """
+    if not is_distributed(default_group()):
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def all_reduce_max_async(x: torch.Tensor, group: Group):
+    """Start an in-place elementwise max of ``x`` over ranks; returns the work to ``wait()`` on
+    (None on one process, where ``x`` already is the result)."""
+    if not is_distributed(group):
+        return None
+    return dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+
 def barrier(group: Group = None) -> None:
     """Wait for every process of ``group`` (or the world group) when distributed."""
     group = group if group is not None else default_group()

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from dist_icm.checkpoint import CheckpointError
 from dist_icm.config import Config, ConfigError, register_schema, to_config
 from dist_icm.data.datasets import DataError
+from dist_icm.preempt import PREEMPTED_EXIT, Preempted
 from dist_icm.trainer import find_checkpoint, setup, train
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -28,13 +29,24 @@ START_ERRORS = (ConfigError, DataError, CheckpointError, ValueError)
 
 
 def run(cfg: Config) -> dict:
-    """Set up (or stop with one line) and train; returns the summary."""
+    """Set up (or stop with one line) and train; returns the summary. A run stopped by a signal
+    exits with code 75 (``PREEMPTED_EXIT``) after checkpointing the step it stopped at."""
     try:
         job = setup(cfg)
         state = find_checkpoint(job)
     except START_ERRORS as e:
         _fail(e)
-    return train(job, state)
+    try:
+        return train(job, state)
+    except Preempted as stop:
+        if job.rt.is_main:
+            print(
+                f"dist_icm: {stop}: checkpoint written; resume with resume=auto "
+                f"(exit code {PREEMPTED_EXIT})",
+                file=sys.stderr,
+                flush=True,
+            )
+        sys.exit(PREEMPTED_EXIT)
 
 
 def _fail(error: Exception) -> None:

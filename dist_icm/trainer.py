@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dist_icm import checkpoint, dist, resume, streams
+from dist_icm import checkpoint, dist, preempt, resume, streams
 from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
 from dist_icm.data.bundle import DataBundle
 from dist_icm.data.pipeline import build_data
@@ -52,6 +52,7 @@ class Job:
     steps_per_epoch: int
     total_steps: int
     run_dir: Path
+    control: dist.Group = None  # a gloo group for the stop flags (dist_icm.preempt)
     notes: list[str] = field(default_factory=list)  # start-up lines for the run's report
 
     @property
@@ -97,9 +98,8 @@ def setup(cfg: Config) -> Job:
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     run_dir = Path(dist.broadcast_object(cfg.run_dir or "outputs/run", group))
-    return Job(
-        cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir, notes
-    )
+    parts = (cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir)
+    return Job(*parts, control=dist.control_group(), notes=notes)
 
 
 def find_checkpoint(job: Job) -> dict | None:
@@ -182,20 +182,15 @@ def train_step(job: Job, batches, step: int) -> torch.Tensor:
     return total
 
 
-def train(job: Job, state: dict | None = None) -> dict:
-    """Train from ``state`` (a checkpoint) or from scratch to ``total_steps``, evaluating and
-    checkpointing on the way; returns the summary (on every rank)."""
-    t_start = time.perf_counter()
-    cfg, rt, data, spe = job.cfg, job.rt, job.data, job.steps_per_epoch
-    start = step = restore(job, state) if state is not None else 0
-    before = dict(state.get("run", {})) if state is not None else {}
-    run = {"train_s": before.get("train_s", 0.0), "images": before.get("images", 0)}
+def _open_report(job: Job, step: int, resumed: bool) -> Report:
+    """The run's report (writing on rank 0), with the start-up lines and the lr plot."""
+    cfg, rt, spe = job.cfg, job.rt, job.steps_per_epoch
     report = Report(
         job.run_dir,
         enabled=rt.is_main,
         total_steps=job.total_steps,
         start_step=step,
-        resumed=state is not None,
+        resumed=resumed,
         progress=cfg.train.progress,
         tensorboard=cfg.train.tensorboard,
     )
@@ -206,46 +201,89 @@ def train(job: Job, state: dict | None = None) -> dict:
     report.print(
         f"global batch {job.plan.global_batch} = {procs} x {job.plan.per_device} x "
         f"{job.plan.grad_accum} micro-steps; {spe} steps/epoch; optimizer {optimizer}; "
-        f"run dir {job.run_dir}" + (f"; resumed at step {step}" if state else "")
+        f"run dir {job.run_dir}" + (f"; resumed at step {step}" if resumed else "")
     )
-    if rt.is_main:  # the lr schedule at a glance, beside the metrics
+    if rt.is_main:  # the lr schedule at a glance, beside the metrics; a resumed run goes on
         plot_schedule(cfg.schedule, spe, job.run_dir / "lr_schedule.png")
-    job.model.train()
-    seen, train_time, metrics = 0, 0.0, {}
+        preempt.unmark(job.run_dir)
+    return report
+
+
+def train(job: Job, state: dict | None = None) -> dict:
+    """Train from ``state`` (a checkpoint) or from scratch to ``total_steps``, evaluating and
+    checkpointing on the way; returns the summary (on every rank).
+
+    Raises :class:`~dist_icm.preempt.Preempted` after checkpointing the step it stopped at
+    when a signal asked it to stop (see :mod:`dist_icm.preempt`).
+    """
+    t_start = time.perf_counter()
+    cfg, rt, data, spe = job.cfg, job.rt, job.data, job.steps_per_epoch
+    start = step = restore(job, state) if state is not None else 0
+    before = dict(state.get("run", {})) if state is not None else {}
+    report = _open_report(job, step, resumed=state is not None)
+    flags = preempt.StopFlags(
+        job.control, is_main=rt.is_main, ckpt_every_min=cfg.train.ckpt_every_min
+    )
+    seen, train_time, metrics, saved = 0, 0.0, {}, step
     loss_sum, loss_count = torch.zeros((), device=rt.device), 0
-    while step < job.total_steps:
-        epoch, in_epoch = divmod(step, spe)
-        data.sampler.set_epoch(epoch)
-        data.train.set_epoch(epoch)
-        data.sampler.set_start_batch(in_epoch * job.plan.grad_accum)
-        batches = iter(data.loader)
-        t0 = time.perf_counter()
-        for _ in range(in_epoch, spe):
-            loss_sum += train_step(job, batches, step)
-            step, loss_count = step + 1, loss_count + 1
-            seen += job.plan.global_batch
-            if step % cfg.train.log_every == 0 or step == job.total_steps:
-                mean = dist.all_reduce_mean(loss_sum / loss_count, rt.process_group).item()
-                rate = seen / (train_time + time.perf_counter() - t0)
-                lr = job.scheduler.get_last_lr()[0]
-                record = {"step": step, "epoch": step / spe, "train/loss": mean}
-                report.log(record | {"train/lr": lr, "train/images_per_sec": rate})
-                report.progress(step, {"loss": mean, "lr": lr, "img/s": rate})
-                loss_sum, loss_count = loss_sum.zero_(), 0
-            if step == job.total_steps:
-                break
-        train_time += time.perf_counter() - t0
-        end, epochs_done = step == job.total_steps, step // spe
-        if end or (step % spe == 0 and epochs_done % cfg.train.eval_every == 0):
-            metrics = evaluate(job)
-            report.log({"step": step, "epoch": step / spe} | metrics)
-            job.model.train()
-        if end or (step % spe == 0 and epochs_done % cfg.train.ckpt_every == 0):
-            totals = {"train_s": run["train_s"] + train_time, "images": run["images"] + seen}
-            save(job, step, totals)
+
+    def run_totals(t0: float) -> dict:  # the whole run's training time and images so far
+        now = train_time + time.perf_counter() - t0
+        return {
+            "train_s": before.get("train_s", 0.0) + now,
+            "images": before.get("images", 0) + seen,
+        }
+
+    job.model.train()
+    try:
+        while step < job.total_steps:
+            epoch, in_epoch = divmod(step, spe)
+            data.sampler.set_epoch(epoch)
+            data.train.set_epoch(epoch)
+            data.sampler.set_start_batch(in_epoch * job.plan.grad_accum)
+            batches = iter(data.loader)
+            t0 = time.perf_counter()
+            for _ in range(in_epoch, spe):
+                loss_sum += train_step(job, batches, step)
+                step, loss_count = step + 1, loss_count + 1
+                seen += job.plan.global_batch
+                if step % cfg.train.log_every == 0 or step == job.total_steps:
+                    mean = dist.all_reduce_mean(loss_sum / loss_count, rt.process_group).item()
+                    rate = seen / (train_time + time.perf_counter() - t0)
+                    lr = job.scheduler.get_last_lr()[0]
+                    record = {"step": step, "epoch": step / spe, "train/loss": mean}
+                    report.log(record | {"train/lr": lr, "train/images_per_sec": rate})
+                    report.progress(step, {"loss": mean, "lr": lr, "img/s": rate})
+                    loss_sum, loss_count = loss_sum.zero_(), 0
+                decision = flags.poll()  # agreed by every rank (one step late on several)
+                if step == job.total_steps:
+                    break
+                every = cfg.train.ckpt_every_steps
+                if decision.stop or decision.checkpoint or (every and step % every == 0):
+                    save(job, step, run_totals(t0))
+                    saved = step
+                    flags.checkpoint_written()
+                if decision.stop:
+                    if rt.is_main:
+                        preempt.mark(job.run_dir, step, flags.reason())
+                    raise preempt.Preempted(step, flags.reason())
+            train_time += time.perf_counter() - t0
+            end, epochs_done = step == job.total_steps, step // spe
+            if end or (step % spe == 0 and epochs_done % cfg.train.eval_every == 0):
+                metrics = evaluate(job)
+                report.log({"step": step, "epoch": step / spe} | metrics)
+                job.model.train()
+            due = step % spe == 0 and epochs_done % cfg.train.ckpt_every == 0
+            if saved != step and (end or due):
+                save(job, step, run_totals(time.perf_counter()))
+                saved = step
+                flags.checkpoint_written()
+    finally:
+        flags.close()
+        report.close()
     if not metrics:  # resumed at (or past) the end: nothing was trained, still report
         metrics = evaluate(job)
-    run = {"train_s": run["train_s"] + train_time, "images": run["images"] + seen}
+    run = run_totals(time.perf_counter())
     summary = {k.removeprefix("test/"): v for k, v in metrics.items()} | {
         "epochs": step / spe,
         "steps": step,
@@ -261,5 +299,4 @@ def train(job: Job, state: dict | None = None) -> dict:
         "run_images_per_sec": run["images"] / run["train_s"] if run["train_s"] else 0.0,
     }
     report.summary(summary)
-    report.close()
     return summary

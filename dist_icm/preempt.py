@@ -1,0 +1,110 @@
+"""Stopping on a signal, and checkpoints on a clock: decided once, acted on by every rank.
+
+Slurm warns a job before its time ends (``#SBATCH --signal=USR1@<seconds>``) and sends SIGTERM
+on preemption; Ctrl-C is SIGINT. On any of them the trainer finishes the step it is in, writes a
+checkpoint of the step it stopped at (rank 0 writes it for all), records the stop in
+``<run dir>/preempted.json`` and exits with :data:`PREEMPTED_EXIT` (75, ``EX_TEMPFAIL``: "try
+again"), which ``launch/slurm.sbatch`` answers with a requeue; the requeued job resumes from that
+checkpoint (``resume=auto``). A second Ctrl-C stops at once, without a checkpoint.
+
+A signal may reach only some ranks, and at different moments; a checkpoint due by the clock
+(``train.ckpt_every_min``) is rank 0's reading of its clock. So after every optimizer step each
+rank starts an all-reduce (max) of its two flags, [signal received, checkpoint due], on a small
+gloo group, without waiting for it; the next step's poll reads the result. Every rank therefore
+acts on the same agreed flags at the same step, one step after they were raised, and the
+training step never waits for the flags (nor, on a GPU, for the device).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dist_icm import dist
+
+PREEMPTED_EXIT = 75
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+MARKER = "preempted.json"
+
+
+class Preempted(Exception):
+    """Raised by the trainer after the checkpoint of the step it stopped at is written."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"stopped at step {step} on {reason}")
+        self.step, self.reason = step, reason
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool = False
+    checkpoint: bool = False
+
+
+class StopFlags:
+    """The agreed [stop, checkpoint] flags of every rank, polled once per optimizer step."""
+
+    def __init__(self, group: dist.Group, *, is_main: bool, ckpt_every_min: float | None) -> None:
+        self.group, self.is_main, self.every_s = group, is_main, ckpt_every_min
+        self.received: str | None = None
+        self._interrupts = 0
+        self._last_ckpt = time.monotonic()
+        self._pending: tuple[object, torch.Tensor] | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:  # a second Ctrl-C: stop now
+                self.close()
+                raise KeyboardInterrupt
+        self.received = self.received or signal.Signals(signum).name
+
+    def checkpoint_written(self) -> None:
+        """Restart the clock of ``train.ckpt_every_min``."""
+        self._last_ckpt = time.monotonic()
+
+    def poll(self) -> Decision:
+        """The flags agreed over every rank as of the previous poll (this one's, alone)."""
+        due = self.every_s is not None and time.monotonic() - self._last_ckpt >= self.every_s * 60
+        mine = torch.tensor([self.received is not None, self.is_main and due], dtype=torch.int32)
+        if not dist.is_distributed(self.group):
+            return Decision(bool(mine[0]), bool(mine[1]))
+        agreed = Decision()
+        if self._pending is not None:
+            work, flags = self._pending
+            work.wait()
+            agreed = Decision(bool(flags[0]), bool(flags[1]))
+        self._pending = (dist.all_reduce_max_async(mine, self.group), mine)
+        return agreed
+
+    def reason(self) -> str:
+        return self.received or "a signal to another rank"
+
+    def close(self) -> None:
+        """Finish the pending reduction and put the previous signal handlers back."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def mark(run_dir: Path, step: int, reason: str) -> None:
+    """Record where and why the run stopped (rank 0, after the checkpoint is written)."""
+    (run_dir / MARKER).write_text(json.dumps({"step": step, "signal": reason}) + "\n")
+
+
+def unmark(run_dir: Path) -> None:
+    """A run that goes on is no longer stopped."""
+    (run_dir / MARKER).unlink(missing_ok=True)

@@ -1,0 +1,96 @@
+"""Stopping on a signal: the run checkpoints the step it stopped at, exits with code 75, and the
+resumed run ends exactly like an uninterrupted one (CPU: identical metrics and losses)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cli import CPU_CONFIG, REPO, losses, records, run_train, summary
+
+from dist_icm.checkpoint import list_checkpoints
+from dist_icm.preempt import PREEMPTED_EXIT
+
+ARGS = ["experiment=quickstart", "train.max_steps=200", "train.log_every=1", "train.progress=false",
+        "train.tensorboard=false", "runtime.threads=1"]  # fmt: skip
+
+
+def _launch(run_dir: Path, world: int, *extra: str) -> subprocess.Popen:
+    launcher = [sys.executable]
+    if world > 1:
+        launcher += ["-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
+        launcher += ["--num_processes", str(world)]
+    cmd = [*launcher, "-m", "dist_icm.train", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _interrupt(run_dir: Path, world: int, sig: signal.Signals, after: int = 25):
+    proc = _launch(run_dir, world)
+    deadline = time.monotonic() + 120
+    while _logged_steps(run_dir) < after:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the run did not get going"
+        time.sleep(0.02)
+    os.kill(proc.pid, sig)  # the launcher's pid under accelerate launch: it forwards the signal
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, err, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    runs = {}
+    for world in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"whole{world}")
+        run_train(run_dir, *ARGS, world=world)
+        runs[world] = run_dir
+    return runs
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(
+    "world, sig",
+    [(1, signal.SIGTERM), (1, signal.SIGUSR1), (1, signal.SIGINT), (2, signal.SIGTERM)],
+)
+def test_a_signal_checkpoints_the_step_and_the_resumed_run_is_exact(
+    tmp_path, uninterrupted, world, sig
+):
+    run = tmp_path / "run"
+    code, err, took = _interrupt(run, world, sig)
+    # one process exits with the documented code; accelerate's launcher reports its own failure
+    assert code == PREEMPTED_EXIT if world == 1 else code != 0, err[-2000:]
+    assert took < 30
+    marker = json.loads((run / "preempted.json").read_text())
+    stopped = marker["step"]
+    assert 25 <= stopped < 200 and marker["signal"] == sig.name
+    assert list_checkpoints(run / "checkpoints")[-1].name == f"ckpt-{stopped:09d}.pt"
+    assert max(losses(run)) == stopped  # nothing was trained past the checkpoint
+    assert f"stopped at step {stopped} on {sig.name}: checkpoint written" in err
+    run_train(run, *ARGS, "resume=auto", world=world)
+    assert not (run / "preempted.json").exists()
+    whole = uninterrupted[world]
+    assert losses(run) == losses(whole)
+    assert records(run)[-1] == records(whole)[-1]  # the final test metrics, exactly
+    assert summary(run)["resumed_at_step"] == stopped
+
+
+def test_checkpoints_every_few_steps_and_minutes(tmp_path):
+    run_train(tmp_path / "steps", *ARGS, "train.max_steps=20", "train.ckpt_every_steps=7",
+              "train.keep_ckpts=10")  # fmt: skip
+    names = [p.name for p in list_checkpoints(tmp_path / "steps" / "checkpoints")]
+    assert names == [f"ckpt-{s:09d}.pt" for s in (7, 14, 20)]
+    run_train(tmp_path / "clock", *ARGS, "train.max_steps=12", "train.ckpt_every_min=1e-6",
+              "train.keep_ckpts=20")  # fmt: skip
+    steps = [int(p.name[5:-3]) for p in list_checkpoints(tmp_path / "clock" / "checkpoints")]
+    assert steps == list(range(1, 13))  # due at every step: the clock is always past due

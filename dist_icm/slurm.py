@@ -1,0 +1,126 @@
+"""What one Slurm task runs: ``accelerate launch`` for its node, built from Slurm's variables.
+
+``launch/slurm.sbatch`` starts one task per node (``srun --ntasks-per-node=1``); each task runs
+``python -m dist_icm.slurm launch -- OVERRIDES...``, which reads *its own* ``SLURM_NODEID`` (so
+the machine rank is expanded per task, not once in the batch script) and replaces itself with::
+
+    python -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES
+        --machine_rank $SLURM_NODEID --main_process_ip <first node> --main_process_port <port>
+        --num_processes <nodes x processes per node> -m dist_icm.train run_dir=$RUN_DIR
+        resume=auto OVERRIDES...
+
+* processes per node: ``PROCS_PER_NODE`` if set, else the GPUs Slurm gave the node
+  (``SLURM_GPUS_ON_NODE``, else the count in ``SLURM_GPUS_PER_NODE`` such as ``gpu:a100:8``),
+  else 1 (a CPU process; several CPU processes need ``PROCS_PER_NODE``);
+* the rendezvous: ``MAIN_ADDR`` if set, else the first host of ``SLURM_JOB_NODELIST``; port
+  ``MAIN_PORT`` if set, else 20000 + job id mod 10000 (the same on every node of a job, and
+  different for jobs that share a node);
+* the run folder: ``RUN_DIR`` (the batch script sets it to ``$RUN_ROOT/$SLURM_JOB_ID``, so a
+  requeued job finds its own checkpoints) with ``resume=auto``.
+
+``python -m dist_icm.slurm print -- OVERRIDES...`` prints the command instead (``DRY_RUN=1``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+
+__all__ = ["expand_nodelist", "node_command", "main"]
+
+
+def _split_top(text: str) -> list[str]:
+    """Split at commas that are not inside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p for p in parts if p]
+
+
+def expand_nodelist(text: str) -> list[str]:
+    """Slurm's compact host list (``gpu[01-03,07],login1``) as host names, in order."""
+    hosts = []
+    for item in _split_top(text.strip()):
+        match = re.match(r"^(.*?)\[([^\]]+)\](.*)$", item)
+        if not match:
+            hosts.append(item)
+            continue
+        prefix, ranges, rest = match.groups()
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            width = len(lo)
+            for number in range(int(lo), int(hi or lo) + 1):
+                hosts += [
+                    prefix + str(number).zfill(width) + tail
+                    for tail in expand_nodelist(rest) or [""]
+                ]
+    return hosts
+
+
+def _procs_per_node(env: Mapping[str, str]) -> int:
+    for key in ("PROCS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        value = env.get(key, "").strip()
+        if value:
+            count = int(value.split(":")[-1].split("(")[0])  # "8", "gpu:8", "gpu:a100:8"
+            if count < 1:
+                raise ValueError(f"{key}={value!r}: need at least one process per node")
+            return count
+    return 1
+
+
+def node_command(env: Mapping[str, str], overrides: list[str]) -> list[str]:
+    """The command the task on node ``SLURM_NODEID`` runs (see the module docstring)."""
+    missing = [k for k in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_ID") if k not in env]
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if missing or not nodelist:
+        missing += [] if nodelist else ["SLURM_JOB_NODELIST"]
+        raise ValueError(f"not inside a Slurm task: {', '.join(missing)} unset")
+    nodes, node_id, job = (
+        int(env["SLURM_NNODES"]),
+        int(env["SLURM_NODEID"]),
+        int(env["SLURM_JOB_ID"]),
+    )
+    hosts = expand_nodelist(nodelist)
+    if len(hosts) != nodes or not 0 <= node_id < nodes:
+        raise ValueError(
+            f"SLURM_JOB_NODELIST={nodelist!r} does not hold {nodes} nodes with node {node_id}"
+        )
+    procs = _procs_per_node(env)
+    main_addr = env.get("MAIN_ADDR") or hosts[0]
+    port = int(env.get("MAIN_PORT") or 20000 + job % 10000)
+    run_dir = env.get("RUN_DIR") or f"outputs/slurm/{job}"
+    return [
+        env.get("PYTHON", sys.executable), "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_machines", str(nodes), "--machine_rank", str(node_id),
+        "--main_process_ip", main_addr, "--main_process_port", str(port),
+        "--num_processes", str(nodes * procs),
+        "-m", "dist_icm.train", f"run_dir={run_dir}", "resume=auto", *overrides,
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in ("launch", "print"):
+        raise SystemExit("usage: python -m dist_icm.slurm {launch|print} -- [overrides...]")
+    verb, overrides = args[0], [a for a in args[1:] if a != "--"]
+    try:
+        cmd = node_command(os.environ, overrides)
+    except ValueError as e:
+        raise SystemExit(f"dist_icm: error: {e}") from None
+    if verb == "print":
+        print(f"node {os.environ['SLURM_NODEID']}: {shlex.join(cmd)}", flush=True)
+        return
+    sys.stdout.flush()
+    os.execvp(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

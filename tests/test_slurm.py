@@ -1,0 +1,193 @@
+"""Across nodes: the batch script's per-node commands, two "nodes" on loopback without Slurm,
+and a real two-node Slurm cluster on this machine (training, preemption and requeue, a sweep)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import slurm_cluster
+from cli import REPO, losses, records, run_train
+
+from dist_icm.slurm import expand_nodelist, node_command
+
+SBATCH = REPO / "launch" / "slurm.sbatch"
+QUICK = ["experiment=quickstart", "train.log_every=1", "train.progress=false",
+         "train.tensorboard=false", "runtime.threads=1"]  # fmt: skip
+
+
+def _close(a: dict, b: dict, rel: float = 1e-5) -> bool:
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= rel * abs(b[k]) for k in b)
+
+
+def test_nodelists_expand_like_slurm():
+    assert expand_nodelist("gpu[01-02]") == ["gpu01", "gpu02"]
+    assert expand_nodelist("a[1-3,7],login1,b[09-10]-ib") == [
+        "a1", "a2", "a3", "a7", "login1", "b09-ib", "b10-ib"
+    ]  # fmt: skip
+    assert expand_nodelist("node7") == ["node7"]
+
+
+def test_dry_run_prints_each_node_s_command():
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_GPUS_ON_NODE": "8",
+           "PYTHON": sys.executable}  # fmt: skip
+    env.pop("RUN_DIR", None)
+    out = subprocess.run(["bash", str(SBATCH), "experiment=paper_cifar100", "data.root=/d c"],
+                         env=env, capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    common = ("-m accelerate.commands.launch --multi_gpu --num_machines 2 --machine_rank {r} "
+              "--main_process_ip gpu01 --main_process_port 24242 --num_processes 16 "
+              "-m dist_icm.train run_dir=outputs/slurm/4242 resume=auto "
+              "experiment=paper_cifar100 'data.root=/d c'")  # fmt: skip
+    assert lines == [f"node {r}: {sys.executable} " + common.format(r=r) for r in (0, 1)]
+
+
+def test_node_commands_take_slurm_s_gpu_counts_and_refuse_outside_a_task():
+    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_PER_NODE": "gpu:a100:4"}  # fmt: skip
+    cmd = node_command(env, [])
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
+    assert cmd[cmd.index("--main_process_port") + 1] == "20007"
+    with pytest.raises(ValueError, match="SLURM_NODEID"):
+        node_command({k: v for k, v in env.items() if k != "SLURM_NODEID"}, [])
+    with pytest.raises(ValueError, match="does not hold 2 nodes"):
+        node_command(env | {"SLURM_NNODES": "2"}, [])
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    run = tmp_path_factory.mktemp("one")
+    run_train(run, *QUICK, "train.max_steps=40", "train.ckpt_every_steps=1000")
+    return losses(run)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiproc
+def test_two_nodes_without_slurm_train_like_one_process(tmp_path, one_process):
+    # two launcher groups, as on two machines, meeting on 127.0.0.1
+    port, run = _free_port(), tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "--num_processes",
+                "2",
+                "-m",
+                "dist_icm.train",
+                *QUICK,
+                "train.max_steps=40",
+                f"run_dir={run}",
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    assert _close(losses(run), one_process)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+
+
+# --- a real Slurm: two nodes on this machine -------------------------------------------------
+
+WHY_NOT = slurm_cluster.available()
+needs_slurm = pytest.mark.skipif(
+    WHY_NOT is not None and not os.environ.get("DIST_ICM_REQUIRE_SLURM"),
+    reason=WHY_NOT or "",
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if WHY_NOT:  # CI sets DIST_ICM_REQUIRE_SLURM: there the cluster must run
+        raise RuntimeError(WHY_NOT)
+    with slurm_cluster.local_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+def _submit(env, tmp_path, *overrides, extra_env=None) -> str:
+    job_env = {**env, "MAIN_ADDR": "127.0.0.1", "RUN_ROOT": str(tmp_path / "runs"),
+               "PYTHON": sys.executable, **(extra_env or {})}  # fmt: skip
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/job-%j.out", str(SBATCH),
+         *QUICK, *overrides],
+        env=job_env, capture_output=True, text=True, cwd=REPO, check=True,
+    )  # fmt: skip
+    return out.stdout.strip().split(";")[0]
+
+
+@needs_slurm
+@pytest.mark.multiproc
+def test_slurm_two_nodes_train_like_one_process(tmp_path, cluster, one_process):
+    job = _submit(cluster, tmp_path, "train.max_steps=40")
+    assert slurm_cluster.wait_for(job, cluster) == "COMPLETED", (
+        tmp_path / f"job-{job}.out"
+    ).read_text()
+    run = tmp_path / "runs" / job
+    assert _close(losses(run), one_process)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+
+
+@needs_slurm
+@pytest.mark.multiproc
+def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(tmp_path, cluster):
+    cut = _submit(cluster, tmp_path, "train.max_steps=120")
+    metrics = tmp_path / "runs" / cut / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
+        assert time.monotonic() < deadline, "the second job did not get going"
+        time.sleep(0.1)
+    # what Slurm does before the time limit: USR1 to the batch script (--signal=B:USR1@...)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", cut], env=cluster, check=True)
+    whole = _submit(cluster, tmp_path, "train.max_steps=120")  # the same job, left alone
+    slurm_cluster.start_requeued_now(cut, cluster)
+    assert slurm_cluster.wait_for(cut, cluster) == "COMPLETED"
+    assert slurm_cluster.wait_for(whole, cluster) == "COMPLETED"
+    log = (tmp_path / f"job-{cut}.out").read_text()
+    stopped = int(log.split("dist_icm: stopped at step ")[1].split()[0])
+    assert 20 <= stopped < 120 and f"requeueing job {cut}" in log
+    assert f"resumed at step {stopped}" in log
+    assert slurm_cluster.job_fields(cut, cluster)["Restarts"] == "1"
+    a, b = tmp_path / "runs" / whole, tmp_path / "runs" / cut
+    assert losses(b) == losses(a) and records(b)[-1] == records(a)[-1]  # exactly
+
+
+@needs_slurm
+@pytest.mark.multiproc
+def test_a_sweep_through_hydra_s_submitit_launcher(tmp_path, cluster):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_icm.train", "-m", "hydra/launcher=submitit_slurm",
+         f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=debug",
+         "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+         *QUICK, "train.max_steps=5", "data.global_batch=32,64"],
+        env=cluster, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert [(s["global_batch"], s["steps"]) for s in done] == [(32, 5), (64, 5)]
+    assert list((sweep / ".submitit").glob("*_0"))  # it went through Slurm's job array

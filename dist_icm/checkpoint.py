@@ -12,6 +12,12 @@ tensors, plain python scalars/strings, dtypes/devices and dict/list/tuple/set co
 :func:`save` checks this up front (a numpy scalar from a metric would otherwise make a file that
 only fails at resume). :func:`rng_state` therefore stores the numpy RNG key as a list of ints.
 
+A checkpoint may have a companion folder ``ckpt-<step:09d>.zero/`` (:func:`engine_dir`): the
+DeepSpeed shards every rank wrote for that step. Writers fill ``.ckpt-<step>.zero.tmp/`` and
+rename it into place before the ``.pt`` file is written, so a listed checkpoint's companion is
+complete; pruning a checkpoint removes its companion, and a save clears companions (and
+temporary folders) that no checkpoint lists.
+
 No ``torch.distributed`` here: the caller decides which rank writes.
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -33,6 +40,7 @@ CKPT_GLOB = "ckpt-*.pt"
 FORMAT = 1
 _NAME = re.compile(r"ckpt-(\d+)\.pt")
 _TMP_GLOB = ".ckpt-*.tmp"
+_ENGINE_SUFFIX = ".zero"
 # What weights_only loading accepts; exact types, since e.g. np.float64 subclasses float.
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _CONTAINERS = (dict, OrderedDict, list, tuple, set, torch.Size)
@@ -45,6 +53,16 @@ class CheckpointError(RuntimeError):
 def checkpoint_path(folder: Path, step: int) -> Path:
     """Where the checkpoint of ``step`` lives in ``folder``."""
     return Path(folder) / f"ckpt-{step:09d}.pt"
+
+
+def engine_dir(folder: Path, step: int) -> Path:
+    """Where the DeepSpeed shards of the checkpoint of ``step`` live."""
+    return checkpoint_path(folder, step).with_suffix(_ENGINE_SUFFIX)
+
+
+def engine_tmp(folder: Path, step: int) -> Path:
+    """Where the shards of ``step`` are written before :func:`engine_dir` is renamed into place."""
+    return Path(folder) / f".{engine_dir(folder, step).name}.tmp"
 
 
 def _check_plain(obj: Any, where: str = "state") -> None:
@@ -107,7 +125,14 @@ def save(folder: str | Path, step: int, state: dict, keep: int = 3) -> Path:
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     for stale in folder.glob(_TMP_GLOB):
-        stale.unlink(missing_ok=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    listed = {p.with_suffix(_ENGINE_SUFFIX) for p in list_checkpoints(folder)}
+    for companion in folder.glob(f"ckpt-*{_ENGINE_SUFFIX}"):
+        if companion not in listed:
+            shutil.rmtree(companion, ignore_errors=True)
     return final
 
 

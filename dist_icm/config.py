@@ -99,12 +99,14 @@ class RuntimeConfig:
     compile: bool = False
     channels_last: bool = False
     threads: int | None = None  # torch intra-op threads per process
+    zero_stage: int = 0  # 0: DDP; 1, 2, 3: DeepSpeed ZeRO through Accelerate (runtime.py)
 
     def __post_init__(self) -> None:
         _one_of("runtime.device", self.device, DEVICES)
         _one_of("runtime.precision", self.precision, PRECISIONS)
         if self.grad_accum < 1:
             raise ConfigError(f"runtime.grad_accum must be >= 1, got {self.grad_accum}")
+        _one_of("runtime.zero_stage", self.zero_stage, (0, 1, 2, 3))
 
 
 @dataclass

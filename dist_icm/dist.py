@@ -251,6 +251,14 @@ def all_reduce_max_async(x: torch.Tensor, group: Group):
     return dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group, async_op=True)
 
 
+def shutdown() -> None:
+    """Destroy the default process group, if any, before the interpreter exits (without it,
+    a process now and then aborts at exit with "terminate called without an active
+    exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(group: Group = None) -> None:
     """Wait for every process of ``group`` (or the world group) when distributed."""
     group = group if group is not None else default_group()

@@ -30,6 +30,7 @@ GUARDED = (
     "data.global_batch",
     "data.augment",
     "runtime.grad_accum",
+    "runtime.zero_stage",  # DeepSpeed's sharded optimizer state is not DDP's, nor another stage's
     "train.seed",
     "model",
     "loss",

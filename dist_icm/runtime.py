@@ -1,24 +1,66 @@
-"""The one module that talks to Accelerate: devices, processes, mixed precision, wrapping.
+"""The one module that talks to Accelerate and DeepSpeed: devices, processes, precision, wrapping.
 
 ``accelerate launch`` (or torchrun) starts the processes; :class:`Runtime` turns the run's
 ``runtime`` config into an ``Accelerator`` and hands the rest of the trainer plain facts (rank,
 world size, device, the process group for the loss) and a few verbs (prepare, backward, no_sync,
-unwrap). On CPU, several processes need ``accelerate launch --multi_gpu --num_processes N``:
-Accelerate's ``--cpu`` flag always starts a single process; the program then runs on the CPU
-with gloo because ``runtime.device`` is cpu or no GPU is visible.
+unwrap, full_state_dict, save_engine/load_engine). On CPU, several processes need
+``accelerate launch --multi_gpu --num_processes N``: Accelerate's ``--cpu`` flag always starts a
+single process; the program then runs on the CPU with gloo because ``runtime.device`` is cpu or
+no GPU is visible.
+
+``runtime.zero_stage=1|2|3`` (``runtime=deepspeed_zero1`` ...) trains through DeepSpeed's ZeRO
+(Accelerate's ``DeepSpeedPlugin``), under the same launch command. What it takes to be right:
+
+* without a GPU, Accelerate leaves the backend unset (and then reports one process on every
+  rank); it is set to gloo here. ``Accelerator(cpu=True)`` would silently turn DeepSpeed off,
+  so the CPU is reached with ``device=auto`` on a machine without a visible GPU;
+* DeepSpeed clips gradients at 1.0 unless told, and Accelerate drops a plugin argument of 0.0:
+  ``gradient_clipping`` is written into the DeepSpeed config as 0.0 (no clipping, as with DDP);
+* the micro-batch and accumulation come from the trainer's batch plan (the FFCV loader is not a
+  torch DataLoader that Accelerate could read "auto" values from);
+* accumulation: DeepSpeed divides the loss by its accumulation steps itself and steps at the
+  boundary the trainer marks, so :meth:`backward` drives the engine directly;
+* Accelerate's plugin keeps a reference for ``transformers`` (so its ``from_pretrained`` can see
+  ZeRO-3); dist_icm builds its own models, so without transformers installed that reference is
+  skipped instead of requiring the package.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import warnings
+from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from dist_icm import dist
 from dist_icm.config import ConfigError, ModelConfig, RuntimeConfig
-from dist_icm.norm import convert_ghost_bn
+
+
+def _deepspeed_plugin(stage: int):
+    """Accelerate's DeepSpeedPlugin for ZeRO ``stage`` (batch sizes are set in ``prepare``)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"runtime.zero_stage={stage} needs deepspeed: pip install -e '.[deepspeed]'"
+        )
+    from accelerate import DeepSpeedPlugin
+
+    class Plugin(DeepSpeedPlugin):
+        def set_deepspeed_weakref(self):  # only transformers reads it (see the module docstring)
+            if importlib.util.find_spec("transformers") is not None:
+                super().set_deepspeed_weakref()
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "steps_per_print": 2**31 - 1,
+    }
+    return Plugin(hf_ds_config=config, zero3_init_flag=False)
 
 
 class Runtime:
@@ -29,15 +71,35 @@ class Runtime:
         cpu = cfg.device == "cpu" or not has_cuda
         if cfg.precision == "fp16" and cpu:
             raise ConfigError("runtime.precision=fp16 needs a GPU: use bf16 on the CPU")
+        if cfg.zero_stage and cfg.device == "cpu":
+            raise ConfigError(
+                "runtime.zero_stage needs runtime.device=auto (Accelerate's CPU mode turns "
+                "DeepSpeed off; without a visible GPU, auto runs on the CPU)"
+            )
+        if cfg.zero_stage and "LOCAL_RANK" not in os.environ:
+            raise ConfigError(
+                "runtime.zero_stage needs the processes started by a launcher: "
+                "accelerate launch --multi_gpu --num_processes N -m dist_icm.train ..."
+            )
+        if cfg.zero_stage and cfg.compile:
+            raise ConfigError("runtime.compile is not supported with runtime.zero_stage")
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.cfg = cfg
+        self.cfg, self.engine = cfg, None
         # Each rank keeps its own BatchNorm running statistics (DDP would otherwise overwrite
         # them with rank 0's at every forward); the trainer averages them over ranks before
         # every evaluation and save (dist.average_buffers).
-        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+        plugin = None
+        if cfg.zero_stage:
+            plugin = _deepspeed_plugin(cfg.zero_stage)
+            if not has_cuda:
+                handlers.append(InitProcessGroupKwargs(backend="gloo"))
         self.accelerator = Accelerator(
-            cpu=cpu, mixed_precision=cfg.precision, kwargs_handlers=[ddp]
+            cpu=cpu and not cfg.zero_stage,
+            mixed_precision=cfg.precision,
+            deepspeed_plugin=plugin,
+            kwargs_handlers=handlers,
         )
 
     @property
@@ -68,38 +130,93 @@ class Runtime:
                 "model.sync_bn=true needs GPUs: torch's SyncBatchNorm has no CPU kernel"
             )
 
-    def prepare(self, model: torch.nn.Module, optimizer, model_cfg: ModelConfig):
-        """Move and wrap model and optimizer (ghost or SyncBatchNorm, channels_last, DDP,
-        compile)."""
-        if model_cfg.bn_group is not None:
-            model = convert_ghost_bn(model, model_cfg.bn_group)
+    def prepare(self, model: torch.nn.Module, optimizer, model_cfg: ModelConfig, plan):
+        """Move and wrap model and optimizer (SyncBatchNorm, channels_last, DDP or a DeepSpeed
+        engine sized by the batch ``plan``, compile)."""
         if model_cfg.sync_bn and self.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.cfg.zero_stage:
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = plan.per_device
+            ds["gradient_accumulation_steps"] = plan.grad_accum
+            ds["train_batch_size"] = plan.global_batch
         with warnings.catch_warnings():  # torch >= 2.14 renames it forward_sync_buffers, which
             # Accelerate's DDP kwargs cannot pass yet; broadcast_buffers=False is still honoured
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
             model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.cfg.zero_stage:
+            self.engine = model
         if self.cfg.compile:
             model = torch.compile(model)
         return model, optimizer
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs on the device (channels_last if asked); under DeepSpeed's bf16/fp16, whose
+        engine holds the model in that dtype, in that dtype too."""
         x = x.to(self.device, non_blocking=True)
+        if self.engine is not None and self.cfg.precision != "no" and x.is_floating_point():
+            x = x.to(torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16)
         if self.cfg.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+    def backward(self, loss: torch.Tensor, *, last: bool, accum: int) -> None:
+        """Back-propagate one micro-step's loss; ``last`` marks the accumulation boundary.
+
+        DDP: the loss is divided by ``accum`` here. DeepSpeed divides it by its own
+        accumulation steps and steps its optimizer at the boundary (the trainer's
+        ``optimizer.step()`` is then a no-op).
+        """
+        if self.engine is None:
+            self.accelerator.backward(loss / accum)
+            return
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
+        if last:
+            self.engine.step()
 
     def no_sync(self, model, skip: bool):
         """Skip DDP's gradient all-reduce (accumulation micro-steps) when ``skip``."""
-        return self.accelerator.no_sync(model) if skip else contextlib.nullcontext()
+        if skip and self.engine is None:
+            return self.accelerator.no_sync(model)
+        return contextlib.nullcontext()
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
+
+    @property
+    def sharded_params(self) -> bool:
+        """True under ZeRO-3: each rank holds only a shard of the parameters."""
+        return self.cfg.zero_stage == 3
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict:
+        """The whole model's state dict on every rank (gathered from the ranks' shards under
+        ZeRO-3, a collective every rank calls): CPU tensors, loadable into a model built with
+        ``build_model``."""
+        module = self.unwrap(model)
+        gathered = contextlib.nullcontext()
+        if self.sharded_params:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(module.parameters()))
+        with gathered:
+            state = module.state_dict()
+        # float32 like the model a one-process run trains (DeepSpeed's bf16/fp16 engine holds
+        # the module in that dtype), so it loads into build_model's model as it is
+        return {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu().clone()
+                for k, v in state.items()}  # fmt: skip
+
+    def save_engine(self, folder: Path) -> None:
+        """Every rank writes its DeepSpeed shards (model, optimizer) into ``folder``."""
+        self.engine.save_checkpoint(str(folder), tag="state")
+
+    def load_engine(self, folder: Path) -> None:
+        """Every rank reads its DeepSpeed shards back from ``folder``."""
+        path, _ = self.engine.load_checkpoint(str(folder), tag="state")
+        if path is None:
+            raise ConfigError(f"no DeepSpeed state in {folder}")
 
     def scaler_state(self) -> dict | None:
         scaler = self.accelerator.scaler

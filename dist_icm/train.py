@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from dist_icm import dist
 from dist_icm.checkpoint import CheckpointError
 from dist_icm.config import Config, ConfigError, register_schema, to_config
 from dist_icm.data.datasets import DataError
@@ -33,11 +34,11 @@ def run(cfg: Config) -> dict:
     exits with code 75 (``PREEMPTED_EXIT``) after checkpointing the step it stopped at."""
     try:
         job = setup(cfg)
-        state = find_checkpoint(job)
+        found = find_checkpoint(job)
     except START_ERRORS as e:
         _fail(e)
     try:
-        return train(job, state)
+        return train(job, found)
     except Preempted as stop:
         if job.rt.is_main:
             print(
@@ -89,6 +90,8 @@ def main() -> None:
         if e.code == 1 and not _STARTED:
             sys.exit(2)
         raise
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ saved. Start-up problems raise :class:`~dist_icm.config.ConfigError`,
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from dist_icm.data.pipeline import build_data
 from dist_icm.metrics import evaluate_sums, finalize
 from dist_icm.mixing import MixContext
 from dist_icm.models import build_model
-from dist_icm.norm import count_batch_norms
+from dist_icm.norm import convert_ghost_bn, count_batch_norms
 from dist_icm.objectives import Objective
 from dist_icm.optim import build_optimizer
 from dist_icm.report import Report
@@ -52,6 +55,7 @@ class Job:
     steps_per_epoch: int
     total_steps: int
     run_dir: Path
+    fresh_model: Callable[[], torch.nn.Module]  # the architecture, new (ZeRO evaluation)
     control: dist.Group = None  # a gloo group for the stop flags (dist_icm.preempt)
     notes: list[str] = field(default_factory=list)  # start-up lines for the run's report
 
@@ -83,14 +87,20 @@ def setup(cfg: Config) -> Job:
     spe = data.sampler.batches_per_epoch // plan.grad_accum  # optimizer steps per epoch
     if spe < 1:
         raise ConfigError(f"data.global_batch={plan.global_batch} leaves no full step per epoch")
+
+    def fresh_model() -> torch.nn.Module:
+        model = build_model(cfg.model.name, data.spec.num_classes, data.spec.in_channels)
+        bn_group = cfg.model.bn_group
+        return model if bn_group is None else convert_ghost_bn(model, bn_group)
+
     streams.seed_torch("init", cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model.name, data.spec.num_classes, data.spec.in_channels)
+    model = fresh_model()
     notes = []
     if cfg.model.bn_group is not None and not count_batch_norms(model):
         notes.append(f"model.bn_group={cfg.model.bn_group}: {cfg.model.name} has no BatchNorm")
     optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(spe, cfg.schedule))
-    model, optimizer = rt.prepare(model, optimizer, cfg.model)
+    model, optimizer = rt.prepare(model, optimizer, cfg.model, plan)
     objective = Objective(
         cfg.loss, class_counts=data.class_counts, process_group=group, validate=False
     )
@@ -99,10 +109,10 @@ def setup(cfg: Config) -> Job:
         total = min(total, cfg.train.max_steps)
     run_dir = Path(dist.broadcast_object(cfg.run_dir or "outputs/run", group))
     parts = (cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir)
-    return Job(*parts, control=dist.control_group(), notes=notes)
+    return Job(*parts, fresh_model, control=dist.control_group(), notes=notes)
 
 
-def find_checkpoint(job: Job) -> dict | None:
+def find_checkpoint(job: Job) -> resume.Resumed | None:
     """The state every rank resumes from (chosen by rank 0; see :mod:`dist_icm.resume`), after
     checking that it was made with this run's config; None to start from scratch."""
     cfg = job.cfg
@@ -114,18 +124,25 @@ def find_checkpoint(job: Job) -> dict | None:
     saved = found.state.get("config")
     note = resume.check_config(saved, asdict(cfg), force=cfg.resume_force, step=found.step)
     job.notes += [note] if note else []
-    return found.state
+    return found
 
 
-def restore(job: Job, state: dict) -> int:
+def restore(job: Job, found: resume.Resumed) -> int:
     """Load model, optimizer, schedule and scaler states; returns the step to go on from.
+
+    Under DeepSpeed every rank loads its shards (model and optimizer) from the checkpoint's
+    companion folder; otherwise the model and optimizer come from the checkpoint file.
 
     The sampler position follows from the step (epoch and batch within it), and every random
     draw of the trainer is keyed by the step (:mod:`dist_icm.streams`); the global RNG states
     (rank 0's) are restored for code that draws from them anyway.
     """
-    job.rt.unwrap(job.model).load_state_dict(state["model"])
-    job.optimizer.load_state_dict(state["optimizer"])
+    state = found.state
+    if job.rt.engine is not None:
+        job.rt.load_engine(checkpoint.engine_dir(found.path.parent, found.step))
+    else:
+        job.rt.unwrap(job.model).load_state_dict(state["model"])
+        job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     job.rt.load_scaler_state(state.get("scaler"))
     checkpoint.set_rng_state(state["rng"])
@@ -133,29 +150,51 @@ def restore(job: Job, state: dict) -> int:
 
 
 def save(job: Job, step: int, run: dict) -> None:
-    """Rank 0 writes an atomic checkpoint of the (rank-averaged) model; every rank waits."""
-    dist.average_buffers(job.rt.unwrap(job.model), job.rt.process_group)
-    if job.rt.is_main:
+    """An atomic checkpoint of the (rank-averaged) model, written by rank 0; under DeepSpeed
+    every rank first writes its shards into the checkpoint's companion folder. Every rank
+    waits for it."""
+    rt, group, folder = job.rt, job.rt.process_group, job.ckpt_dir
+    dist.average_buffers(rt.unwrap(job.model), group)
+    if rt.engine is not None:
+        model = rt.full_state_dict(job.model)  # gathered on every rank under ZeRO-3
+        tmp = checkpoint.engine_tmp(folder, step)
+        if rt.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier(group)
+        rt.save_engine(tmp)
+        dist.barrier(group)
+        if rt.is_main:
+            os.replace(tmp, checkpoint.engine_dir(folder, step))
+    else:
+        model = rt.unwrap(job.model).state_dict()
+    if rt.is_main:
         state = {
-            "model": job.rt.unwrap(job.model).state_dict(),
-            "optimizer": job.optimizer.state_dict(),
+            "model": model,  # always the whole model: `torch.load(...)["state"]["model"]`
+            "optimizer": None if rt.engine is not None else job.optimizer.state_dict(),
             "scheduler": job.scheduler.state_dict(),
-            "scaler": job.rt.scaler_state(),
+            "scaler": rt.scaler_state(),
             "rng": checkpoint.rng_state(),
             "step": step,
             "config": asdict(job.cfg),
             "run": dict(run),  # training time and images over all sessions so far
         }
-        checkpoint.save(job.ckpt_dir, step, state, keep=job.cfg.train.keep_ckpts)
-    dist.barrier(job.rt.process_group)
+        checkpoint.save(folder, step, state, keep=job.cfg.train.keep_ckpts)
+    dist.barrier(group)
 
 
 def evaluate(job: Job) -> dict:
     """Metrics of the whole test set: each rank's shard, scored by one (rank-averaged) model,
-    sums added over ranks."""
+    sums added over ranks. Under DeepSpeed the model scored is a plain copy of the whole model
+    (float32, every parameter on every rank), as a checkpoint stores it."""
     rt = job.rt
     model = rt.unwrap(job.model)
     dist.average_buffers(model, rt.process_group)
+    if rt.engine is not None:
+        state = rt.full_state_dict(job.model)
+        model = job.fresh_model()
+        model.load_state_dict(state)
+        model.to(rt.device)
     sums = evaluate_sums(model, job.data.test_loader, rt.device)
     sums = dist.all_reduce_sum(sums.to(rt.device), rt.process_group).cpu()
     return {f"test/{k}": v for k, v in finalize(sums).items() if k != "count"}
@@ -174,7 +213,7 @@ def train_step(job: Job, batches, step: int) -> torch.Tensor:
         ctx = MixContext(cfg.train.seed, step * accum + m, group_size, first_group)
         with rt.no_sync(job.model, skip=m < accum - 1):
             loss, _ = job.objective(job.model, x, y, ctx)
-            rt.backward(loss / accum)
+            rt.backward(loss, last=m == accum - 1, accum=accum)
         total += loss.detach() / accum
     job.optimizer.step()
     job.scheduler.step()
@@ -209,8 +248,8 @@ def _open_report(job: Job, step: int, resumed: bool) -> Report:
     return report
 
 
-def train(job: Job, state: dict | None = None) -> dict:
-    """Train from ``state`` (a checkpoint) or from scratch to ``total_steps``, evaluating and
+def train(job: Job, found: resume.Resumed | None = None) -> dict:
+    """Train from ``found`` (a checkpoint) or from scratch to ``total_steps``, evaluating and
     checkpointing on the way; returns the summary (on every rank).
 
     Raises :class:`~dist_icm.preempt.Preempted` after checkpointing the step it stopped at
@@ -218,7 +257,8 @@ def train(job: Job, state: dict | None = None) -> dict:
     """
     t_start = time.perf_counter()
     cfg, rt, data, spe = job.cfg, job.rt, job.data, job.steps_per_epoch
-    start = step = restore(job, state) if state is not None else 0
+    state = found.state if found is not None else None
+    start = step = restore(job, found) if found is not None else 0
     before = dict(state.get("run", {})) if state is not None else {}
     report = _open_report(job, step, resumed=state is not None)
     flags = preempt.StopFlags(

@@ -1,4 +1,9 @@
-"""Resuming a run: one checkpoint for all ranks, chosen once, made with the same config.
+"""A run's checkpoints: what they hold, and the one every rank resumes from.
+
+* **What a checkpoint holds** (:func:`save`, :func:`restore`): the whole model as a plain state
+  dict (BatchNorm statistics averaged over ranks first), the optimizer (under DeepSpeed: every
+  rank's shards, in the checkpoint's companion folder), the schedule, the config, and the run's
+  training time and images so far; the data position follows from the step.
 
 * **One truth.** Rank 0 alone chooses the checkpoint (``resume=auto``: the newest that loads in
   the run folder; else the path given) and shares its path; every rank loads that file, and
@@ -15,12 +20,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dist_icm import checkpoint, dist
 from dist_icm.checkpoint import CheckpointError
 from dist_icm.config import ConfigError
+
+if TYPE_CHECKING:
+    from dist_icm.trainer import Job
 
 # Config keys (or whole sections) that must match between a checkpoint and the resumed run.
 GUARDED = (
@@ -142,3 +153,74 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def find_checkpoint(job: Job) -> Resumed | None:
+    """The state every rank resumes from (chosen by rank 0; see :mod:`dist_icm.resume`), after
+    checking that it was made with this run's config; None to start from scratch."""
+    cfg = job.cfg
+    found = choose(job.ckpt_dir, cfg.resume, job.rt.process_group)
+    if found is None:
+        if cfg.resume == "auto":
+            job.notes.append(f"resume=auto: no checkpoint in {job.ckpt_dir}; starting at step 0")
+        return None
+    saved = found.state.get("config")
+    note = check_config(saved, asdict(cfg), force=cfg.resume_force, step=found.step)
+    job.notes += [note] if note else []
+    return found
+
+
+def restore(job: Job, found: Resumed) -> int:
+    """Load model, optimizer, schedule and scaler states; returns the step to go on from.
+
+    Under DeepSpeed every rank loads its shards (model and optimizer) from the checkpoint's
+    companion folder; otherwise the model and optimizer come from the checkpoint file.
+
+    The sampler position follows from the step (epoch and batch within it), and every random
+    draw of the trainer is keyed by the step (:mod:`dist_icm.streams`); the global RNG states
+    (rank 0's) are restored for code that draws from them anyway.
+    """
+    state = found.state
+    if job.rt.engine is not None:
+        job.rt.load_engine(checkpoint.engine_dir(found.path.parent, found.step))
+    else:
+        job.rt.unwrap(job.model).load_state_dict(state["model"])
+        job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    job.rt.load_scaler_state(state.get("scaler"))
+    checkpoint.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def save(job: Job, step: int, run: dict) -> None:
+    """An atomic checkpoint of the (rank-averaged) model, written by rank 0; under DeepSpeed
+    every rank first writes its shards into the checkpoint's companion folder. Every rank
+    waits for it."""
+    rt, group, folder = job.rt, job.rt.process_group, job.ckpt_dir
+    dist.average_buffers(rt.unwrap(job.model), group)
+    if rt.engine is not None:
+        model = rt.full_state_dict(job.model)  # gathered on every rank under ZeRO-3
+        tmp = checkpoint.engine_tmp(folder, step)
+        if rt.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier(group)
+        rt.save_engine(tmp)
+        dist.barrier(group)
+        if rt.is_main:
+            os.replace(tmp, checkpoint.engine_dir(folder, step))
+    else:
+        model = rt.unwrap(job.model).state_dict()
+    if rt.is_main:
+        state = {
+            "model": model,  # always the whole model: `torch.load(...)["state"]["model"]`
+            "optimizer": None if rt.engine is not None else job.optimizer.state_dict(),
+            "scheduler": job.scheduler.state_dict(),
+            "scaler": rt.scaler_state(),
+            "rng": checkpoint.rng_state(),
+            "step": step,
+            "config": asdict(job.cfg),
+            "run": dict(run),  # training time and images over all sessions so far
+        }
+        checkpoint.save(folder, step, state, keep=job.cfg.train.keep_ckpts)
+    dist.barrier(group)

@@ -23,7 +23,8 @@ from dist_icm.checkpoint import CheckpointError
 from dist_icm.config import Config, ConfigError, register_schema, to_config
 from dist_icm.data.datasets import DataError
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted
-from dist_icm.trainer import find_checkpoint, setup, train
+from dist_icm.resume import find_checkpoint
+from dist_icm.trainer import setup, train
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 START_ERRORS = (ConfigError, DataError, CheckpointError, ValueError)

@@ -8,24 +8,23 @@ back from the device and adds no collective to the loss's own: logged losses are
 device and read (a mean over ranks) only every ``train.log_every`` steps.
 
 What ranks must agree on is decided once: the data set is fetched by rank 0 first, the
-checkpoint is chosen by rank 0 (:mod:`dist_icm.resume`), and BatchNorm statistics are averaged
-over ranks before every evaluation and save, so the metrics reported are those of the model
-saved. Start-up problems raise :class:`~dist_icm.config.ConfigError`,
-:class:`~dist_icm.data.datasets.DataError` or ``CheckpointError`` before any training happens.
+checkpoint is chosen by rank 0 (checkpoints are written and restored by
+:mod:`dist_icm.resume`), and BatchNorm statistics are averaged over ranks before every
+evaluation and save, so the metrics reported are those of the model saved. Start-up problems
+raise :class:`~dist_icm.config.ConfigError`, :class:`~dist_icm.data.datasets.DataError` or
+``CheckpointError`` before any training happens.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dist_icm import checkpoint, dist, preempt, resume, streams
+from dist_icm import dist, preempt, resume, streams
 from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
 from dist_icm.data.bundle import DataBundle
 from dist_icm.data.pipeline import build_data
@@ -112,77 +111,6 @@ def setup(cfg: Config) -> Job:
     return Job(*parts, fresh_model, control=dist.control_group(), notes=notes)
 
 
-def find_checkpoint(job: Job) -> resume.Resumed | None:
-    """The state every rank resumes from (chosen by rank 0; see :mod:`dist_icm.resume`), after
-    checking that it was made with this run's config; None to start from scratch."""
-    cfg = job.cfg
-    found = resume.choose(job.ckpt_dir, cfg.resume, job.rt.process_group)
-    if found is None:
-        if cfg.resume == "auto":
-            job.notes.append(f"resume=auto: no checkpoint in {job.ckpt_dir}; starting at step 0")
-        return None
-    saved = found.state.get("config")
-    note = resume.check_config(saved, asdict(cfg), force=cfg.resume_force, step=found.step)
-    job.notes += [note] if note else []
-    return found
-
-
-def restore(job: Job, found: resume.Resumed) -> int:
-    """Load model, optimizer, schedule and scaler states; returns the step to go on from.
-
-    Under DeepSpeed every rank loads its shards (model and optimizer) from the checkpoint's
-    companion folder; otherwise the model and optimizer come from the checkpoint file.
-
-    The sampler position follows from the step (epoch and batch within it), and every random
-    draw of the trainer is keyed by the step (:mod:`dist_icm.streams`); the global RNG states
-    (rank 0's) are restored for code that draws from them anyway.
-    """
-    state = found.state
-    if job.rt.engine is not None:
-        job.rt.load_engine(checkpoint.engine_dir(found.path.parent, found.step))
-    else:
-        job.rt.unwrap(job.model).load_state_dict(state["model"])
-        job.optimizer.load_state_dict(state["optimizer"])
-    job.scheduler.load_state_dict(state["scheduler"])
-    job.rt.load_scaler_state(state.get("scaler"))
-    checkpoint.set_rng_state(state["rng"])
-    return state["step"]
-
-
-def save(job: Job, step: int, run: dict) -> None:
-    """An atomic checkpoint of the (rank-averaged) model, written by rank 0; under DeepSpeed
-    every rank first writes its shards into the checkpoint's companion folder. Every rank
-    waits for it."""
-    rt, group, folder = job.rt, job.rt.process_group, job.ckpt_dir
-    dist.average_buffers(rt.unwrap(job.model), group)
-    if rt.engine is not None:
-        model = rt.full_state_dict(job.model)  # gathered on every rank under ZeRO-3
-        tmp = checkpoint.engine_tmp(folder, step)
-        if rt.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier(group)
-        rt.save_engine(tmp)
-        dist.barrier(group)
-        if rt.is_main:
-            os.replace(tmp, checkpoint.engine_dir(folder, step))
-    else:
-        model = rt.unwrap(job.model).state_dict()
-    if rt.is_main:
-        state = {
-            "model": model,  # always the whole model: `torch.load(...)["state"]["model"]`
-            "optimizer": None if rt.engine is not None else job.optimizer.state_dict(),
-            "scheduler": job.scheduler.state_dict(),
-            "scaler": rt.scaler_state(),
-            "rng": checkpoint.rng_state(),
-            "step": step,
-            "config": asdict(job.cfg),
-            "run": dict(run),  # training time and images over all sessions so far
-        }
-        checkpoint.save(folder, step, state, keep=job.cfg.train.keep_ckpts)
-    dist.barrier(group)
-
-
 def evaluate(job: Job) -> dict:
     """Metrics of the whole test set: each rank's shard, scored by one (rank-averaged) model,
     sums added over ranks. Under DeepSpeed the model scored is a plain copy of the whole model
@@ -258,7 +186,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
     t_start = time.perf_counter()
     cfg, rt, data, spe = job.cfg, job.rt, job.data, job.steps_per_epoch
     state = found.state if found is not None else None
-    start = step = restore(job, found) if found is not None else 0
+    start = step = resume.restore(job, found) if found is not None else 0
     before = dict(state.get("run", {})) if state is not None else {}
     report = _open_report(job, step, resumed=state is not None)
     flags = preempt.StopFlags(
@@ -267,8 +195,8 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
     seen, train_time, metrics, saved = 0, 0.0, {}, step
     loss_sum, loss_count = torch.zeros((), device=rt.device), 0
 
-    def run_totals(t0: float) -> dict:  # the whole run's training time and images so far
-        now = train_time + time.perf_counter() - t0
+    def run_totals(in_epoch_s: float = 0.0) -> dict:  # the whole run's time and images so far
+        now = train_time + in_epoch_s
         return {
             "train_s": before.get("train_s", 0.0) + now,
             "images": before.get("images", 0) + seen,
@@ -300,7 +228,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                     break
                 every = cfg.train.ckpt_every_steps
                 if decision.stop or decision.checkpoint or (every and step % every == 0):
-                    save(job, step, run_totals(t0))
+                    resume.save(job, step, run_totals(time.perf_counter() - t0))
                     saved = step
                     flags.checkpoint_written()
                 if decision.stop:
@@ -315,7 +243,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                 job.model.train()
             due = step % spe == 0 and epochs_done % cfg.train.ckpt_every == 0
             if saved != step and (end or due):
-                save(job, step, run_totals(time.perf_counter()))
+                resume.save(job, step, run_totals())
                 saved = step
                 flags.checkpoint_written()
     finally:
@@ -323,7 +251,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
         report.close()
     if not metrics:  # resumed at (or past) the end: nothing was trained, still report
         metrics = evaluate(job)
-    run = run_totals(time.perf_counter())
+    run = run_totals()
     summary = {k.removeprefix("test/"): v for k, v in metrics.items()} | {
         "epochs": step / spe,
         "steps": step,

@@ -36,6 +36,7 @@ class OptimConfig:
     no_decay_norm_bias: bool = False  # exclude 1-D params (norm weights, biases) from decay
     lr_scaling: str = "none"  # "none" | "linear" | "sqrt"
     reference_batch: int = 256
+    grad_clip: float | None = None  # clip the global gradient norm to this (None: no clipping)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -56,6 +57,8 @@ class OptimConfig:
             )
         if self.reference_batch < 1:
             raise ValueError(f"optim.reference_batch must be >= 1, got {self.reference_batch}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"optim.grad_clip must be > 0 (or null), got {self.grad_clip}")
 
 
 def param_groups(params_or_model: ParamsOrModel, no_decay_norm_bias: bool) -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ no GPU is visible.
   rank); it is set to gloo here. ``Accelerator(cpu=True)`` would silently turn DeepSpeed off,
   so the CPU is reached with ``device=auto`` on a machine without a visible GPU;
 * DeepSpeed clips gradients at 1.0 unless told, and Accelerate drops a plugin argument of 0.0:
-  ``gradient_clipping`` is written into the DeepSpeed config as 0.0 (no clipping, as with DDP);
+  ``gradient_clipping`` is written into the DeepSpeed config from ``optim.grad_clip`` (0.0, no
+  clipping, unless it is set; DDP clips the same norm through Accelerate);
 * the micro-batch and accumulation come from the trainer's batch plan (the FFCV loader is not a
   torch DataLoader that Accelerate could read "auto" values from);
 * accumulation: DeepSpeed divides the loss by its accumulation steps itself and steps at the
@@ -130,9 +131,10 @@ class Runtime:
                 "model.sync_bn=true needs GPUs: torch's SyncBatchNorm has no CPU kernel"
             )
 
-    def prepare(self, model: torch.nn.Module, optimizer, model_cfg: ModelConfig, plan):
+    def prepare(self, model: torch.nn.Module, optimizer, model_cfg: ModelConfig, plan, *,
+                grad_clip: float | None = None):  # fmt: skip
         """Move and wrap model and optimizer (SyncBatchNorm, channels_last, DDP or a DeepSpeed
-        engine sized by the batch ``plan``, compile)."""
+        engine sized by the batch ``plan`` and clipping at ``grad_clip``, compile)."""
         if model_cfg.sync_bn and self.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.cfg.channels_last:
@@ -142,6 +144,7 @@ class Runtime:
             ds["train_micro_batch_size_per_gpu"] = plan.per_device
             ds["gradient_accumulation_steps"] = plan.grad_accum
             ds["train_batch_size"] = plan.global_batch
+            ds["gradient_clipping"] = float(grad_clip or 0.0)  # 0.0: none (DeepSpeed's is 1.0)
         with warnings.catch_warnings():  # torch >= 2.14 renames it forward_sync_buffers, which
             # Accelerate's DDP kwargs cannot pass yet; broadcast_buffers=False is still honoured
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
@@ -176,6 +179,12 @@ class Runtime:
         self.engine.backward(loss)
         if last:
             self.engine.step()
+
+    def clip_gradients(self, model: torch.nn.Module, max_norm: float | None) -> None:
+        """Clip the (all-reduced) gradients' global norm to ``max_norm``, before the optimizer
+        step; DeepSpeed's engine clips inside its own step, from its config."""
+        if max_norm is not None and self.engine is None:
+            self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
     def no_sync(self, model, skip: bool):
         """Skip DDP's gradient all-reduce (accumulation micro-steps) when ``skip``."""

@@ -99,7 +99,7 @@ def setup(cfg: Config) -> Job:
         notes.append(f"model.bn_group={cfg.model.bn_group}: {cfg.model.name} has no BatchNorm")
     optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(spe, cfg.schedule))
-    model, optimizer = rt.prepare(model, optimizer, cfg.model, plan)
+    model, optimizer = rt.prepare(model, optimizer, cfg.model, plan, grad_clip=cfg.optim.grad_clip)
     objective = Objective(
         cfg.loss, class_counts=data.class_counts, process_group=group, validate=False
     )
@@ -143,6 +143,7 @@ def train_step(job: Job, batches, step: int) -> torch.Tensor:
             loss, _ = job.objective(job.model, x, y, ctx)
             rt.backward(loss, last=m == accum - 1, accum=accum)
         total += loss.detach() / accum
+    rt.clip_gradients(job.model, cfg.optim.grad_clip)
     job.optimizer.step()
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)

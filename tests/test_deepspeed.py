@@ -52,6 +52,16 @@ def test_zero_gives_the_ddp_run_s_losses_and_resumes_exactly(tmp_path, ddp, stag
     assert records(run)[-1] == records(tmp_path / "whole")[-1]
 
 
+def test_gradient_clipping_is_the_project_s_own_on_both_paths(tmp_path, ddp):
+    clip = ["optim.grad_clip=0.05", "train.max_steps=6"]
+    run_train(tmp_path / "ddp", *ARGS, *clip, world=2)
+    run_train(tmp_path / "zero", *ARGS, *clip, "runtime=deepspeed_zero2", world=2)
+    clipped = losses(tmp_path / "ddp")
+    assert _close(losses(tmp_path / "zero"), clipped, rel=1e-6)  # the same clipping...
+    unclipped = {s: v for s, v in losses(ddp).items() if s <= 6}
+    assert not _close(clipped, unclipped, rel=1e-3)  # ...which really clips
+
+
 def test_bf16_through_the_deepspeed_config_and_a_plain_state_dict(tmp_path, ddp):
     run = tmp_path / "bf16"
     run_train(run, *ARGS, "runtime=deepspeed_zero2", "runtime.precision=bf16",

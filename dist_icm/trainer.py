@@ -193,7 +193,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
     flags = preempt.StopFlags(
         job.control, is_main=rt.is_main, ckpt_every_min=cfg.train.ckpt_every_min
     )
-    seen, train_time, metrics, saved = 0, 0.0, {}, step
+    seen, train_time, metrics, saved, stopping = 0, 0.0, {}, step, False
     loss_sum, loss_count = torch.zeros((), device=rt.device), 0
 
     def run_totals(in_epoch_s: float = 0.0) -> dict:  # the whole run's time and images so far
@@ -225,17 +225,14 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                     report.progress(step, {"loss": mean, "lr": lr, "img/s": rate})
                     loss_sum, loss_count = loss_sum.zero_(), 0
                 decision = flags.poll()  # agreed by every rank (one step late on several)
-                if step == job.total_steps:
+                stopping = decision.stop and step < job.total_steps
+                if step == job.total_steps or stopping:
                     break
                 every = cfg.train.ckpt_every_steps
-                if decision.stop or decision.checkpoint or (every and step % every == 0):
+                if decision.checkpoint or (every and step % every == 0):
                     resume.save(job, step, run_totals(time.perf_counter() - t0))
                     saved = step
                     flags.checkpoint_written()
-                if decision.stop:
-                    if rt.is_main:
-                        preempt.mark(job.run_dir, step, flags.reason())
-                    raise preempt.Preempted(step, flags.reason())
             train_time += time.perf_counter() - t0
             end, epochs_done = step == job.total_steps, step // spe
             if end or (step % spe == 0 and epochs_done % cfg.train.eval_every == 0):
@@ -243,10 +240,14 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                 report.log({"step": step, "epoch": step / spe} | metrics)
                 job.model.train()
             due = step % spe == 0 and epochs_done % cfg.train.ckpt_every == 0
-            if saved != step and (end or due):
+            if saved != step and (end or due or stopping):
                 resume.save(job, step, run_totals())
                 saved = step
                 flags.checkpoint_written()
+            if stopping:  # what an epoch's end does was done above; the step is saved
+                if rt.is_main:
+                    preempt.mark(job.run_dir, step, flags.reason())
+                raise preempt.Preempted(step, flags.reason())
     finally:
         flags.close()
         report.close()

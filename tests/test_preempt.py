@@ -82,6 +82,8 @@ def test_a_signal_checkpoints_the_step_and_the_resumed_run_is_exact(
     whole = uninterrupted[world]
     assert losses(run) == losses(whole)
     assert records(run)[-1] == records(whole)[-1]  # the final test metrics, exactly
+    evals = [[r for r in records(d) if "test/top1" in r] for d in (run, whole)]
+    assert evals[0] == evals[1]  # every epoch's evaluation, once, as in the whole run
     assert summary(run)["resumed_at_step"] == stopped
 
 

@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 
 CPUS = 2
+# Slurm holds a requeued job back until the old run's credentials have expired (120 s unless
+# told); started earlier it fails ("Job credential revoked"). A short lifetime keeps the requeue
+# test short: the requeued job starts about this many seconds after its requeue.
+CRED_EXPIRE_S = 10
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 
 
@@ -59,7 +63,7 @@ SlurmctldPort={ports[0]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={folder}/munge/sock
+AuthInfo=socket={folder}/munge/sock,cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
 StateSaveLocation={folder}/state
 SlurmdSpoolDir={folder}/spool-%n
@@ -147,17 +151,3 @@ def wait_for(job: str, env: dict, timeout: float = 300) -> str:
 def job_fields(job: str, env: dict) -> dict:
     show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True)
     return dict(f.split("=", 1) for f in show.stdout.split() if "=" in f)
-
-
-def start_requeued_now(job: str, env: dict, timeout: float = 120) -> None:
-    """Once ``job`` is requeued, let it start at once: Slurm makes a requeued batch job eligible
-    only ~2 minutes later (Reason=BeginTime), a wait the tests need not sit through."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fields = job_fields(job, env)
-        if fields.get("Restarts", "0") != "0" and fields.get("JobState") == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
-                           check=True)  # fmt: skip
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"Slurm job {job} was not requeued within {timeout} s")

@@ -164,7 +164,6 @@ def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(tmp_path,
     # what Slurm does before the time limit: USR1 to the batch script (--signal=B:USR1@...)
     subprocess.run(["scancel", "--signal=USR1", "--batch", cut], env=cluster, check=True)
     whole = _submit(cluster, tmp_path, "train.max_steps=120")  # the same job, left alone
-    slurm_cluster.start_requeued_now(cut, cluster)
     assert slurm_cluster.wait_for(cut, cluster) == "COMPLETED"
     assert slurm_cluster.wait_for(whole, cluster) == "COMPLETED"
     log = (tmp_path / f"job-{cut}.out").read_text()

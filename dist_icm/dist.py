@@ -6,7 +6,9 @@ exactly the one a single process would get on the whole batch:
 
 * ``all_gather(x)`` with gradient: forward concatenates every rank's ``x`` in rank order;
   backward sums, over ranks, the gradient that reached each rank's copy and hands the owner its
-  slice (so a row's gradient flows back to the process that computed it).
+  slice (a reduce-scatter: a row's gradient flows back to the process that computed it).
+* ``all_to_all(x)`` with gradient: rank q's k-th block of rows goes to rank k; backward sends
+  every gradient block back the same way (the exchange is its own transpose).
 * ``all_reduce_sum(x)`` with gradient: forward sums over ranks; backward sums the incoming
   gradients over ranks (every rank's loss depends on the sum).
 * ``all_reduce_max(x)`` and ``all_gather_nograd(x)``: no gradient (maxima that only stabilise a
@@ -19,16 +21,43 @@ statistics before an evaluation or a save).
 
 Every function takes the process group explicitly; ``None`` means "no group": one process, and
 the collectives are the identity. Nothing here multiplies by the world size.
+
+``count_bytes()`` counts what this rank sends through the tensor collectives above while it is
+open: per call, the per-rank send volume of the bandwidth-optimal (ring / pairwise) algorithm,
+which is what NCCL's ring sends: all-gather (W-1)·s for s bytes per rank, all-reduce
+2(W-1)/W·s, reduce-scatter (W-1)·s for s output bytes, all-to-all (W-1)/W·s. Gloo may send more
+for some of them; the count is of the algorithm, not of packets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+from collections import Counter
 
 import torch
 import torch.distributed as dist
 
 Group = dist.ProcessGroup | None
+
+_counter: Counter | None = None  # bytes sent by kind, while count_bytes() is open
+
+
+@contextlib.contextmanager
+def count_bytes():
+    """Count the bytes this rank sends through the tensor collectives, by kind (see above)."""
+    global _counter
+    outer, _counter = _counter, Counter()
+    try:
+        yield _counter
+    finally:
+        _counter = outer
+
+
+def _sent(kind: str, tensor: torch.Tensor, group: Group, factor) -> None:
+    if _counter is not None:
+        world = size(group)
+        _counter[kind] += round(tensor.numel() * tensor.element_size() * factor(world))
 
 
 def is_distributed(group: Group) -> bool:
@@ -58,6 +87,7 @@ def default_group() -> Group:
 
 
 def _gather_list(x: torch.Tensor, group: Group) -> list[torch.Tensor]:
+    _sent("all_gather", x, group, lambda w: w - 1)
     parts = [torch.empty_like(x) for _ in range(size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return parts
@@ -79,10 +109,11 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        lo = ctx.rank * ctx.n
-        return grad[lo : lo + ctx.n], None
+        grad = grad.contiguous()
+        out = grad.new_empty((ctx.n, *grad.shape[1:]))
+        _sent("reduce_scatter", out, ctx.group, lambda w: w - 1)
+        _reduce_scatter(out, grad, group=ctx.group)
+        return out, None
 
 
 def all_gather(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -92,19 +123,55 @@ def all_gather(x: torch.Tensor, group: Group) -> torch.Tensor:
     return _AllGather.apply(x, group)
 
 
+# torch >= 2.12 names it reduce_scatter_single (and deprecates the old name)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _sum_all(x: torch.Tensor, group: Group) -> torch.Tensor:
+    out = x.contiguous().clone()
+    _sent("all_reduce", out, group, lambda w: 2 * (w - 1) / w)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
-        out = x.contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        return _sum_all(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        return _sum_all(grad, ctx.group), None
+
+
+def _exchange(x: torch.Tensor, group: Group) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _sent("all_to_all", x, group, lambda w: (w - 1) / w)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _exchange(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _exchange(grad, ctx.group), None
+
+
+def all_to_all(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Exchange blocks: ``x`` (W·k, ...) is W blocks of k rows; block q goes to rank q, and the
+    result holds, in rank order, the block every rank sent here. Differentiable."""
+    if not is_distributed(group):
+        return x
+    if x.shape[0] % size(group):
+        raise ValueError(f"all_to_all needs rows divisible by the world size, got {x.shape[0]}")
+    return _AllToAll.apply(x, group)
 
 
 def all_reduce_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -118,6 +185,7 @@ def all_reduce_max(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Elementwise maximum of ``x`` over ranks; no gradient (the result is detached)."""
     out = x.detach().clone()
     if is_distributed(group):
+        _sent("all_reduce", out, group, lambda w: 2 * (w - 1) / w)
         dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
     return out
 

@@ -17,14 +17,21 @@ class-axis terms of its rows plus the pair-axis terms of its columns. The mean o
 values is the global loss, and under DDP (gradients averaged over ranks) the parameter gradient
 is exactly the single-process gradient on the whole batch. Two ways to get there:
 
-* ``gather="triples"`` (default): the mixing triples (a, b, lam) are all-gathered (12 bytes a
-  sample in float32, 16 in float64). Row i of S̃ needs only S_i, so the rank computes its row
-  block S_r Ỹᵀ (n x N) and the class axis is local; the pair-axis column normaliser is a
-  distributed logsumexp: a max all-reduce of the N column maxima (no gradient) and a
-  differentiable sum all-reduce of the N column sums, whose backward all-reduces N gradients
-  (with dedup, two rows of N in each).
-* ``gather="scores"``: the logits are all-gathered with gradient (they flow back to their owner)
-  and the rank computes its column block S Ỹ_rᵀ (N x n) in full.
+* ``gather="triples"`` (default): the mixing triples (a, b, lam) are all-gathered (8 bytes a
+  sample in float32: a and b as int16 while the classes fit, 12 beyond 32,767 classes, 4 more
+  for float64 lam). Row i of S̃ needs only S_i, so the rank computes its row block S_r Ỹᵀ
+  (n x N) and the class axis is local. For the pair axis each rank takes the logsumexp of
+  every column over its own n rows, and one all-to-all sends each column's W partial values
+  to the column's owner, which adds them up (a logsumexp over W); the all-to-all's backward
+  returns each rank's share of the gradient. 4 bytes a sample forward and 4 backward (twice
+  that with dedup, whose positives need their own sums).
+* ``gather="scores"``: the logits are all-gathered with gradient (4·C bytes a sample; their
+  gradient is reduce-scattered back to the owners, 4·C more) and the rank computes its column
+  block S Ỹ_rᵀ (N x n) in full.
+
+``tile=T`` computes the same statistics in T x T tiles (``dist_icm.tiled``), recomputing them in
+the backward pass, so no (n x N) block is ever held. Counted bytes per collective:
+``dist.count_bytes`` and ``python -m dist_icm.bench comm``.
 
 ``dedup=True`` (beyond the paper) treats rows whose mixing vectors are identical as positives of
 each other (multi-positive CE: -log of the softmax mass on all positives), so duplicates of a
@@ -40,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from dist_icm import dist
+from dist_icm.tiled import lse_stats
 
 AXES = ("class", "pair", "both")
 GATHERS = ("triples", "scores")
@@ -102,45 +110,59 @@ def target_groups(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.
     return torch.unique(key, dim=0, return_inverse=True)[1]
 
 
-def _ce_terms(scores: torch.Tensor, target: torch.Tensor, pos: torch.Tensor | None):
-    """Per-row -log p(positive): logsumexp of the row minus that of its positives.
-
-    ``target`` holds each row's own column (used when ``pos`` is None); ``pos`` is a boolean
-    mask of all the row's positives (dedup).
-    """
-    lse = torch.logsumexp(scores, dim=1)
-    if pos is None:
-        return lse - scores.gather(1, target[:, None]).squeeze(1)
-    return lse - torch.logsumexp(scores.masked_fill(~pos, float("-inf")), dim=1)
-
-
-def _pair_terms_distributed(rows, own, pos, group):
-    """Pair-axis terms of this rank's columns, from every rank's row block of S̃.
-
-    Column j's normaliser is log sum_i exp(S̃_ij) over all N rows, of which this rank holds n:
-    a max all-reduce fixes a shift m_j per column, and a differentiable sum all-reduce adds up
-    the shifted exponentials. With dedup the positives' logsumexp is reduced the same way, in
-    the same two collectives.
-    """
-    masked = [rows] if pos is None else [rows, rows.masked_fill(~pos, float("-inf"))]
-    shift = dist.all_reduce_max(torch.stack([m.detach().amax(dim=0) for m in masked]), group)
-    sums = torch.stack([(m - s).exp().sum(dim=0) for m, s in zip(masked, shift, strict=True)])
-    lse = shift + dist.all_reduce_sum(sums, group).log()
-    mine = lse[:, own]
-    if pos is None:
-        return mine[0] - rows.gather(1, own[:, None]).squeeze(1)
-    return mine[0] - mine[1]
+def _masked_lse(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp of ``s`` over the entries where ``mask`` holds; -inf, with a zero (not NaN)
+    gradient, where it holds nowhere (a column with no positive among this rank's rows)."""
+    masked = s.masked_fill(~mask, float("-inf"))
+    shift = masked.detach().amax(dim, keepdim=True)
+    shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
+    total = (masked - shift).exp().sum(dim)
+    some = total > 0
+    out = shift.squeeze(dim) + torch.where(some, total, torch.ones_like(total)).log()
+    return torch.where(some, out, torch.full_like(out, float("-inf")))
 
 
-def _pack_triples(a, b, lam):
-    """(n, 2 + w) int32 words: a, b and the bits of lam (w = 1 for float32, 2 for float64)."""
+def _stats(x, a, b, lam, keys, tile: int, dense: bool):
+    """(rows, cols, pos_rows, pos_cols) logsumexps of S̃ = x Ỹᵀ (pos_* None without keys)."""
+    if tile:
+        out = lse_stats(x, a, b, lam, keys=keys, tile=tile, dense=dense)
+        return out if keys is not None else (*out, None, None)
+    s = mixed_scores(x, a, b, lam, "matmul" if dense else "gather")
+    rows, cols = s.logsumexp(1), s.logsumexp(0)
+    if keys is None:
+        return rows, cols, None, None
+    pos = keys[0][:, None] == keys[1][None, :]
+    return rows, cols, _masked_lse(s, pos, 1), _masked_lse(s, pos, 0)
+
+
+def _owners_lse(cols: torch.Tensor, group) -> torch.Tensor:
+    """Global logsumexp of this rank's n columns, from every rank's logsumexp over its own rows
+    of all N columns: one all-to-all sends each rank's N values to the columns' owners
+    ((W-1)/W·4 bytes a sample in float32), and its backward sends the gradients back."""
+    world = dist.size(group)
+    return dist.all_to_all(cols, group).view(world, -1).logsumexp(0)
+
+
+_INT16_CLASSES = 2**15 - 1
+
+
+def _pack_triples(a, b, lam, num_classes: int):
+    """(n, w) int32 words: a and b (int16 pairs in one word when the classes fit, else two
+    words) and the bits of lam (1 word in float32, 2 in float64)."""
     words = lam.contiguous().view(torch.int32).reshape(lam.shape[0], -1)
-    return torch.cat([a.to(torch.int32)[:, None], b.to(torch.int32)[:, None], words], dim=1)
+    ab = torch.stack([a, b], dim=1)
+    if num_classes <= _INT16_CLASSES:
+        ab = ab.to(torch.int16).view(torch.int32)
+    return torch.cat([ab.to(torch.int32), words], dim=1)
 
 
-def _unpack_triples(wire: torch.Tensor, dtype: torch.dtype):
-    lam = wire[:, 2:].contiguous().view(dtype).reshape(-1)
-    return wire[:, 0].long(), wire[:, 1].long(), lam
+def _unpack_triples(wire: torch.Tensor, dtype: torch.dtype, num_classes: int):
+    ab_words = 1 if num_classes <= _INT16_CLASSES else 2
+    ab = wire[:, :ab_words].contiguous()
+    if ab_words == 1:
+        ab = ab.view(torch.int16)
+    lam = wire[:, ab_words:].contiguous().view(dtype).reshape(-1)
+    return ab[:, 0].long(), ab[:, 1].long(), lam
 
 
 def _check_local(logits, a, b, lam, axis, gather) -> None:
@@ -204,6 +226,7 @@ def icm_loss(
     gather: str = "triples",
     dedup: bool = False,
     method: str = "auto",
+    tile: int = 0,
     validate: bool = True,
 ) -> torch.Tensor:
     """Infinite Class Mixup loss of this process's rows; see the module docstring.
@@ -219,6 +242,9 @@ def icm_loss(
         gather: "triples" or "scores" (see the module docstring); both are exact.
         dedup: identical mixing vectors count as positives of each other.
         method: how S̃ is formed, "matmul", "gather" or "auto" (see ``mixed_scores``).
+        tile: 0 forms this rank's block of S̃ whole; T > 0 walks it in T x T tiles and
+            recomputes them in the backward pass (``dist_icm.tiled``), so memory no longer
+            grows with n·N. Same loss and gradients up to float rounding.
         validate: also check values (class indices in range, lam in [0, 1]: one host sync
             each) and, with a group, that every rank holds the same n (one small all-gather),
             so that a bad batch raises the same error on every rank instead of leaving the
@@ -233,43 +259,52 @@ def icm_loss(
             mean; with ``validate`` and a group, on every rank alike.
     """
     _check_local(logits, a, b, lam, axis, gather)
+    if not isinstance(tile, int) or tile < 0:
+        raise ValueError(f"tile must be an int >= 0 (0: untiled), got {tile!r}")
     n = logits.shape[0]
     if validate:
         _validate(logits, a, b, lam, process_group)
     if n == 0:
         raise ValueError("icm_loss got an empty batch (n = 0): the loss has no rows to average")
     with torch.autocast(logits.device.type, enabled=False):
-        return _loss(logits, a, b, lam, axis, process_group, gather, dedup, method)
+        return _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile)
 
 
-def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method) -> torch.Tensor:
+def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile) -> torch.Tensor:
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     lam = lam.to(x.dtype)
-    world, n = dist.size(process_group), x.shape[0]
+    world, n, num_classes = dist.size(process_group), x.shape[0], x.shape[1]
     if world > 1:
-        wire = dist.all_gather_nograd(_pack_triples(a, b, lam), process_group)
-        ga, gb, gl = _unpack_triples(wire, x.dtype)
+        wire = _pack_triples(a, b, lam, num_classes)
+        ga, gb, gl = _unpack_triples(
+            dist.all_gather_nograd(wire, process_group), x.dtype, num_classes
+        )
     else:
         ga, gb, gl = a, b, lam
     own = dist.rank(process_group) * n + torch.arange(n, device=x.device)
+    if method == "auto":
+        method = "matmul" if num_classes <= DENSE_MAX_CLASSES else "gather"
+    dense = method == "matmul"
+    groups = target_groups(ga, gb, gl) if dedup else None
 
-    rows = mixed_scores(x, ga, gb, gl, method)  # (n, N): this rank's images against all classes
-    pos = None
-    if dedup:
-        groups = target_groups(ga, gb, gl)
-        pos = groups[own, None] == groups[None, :]
-
+    # this rank's images against all N mixed classes: rows of S̃ and its columns' partial sums
+    rows, cols, pos_rows, pos_cols = _stats(
+        x, ga, gb, gl, None if groups is None else (groups[own], groups), tile, dense
+    )
+    diag = x.gather(1, a[:, None]).squeeze(1) * lam + x.gather(1, b[:, None]).squeeze(1) * (1 - lam)
     loss = x.new_zeros(())
     if axis in ("class", "both"):
-        loss = loss + _ce_terms(rows, own, pos).mean()
+        loss = loss + (rows - (diag if groups is None else pos_rows)).mean()
     if axis in ("pair", "both"):
         if world == 1:
-            terms = _ce_terms(rows.T, own, None if pos is None else pos.T)
-        elif gather == "scores":
-            cols = mixed_scores(dist.all_gather(x, process_group), a, b, lam, method)  # (N, n)
-            cols_pos = None if pos is None else (groups[:, None] == groups[None, own])
-            terms = _ce_terms(cols.T, own, None if cols_pos is None else cols_pos.T)
+            col_lse, pos_lse = cols, pos_cols
+        elif gather == "scores":  # every image against this rank's n mixed classes
+            keys = None if groups is None else (groups, groups[own])
+            _, col_lse, _, pos_lse = _stats(
+                dist.all_gather(x, process_group), a, b, lam, keys, tile, dense
+            )
         else:
-            terms = _pair_terms_distributed(rows, own, pos, process_group)
-        loss = loss + terms.mean()
+            col_lse = _owners_lse(cols, process_group)
+            pos_lse = None if groups is None else _owners_lse(pos_cols, process_group)
+        loss = loss + (col_lse - (diag if groups is None else pos_lse)).mean()
     return loss

@@ -34,6 +34,7 @@ class ObjectiveConfig:
     axis: str = "both"  # ICM only
     gather: str = "triples"  # ICM only
     dedup: bool = False  # ICM only
+    tile: int = 0  # ICM only: 0 holds the (n x N) score block; T > 0 walks it in T x T tiles
     regmix_weight: float = 1.0  # RegMixup: weight of the mixed term
     tau: float = 0.5  # Remix
     kappa: float = 3.0  # Remix
@@ -41,6 +42,8 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
             raise ValueError(f"unknown loss {self.name!r}: use one of {', '.join(OBJECTIVES)}")
+        if not isinstance(self.tile, int) or self.tile < 0:
+            raise ValueError(f"loss.tile must be an int >= 0 (0: untiled), got {self.tile!r}")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"loss.alpha must be > 0, got {self.alpha}")
 
@@ -111,6 +114,7 @@ class Objective:
             process_group=self.group,
             gather=self.cfg.gather,
             dedup=self.cfg.dedup,
+            tile=self.cfg.tile,
             validate=self.validate,
         )
 

@@ -40,6 +40,14 @@ def _worker(rank, world):
     (_weights(rank, (x.shape[0] * world, x.shape[1])) * torch.cat(parts)).sum().backward()
     out["naive_grad"] = x.grad.clone()
 
+    # all_to_all: block q of this rank's rows goes to rank q
+    x = _shard(rank, n=2 * world).requires_grad_()
+    with D.count_bytes() as sent:
+        swapped = D.all_to_all(x, group)
+        (_weights(rank, swapped.shape) * swapped).sum().backward()
+        D.all_gather_nograd(_shard(rank), group)
+    out["a2a"], out["a2a_grad"], out["sent"] = swapped.detach(), x.grad.clone(), dict(sent)
+
     out["max"] = D.all_reduce_max(_shard(rank), group)
     out["nograd"] = D.all_gather_nograd(_shard(rank), group)
     out["size"], out["rank"] = D.size(group), D.rank(group)
@@ -65,6 +73,20 @@ def test_collectives_match_single_process(world):
         assert torch.equal(out["nograd"], full)
         # the negative control really is wrong: it misses the other ranks' gradient
         assert not torch.allclose(out["naive_grad"], w_total[3 * r : 3 * r + 3], rtol=1e-3)
+        # all_to_all: block q of the result is rank q's block r; the gradient of rank r's
+        # block q is rank q's weight on it (a backward that kept the gradient local, the
+        # identity, would give rank r's own weights, which differ: the negative control)
+        blocks = [_shard(q, n=2 * world).split(2) for q in range(world)]
+        assert torch.equal(out["a2a"], torch.cat([blocks[q][r] for q in range(world)]))
+        w = [_weights(q, (2 * world, 4)).split(2) for q in range(world)]
+        assert torch.equal(out["a2a_grad"], torch.cat([w[q][r] for q in range(world)]))
+        assert not torch.equal(out["a2a_grad"], _weights(r, (2 * world, 4)))
+        # bytes counted: all-to-all (W-1)/W of 2W x 4 float64 values, twice (forward and
+        # backward); all-gather (W-1) x 3 x 4 float64
+        assert out["sent"] == {
+            "all_to_all": 2 * (world - 1) * 2 * 4 * 8,
+            "all_gather": (world - 1) * 96,
+        }
 
 
 def test_single_process_collectives_are_identities():

@@ -54,6 +54,7 @@ def test_defaults_are_the_paper_where_it_speaks():
     "override, match",
     [
         ("loss.alpha=-1", "alpha must be > 0"),
+        ("loss.tile=-2", "loss.tile must be an int >= 0"),
         ("loss.name=mixupp", "unknown loss"),
         ("data.global_batch=0", "global_batch must be >= 1"),
         ("data.fraction=1.5", "fraction must lie in"),

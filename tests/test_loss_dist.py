@@ -1,5 +1,6 @@
 """The global-batch contract of icm_loss on real gloo groups (2 and 3 CPU processes).
 
+Every case (gather mode, axis, dedup, tiled or not) runs on each rank's share of the batch.
 Under DDP (gradients averaged over ranks) the parameter gradients must equal those of one
 process computing the loss on the concatenated global batch (float64, relative error <= 1e-9),
 and the mean of the ranks' returned values must equal that global loss. Two negative controls
@@ -19,7 +20,13 @@ from dist_icm.loss import icm_loss
 pytestmark = pytest.mark.multiproc
 
 N, D_IN, C = 12, 5, 4
-CASES = list(itertools.product(["triples", "scores"], ["class", "pair", "both"], [False, True]))
+_PLAIN = itertools.product(["triples", "scores"], ["class", "pair", "both"], [False, True])
+# tiled (2 x 2 tiles, so every rank's block spans several tiles on both axes), both forms of S̃
+CASES = [(*c, 0, "auto") for c in _PLAIN] + [
+    (*c, 2, method)
+    for c in itertools.product(["triples", "scores"], ["class", "pair", "both"], [False, True])
+    for method in ("matmul", "gather")
+]
 CONTROLS = ["global_div", "local_only"]
 
 
@@ -55,7 +62,9 @@ def _worker(rank, world):
         if case == "local_only":
             loss = icm_loss(ddp(x[sl]), a[sl], b[sl], lam[sl])
         else:
-            gather, axis, dedup = case if case != "global_div" else ("triples", "both", False)
+            gather, axis, dedup, tile, method = (
+                case if case != "global_div" else ("triples", "both", False, 0, "auto")
+            )
             loss = icm_loss(
                 ddp(x[sl]),
                 a[sl],
@@ -65,6 +74,8 @@ def _worker(rank, world):
                 process_group=group,
                 gather=gather,
                 dedup=dedup,
+                tile=tile,
+                method=method,
             )
             if case == "global_div":
                 loss = loss * n / N
@@ -74,8 +85,8 @@ def _worker(rank, world):
 
 
 def _reference(case):
-    gather, axis, dedup = case if isinstance(case, tuple) else ("triples", "both", False)
-    x, a, b, lam = _problem()
+    axis, dedup = case[1:3] if isinstance(case, tuple) else ("both", False)
+    x, a, b, lam = _problem()  # one process, untiled: the reference for every case
     model = _model()
     loss = icm_loss(model(x), a, b, lam, axis=axis, dedup=dedup)
     loss.backward()
@@ -153,3 +164,44 @@ def _bad_value_worker(rank, world):
 def test_a_bad_batch_on_one_rank_raises_on_every_rank():
     # rank 0's values are fine: it must not go on into the loss's collectives alone
     assert run_group(_bad_value_worker, 3) == ["lam must lie in [0, 1] (on rank 1)"] * 3
+
+
+def _bytes_worker(rank, world):
+    from dist_icm import dist as D
+
+    g = torch.Generator().manual_seed(rank)
+    n, c = 4, 6
+    out = {}
+    for gather, dedup in (("triples", False), ("triples", True), ("scores", False)):
+        x = torch.randn(n, c, generator=g).requires_grad_()
+        a, b = torch.randint(0, c, (n,), generator=g), torch.randint(0, c, (n,), generator=g)
+        with D.count_bytes() as sent:
+            loss = icm_loss(
+                x,
+                a,
+                b,
+                torch.rand(n, generator=g),
+                process_group=torch.distributed.group.WORLD,
+                gather=gather,
+                dedup=dedup,
+                validate=False,
+            )
+            loss.backward()
+        out[gather, dedup] = dict(sent)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_bytes_on_the_wire_are_counted_per_collective(world):
+    """Per rank and step, float32, 4 rows a rank, 6 classes: the triples (a, b as int16 and
+    lam: 8 bytes a sample) once, each column's partial logsumexp to its owner (4 bytes, and
+    4 back in the backward; twice that with dedup); the scores path gathers the logits and
+    reduce-scatters their gradient."""
+    n, c, w1 = 4, 6, world - 1
+    for sent in run_group(_bytes_worker, world):
+        assert sent["triples", False] == {"all_gather": w1 * n * 8, "all_to_all": 2 * w1 * n * 4}
+        assert sent["triples", True] == {"all_gather": w1 * n * 8, "all_to_all": 4 * w1 * n * 4}
+        assert sent["scores", False] == {
+            "all_gather": w1 * n * 8 + w1 * n * c * 4,
+            "reduce_scatter": w1 * n * c * 4,
+        }

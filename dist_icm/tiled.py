@@ -1,0 +1,131 @@
+r"""The logsumexps of the score matrix S̃ = X Ỹᵀ along both axes, in tiles, without ever holding it.
+
+The ICM loss needs, for a block of images X (m x C) against mixed classes (a, b, lam) (k of
+them), only these per-row and per-column statistics of S̃ (m x k):
+
+* ``rows[i] = log sum_j exp S̃_ij`` and ``cols[j] = log sum_i exp S̃_ij``;
+* with positives (``keys``: S̃_ij is a positive iff ``row_keys[i] == col_keys[j]``), also
+  ``pos_rows`` and ``pos_cols``, the same sums over the positives only (-inf where none).
+
+``lse_stats`` computes them by walking S̃ in tiles of at most ``tile x tile`` entries and folding
+each tile's logsumexps into running ones (``logaddexp``); the backward pass recomputes every tile
+instead of storing it. Memory is O(tile² + (m + k) + m·C) instead of O(m·k), the idea of Inf-CL
+(Cheng et al. 2024) for CLIP, here for the ICM score matrix, whose tile is a matmul with a
+dense slice of Ỹ (or two column gathers, see ``dist_icm.loss.mixed_scores``).
+
+Gradient: only X receives one (the mixing triples are data). With upstream gradients
+g (per row), h (per column) and their positive-only counterparts,
+
+    dS̃_ij = g_i p_ij + h_j q_ij + [pos_ij] (g'_i p'_ij + h'_j q'_ij),   dX = dS̃ Ỹ,
+
+where p, q are the softmaxes of S̃ along rows and columns (exp(S̃_ij - rows_i), exp(S̃_ij -
+cols_j)) and p', q' those over the positives. Pure tensor code: no collectives here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _scores(x, a, b, lam, num_classes: int, dense: bool):
+    """One tile of S̃ and the Ỹ slice that made it (None for the gather form)."""
+    if dense:
+        y = torch.zeros(a.shape[0], num_classes, dtype=x.dtype, device=x.device)
+        rows = torch.arange(a.shape[0], device=x.device)
+        y.index_put_((rows, a), lam, accumulate=True)
+        y.index_put_((rows, b), 1 - lam, accumulate=True)
+        return x @ y.T, y
+    return x[:, a] * lam + x[:, b] * (1 - lam), None
+
+
+def _spans(size: int, tile: int):
+    return [(lo, min(lo + tile, size)) for lo in range(0, size, tile)]
+
+
+class _TiledLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, b, lam, row_keys, col_keys, tile, dense):
+        m, k = x.shape[0], a.shape[0]
+        with_pos = row_keys is not None
+        neg = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+        rows, cols = neg.expand(m).clone(), neg.expand(k).clone()
+        prows, pcols = (rows.clone(), cols.clone()) if with_pos else (None, None)
+        for j0, j1 in _spans(k, tile):
+            s_ab = (a[j0:j1], b[j0:j1], lam[j0:j1])
+            for i0, i1 in _spans(m, tile):
+                s, _ = _scores(x[i0:i1], *s_ab, x.shape[1], dense)
+                rows[i0:i1] = torch.logaddexp(rows[i0:i1], s.logsumexp(1))
+                cols[j0:j1] = torch.logaddexp(cols[j0:j1], s.logsumexp(0))
+                if with_pos:
+                    sp = s.masked_fill(row_keys[i0:i1, None] != col_keys[None, j0:j1], neg)
+                    prows[i0:i1] = torch.logaddexp(prows[i0:i1], sp.logsumexp(1))
+                    pcols[j0:j1] = torch.logaddexp(pcols[j0:j1], sp.logsumexp(0))
+        ctx.tile, ctx.dense, ctx.with_pos = tile, dense, with_pos
+        saved = [x, a, b, lam, rows, cols]
+        if with_pos:
+            saved += [row_keys, col_keys, prows, pcols]
+        ctx.save_for_backward(*saved)
+        if with_pos:
+            return rows, cols, prows, pcols
+        return rows, cols
+
+    @staticmethod
+    def backward(ctx, g_rows, g_cols, g_prows=None, g_pcols=None):
+        x, a, b, lam, rows, cols, *pos = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        g_rows = zero.expand(rows.shape) if g_rows is None else g_rows
+        g_cols = zero.expand(cols.shape) if g_cols is None else g_cols
+        if ctx.with_pos:
+            row_keys, col_keys, prows, pcols = pos
+            g_prows = zero.expand(prows.shape) if g_prows is None else g_prows
+            g_pcols = zero.expand(pcols.shape) if g_pcols is None else g_pcols
+        dx = torch.zeros_like(x)
+        m, k, num_classes = x.shape[0], a.shape[0], x.shape[1]
+        for j0, j1 in _spans(k, ctx.tile):
+            tj = slice(j0, j1)
+            s_ab = (a[tj], b[tj], lam[tj])
+            for i0, i1 in _spans(m, ctx.tile):
+                ti = slice(i0, i1)
+                s, y = _scores(x[ti], *s_ab, num_classes, ctx.dense)
+                ds = g_rows[ti, None] * (s - rows[ti, None]).exp()
+                ds += g_cols[None, tj] * (s - cols[None, tj]).exp()
+                if ctx.with_pos:
+                    p = row_keys[ti, None] == col_keys[None, tj]
+                    # where p holds, the positive sums are finite, so no inf - inf
+                    prow = torch.where(p, s - prows[ti, None], float("-inf")).exp()
+                    pcol = torch.where(p, s - pcols[None, tj], float("-inf")).exp()
+                    ds += g_prows[ti, None] * prow + g_pcols[None, tj] * pcol
+                if y is not None:
+                    dx[ti] += ds @ y
+                else:
+                    dx[ti].index_add_(1, s_ab[0], ds * s_ab[2])
+                    dx[ti].index_add_(1, s_ab[1], ds * (1 - s_ab[2]))
+        return dx, None, None, None, None, None, None, None
+
+
+def lse_stats(x, a, b, lam, *, keys=None, tile: int = 0, dense: bool = True):
+    """Row and column logsumexps of S̃ = X Ỹᵀ (and over the positives when ``keys`` is given).
+
+    Args:
+        x: (m, C) float scores X. a, b: (k,) int64 classes; lam: (k,) weights (x's dtype).
+        keys: None, or (row_keys (m,), col_keys (k,)): S̃_ij is a positive iff the keys match.
+        tile: 0 computes S̃ whole (autograd stores it); T > 0 walks it in T x T tiles and
+            recomputes them in the backward (memory independent of m and k).
+        dense: form each tile as a matmul with a dense Ỹ slice (True) or two column gathers.
+
+    Returns:
+        (rows (m,), cols (k,)) or, with keys, (rows, cols, pos_rows, pos_cols).
+    """
+    if tile < 0:
+        raise ValueError(f"tile must be >= 0, got {tile}")
+    if tile:
+        row_keys, col_keys = keys if keys is not None else (None, None)
+        return _TiledLSE.apply(x, a, b, lam, row_keys, col_keys, tile, dense)
+    s, _ = _scores(x, a, b, lam, x.shape[1], dense)
+    out = (s.logsumexp(1), s.logsumexp(0))
+    if keys is None:
+        return out
+    sp = s.masked_fill(keys[0][:, None] != keys[1][None, :], float("-inf"))
+    return (*out, sp.logsumexp(1), sp.logsumexp(0))

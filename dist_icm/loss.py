@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from dist_icm import dist
-from dist_icm.tiled import lse_stats
+from dist_icm.tiled import dense_mixing, lse_stats
 
 AXES = ("class", "pair", "both")
 GATHERS = ("triples", "scores")
@@ -62,11 +62,7 @@ DENSE_MAX_CLASSES = 900
 
 def mixing_matrix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, num_classes: int):
     """Dense Ỹ (N x C): row j is lam_j * e_{a_j} + (1 - lam_j) * e_{b_j}."""
-    rows = torch.arange(a.shape[0], device=a.device)
-    y = torch.zeros(a.shape[0], num_classes, dtype=lam.dtype, device=lam.device)
-    y.index_put_((rows, a), lam, accumulate=True)
-    y.index_put_((rows, b), 1 - lam, accumulate=True)
-    return y
+    return dense_mixing(a, b, lam, num_classes, lam)
 
 
 def mixed_scores(

@@ -83,9 +83,18 @@ def draw_lam(alpha: float, n: int, ctx: MixContext, per_sample: bool = False) ->
     return np.concatenate(draws)
 
 
+def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without waiting for it: through pinned memory, asynchronously
+    on CUDA (a plain copy from pageable memory would wait for every queued kernel)."""
+    t = torch.as_tensor(array, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _as_tensors(x, y, perm, lam):
-    perm_t = torch.as_tensor(perm, device=x.device)
-    lam_t = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+    perm_t = _to_device(perm, torch.int64, x.device)
+    lam_t = _to_device(lam, torch.float32, x.device)
     return perm_t, lam_t, y, y[perm_t]
 
 

@@ -27,15 +27,20 @@ from __future__ import annotations
 import torch
 
 
-def _scores(x, a, b, lam, num_classes: int, dense: bool):
-    """One tile of S̃ and the Ỹ slice that made it (None for the gather form)."""
-    if dense:
-        y = torch.zeros(a.shape[0], num_classes, dtype=x.dtype, device=x.device)
-        rows = torch.arange(a.shape[0], device=x.device)
-        y.index_put_((rows, a), lam, accumulate=True)
-        y.index_put_((rows, b), 1 - lam, accumulate=True)
-        return x @ y.T, y
-    return x[:, a] * lam + x[:, b] * (1 - lam), None
+def dense_mixing(a, b, lam, num_classes: int, like: torch.Tensor):
+    """The dense Ỹ slice (k x C) of mixed classes (a, b, lam)."""
+    y = torch.zeros(a.shape[0], num_classes, dtype=like.dtype, device=like.device)
+    rows = torch.arange(a.shape[0], device=like.device)
+    y.index_put_((rows, a), lam, accumulate=True)
+    y.index_put_((rows, b), 1 - lam, accumulate=True)
+    return y
+
+
+def _scores(x, a, b, lam, y):
+    """One tile of S̃: a matmul with the dense slice y, or (y None) two column gathers."""
+    if y is not None:
+        return x @ y.T
+    return x[:, a] * lam + x[:, b] * (1 - lam)
 
 
 def _spans(size: int, tile: int):
@@ -52,8 +57,9 @@ class _TiledLSE(torch.autograd.Function):
         prows, pcols = (rows.clone(), cols.clone()) if with_pos else (None, None)
         for j0, j1 in _spans(k, tile):
             s_ab = (a[j0:j1], b[j0:j1], lam[j0:j1])
+            y = dense_mixing(*s_ab, x.shape[1], x) if dense else None
             for i0, i1 in _spans(m, tile):
-                s, _ = _scores(x[i0:i1], *s_ab, x.shape[1], dense)
+                s = _scores(x[i0:i1], *s_ab, y)
                 rows[i0:i1] = torch.logaddexp(rows[i0:i1], s.logsumexp(1))
                 cols[j0:j1] = torch.logaddexp(cols[j0:j1], s.logsumexp(0))
                 if with_pos:
@@ -86,9 +92,10 @@ class _TiledLSE(torch.autograd.Function):
         for j0, j1 in _spans(k, ctx.tile):
             tj = slice(j0, j1)
             s_ab = (a[tj], b[tj], lam[tj])
+            y = dense_mixing(*s_ab, num_classes, x) if ctx.dense else None
             for i0, i1 in _spans(m, ctx.tile):
                 ti = slice(i0, i1)
-                s, y = _scores(x[ti], *s_ab, num_classes, ctx.dense)
+                s = _scores(x[ti], *s_ab, y)
                 ds = g_rows[ti, None] * (s - rows[ti, None]).exp()
                 ds += g_cols[None, tj] * (s - cols[None, tj]).exp()
                 if ctx.with_pos:
@@ -123,7 +130,7 @@ def lse_stats(x, a, b, lam, *, keys=None, tile: int = 0, dense: bool = True):
     if tile:
         row_keys, col_keys = keys if keys is not None else (None, None)
         return _TiledLSE.apply(x, a, b, lam, row_keys, col_keys, tile, dense)
-    s, _ = _scores(x, a, b, lam, x.shape[1], dense)
+    s = _scores(x, a, b, lam, dense_mixing(a, b, lam, x.shape[1], x) if dense else None)
     out = (s.logsumexp(1), s.logsumexp(0))
     if keys is None:
         return out

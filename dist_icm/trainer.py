@@ -137,7 +137,7 @@ def train_step(job: Job, batches, step: int) -> torch.Tensor:
     total = torch.zeros((), device=rt.device)
     for m in range(accum):
         x, y = next(batches)
-        x, y = rt.to_device(x), y.to(rt.device)
+        x, y = rt.to_device(x), y.to(rt.device, non_blocking=True)
         ctx = MixContext(cfg.train.seed, step * accum + m, group_size, first_group)
         with rt.no_sync(job.model, skip=m < accum - 1):
             loss, _ = job.objective(job.model, x, y, ctx)

@@ -2,25 +2,21 @@
 
 ``cifar10_jpeg_root``: the real CIFAR-10 as a JPEG ImageFolder tree, unpacked once from
 ``../shared/data/cifar10-jpeg.tar.xz`` into ``$DIST_ICM_CACHE/cifar10-jpeg`` (default
-``~/.cache/dist_icm/cifar10-jpeg``), never into the repository. Extraction goes to a temporary
-sibling folder that is renamed into place after a complete unpack (with a marker file), so an
-interrupted run or concurrent pytest-xdist workers never leave or see a half-written tree.
+``~/.cache/dist_icm/cifar10-jpeg``), never into the repository, atomically
+(``dist_icm.data.unpack``).
 """
 
 from __future__ import annotations
 
-import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from dist_icm.data.datasets import cache_root as project_cache
+from dist_icm.data.unpack import unpack_once
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
-MARKER = ".extracted"
 
 
 def cache_root() -> Path:
@@ -31,33 +27,6 @@ def cache_root() -> Path:
     return root
 
 
-def _unpack_once(archive: Path, dest: Path) -> Path:
-    """Unpack ``archive`` into ``dest`` unless a complete unpack of it is already there."""
-    stamp = f"{archive.name} {archive.stat().st_size}\n"
-    marker = dest / MARKER
-    if marker.is_file() and marker.read_text() == stamp:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        with tarfile.open(archive, "r:xz") as tar:
-            # filter="data" (Python >= 3.10.12 / 3.11.4) refuses links and paths out of tmp
-            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(tmp, **safe)
-        (tmp / MARKER).write_text(stamp)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if dest.exists() and not (marker.is_file() and marker.read_text() == stamp):
-            shutil.rmtree(dest)  # stale or incomplete
-        try:
-            tmp.rename(dest)
-        except OSError:  # another process finished first
-            if not (marker.is_file() and marker.read_text() == stamp):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 @pytest.fixture(scope="session")
 def cifar10_jpeg_root() -> Path:
     """Folder holding ``train/<class>/*.jpg`` and ``test/<class>/*.jpg`` of CIFAR-10."""
@@ -66,7 +35,7 @@ def cifar10_jpeg_root() -> Path:
             "../shared/data/cifar10-jpeg.tar.xz not found: the CIFAR-10 JPEG archive lives beside "
             f"the repository (looked at {CIFAR10_JPEG_ARCHIVE})"
         )
-    root = _unpack_once(CIFAR10_JPEG_ARCHIVE, cache_root() / "cifar10-jpeg") / "cifar10"
+    root = unpack_once(CIFAR10_JPEG_ARCHIVE, cache_root() / "cifar10-jpeg") / "cifar10"
     assert (root / "train").is_dir() and (root / "test").is_dir(), f"unexpected layout in {root}"
     return root
 

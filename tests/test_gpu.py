@@ -65,3 +65,40 @@ def test_bf16_training_run_on_gpu(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["top1"] > 20
+
+
+def _problem_cuda(n, c, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, c, generator=g) * 4).to("cuda", dtype)
+    a, b = (torch.randint(0, c, (n,), generator=g).cuda() for _ in range(2))
+    return x, a, b, torch.rand(n, generator=g).cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_tiled_loss_on_cuda_equals_untiled(dtype, dedup):
+    x, a, b, lam = _problem_cuda(3000, 100, dtype)
+    out = {}
+    for tile in (0, 512):
+        xx = x.detach().clone().requires_grad_()
+        loss = icm_loss(xx, a, b, lam, dedup=dedup, tile=tile)
+        loss.backward()
+        out[tile] = (loss.item(), xx.grad.float())
+    assert abs(out[512][0] - out[0][0]) <= 1e-5 * abs(out[0][0])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient is returned in bf16
+    assert (out[512][1] - out[0][1]).norm() <= tol * out[0][1].norm()
+
+
+def test_tiled_loss_extra_memory_is_a_tenth_of_untiled_at_16k():
+    """The issue's target at N = 16,384, C = 100, one process (memory, not time)."""
+    x, a, b, lam = _problem_cuda(16384, 100)
+    extra = {}
+    for tile in (0, 1024):
+        xx = x.detach().clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        icm_loss(xx, a, b, lam, tile=tile, validate=False).backward()
+        torch.cuda.synchronize()
+        extra[tile] = torch.cuda.max_memory_allocated() - base
+    assert extra[1024] <= extra[0] / 10, extra

@@ -30,8 +30,8 @@ def build_data(
 ) -> DataBundle:
     """Data sets, subset, loaders; raises DataError / ValueError on bad input.
 
-    ``device`` and ``channels_last`` are used by ``data.loader=ffcv`` only, whose pipeline ends
-    with the transfer to the device; the torch path leaves that to the trainer.
+    ``data.loader=ffcv``'s pipeline ends with the transfer to ``device`` (and ``channels_last``);
+    the torch path leaves that to the trainer and, for a CUDA ``device``, pins its batches.
     """
     train, test, spec = build_datasets(
         data_cfg.name, data_cfg.root, download=data_cfg.download, seed=seed
@@ -63,7 +63,9 @@ def build_data(
     sampler = GlobalBatchSampler(
         len(train_aug), micro_global, rank=rank, world_size=world_size, seed=seed
     )
-    loader = make_loader(train_aug, sampler, num_workers=data_cfg.num_workers)
+    # pinned batches on CUDA: the trainer's non-blocking copy then overlaps the running step
+    pin = torch.device(device).type == "cuda"
+    loader = make_loader(train_aug, sampler, num_workers=data_cfg.num_workers, pin_memory=pin)
     shard = test_shard(len(test), rank, world_size)
     test_loader = DataLoader(
         Subset(normalize_only(test, spec.mean, spec.std), shard),

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m dist_icm.bench NAME`` (see ``__main__``)."""

@@ -1,0 +1,165 @@
+"""Benchmarks that print figures: one JSON object on stdout each, ratios measured side by side
+in one run (progress goes to stderr).
+
+    python -m dist_icm.bench loss   # ICM loss time and memory vs the global batch N
+    python -m dist_icm.bench comm   # bytes each rank sends per global sample, and gloo time
+    python -m dist_icm.bench step   # a whole training step: ICM loss vs plain cross-entropy
+    python -m dist_icm.bench data   # images/s: ffcv loader vs torch DataLoader
+
+``python -m dist_icm.bench NAME --help`` describes each one and its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_icm.bench", description=__doc__, formatter_class=raw
+    )
+    sub = parser.add_subparsers(dest="what", required=True, metavar="NAME")
+    from dist_icm.bench import comm, data, loss, step
+
+    p = sub.add_parser(
+        "loss",
+        help="ICM loss: tiled vs untiled (dense, gather)",
+        description=loss.__doc__,
+        formatter_class=raw,
+    )
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[1024, 2048, 4096, 8192, 16384],
+        help="global batch sizes N (one process: n = N)",
+    )
+    p.add_argument("--classes", type=int, nargs="+", default=[100, 1000], help="class counts C")
+    p.add_argument("--tile", type=int, default=1024, help="tile edge T of the tiled form")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
+    p.add_argument("--device", default=DEVICE, help="cpu or cuda (default: cuda if visible)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the logits (the loss itself runs in float32)",
+    )
+    p.add_argument(
+        "--max-untiled",
+        type=int,
+        default=16384,
+        help="largest N for the untiled forms (their n x N blocks must fit)",
+    )
+
+    c = sub.add_parser(
+        "comm",
+        help="bytes on the wire per global sample, gloo time",
+        description=comm.__doc__,
+        formatter_class=raw,
+    )
+    c.add_argument("--batch", type=int, default=3072, help="global batch N")
+    c.add_argument("--classes", type=int, default=100, help="class count C")
+    c.add_argument("--worlds", type=int, nargs="+", default=[2, 3], help="process counts")
+    c.add_argument("--repeats", type=int, default=5, help="timed repeats (after one warm-up)")
+
+    s = sub.add_parser(
+        "step",
+        help="training step: ICM loss vs plain CE",
+        description=step.__doc__,
+        formatter_class=raw,
+    )
+    s.add_argument("--model", default="cifar_resnet18", help="a dist_icm model name")
+    s.add_argument("--batch", type=int, default=512, help="batch size")
+    s.add_argument("--classes", type=int, default=10, help="class count")
+    s.add_argument("--image", type=int, default=32, help="image side in pixels")
+    s.add_argument("--steps", type=int, default=5, help="timed steps of each (alternating)")
+    s.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
+    s.add_argument("--device", default=DEVICE, help="cpu or cuda (default: cuda if visible)")
+    s.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="autocast dtype of the model (fp32: none)",
+    )
+    s.add_argument("--channels-last", action="store_true", help="channels-last images/weights")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--epochs", type=int, default=200, help="epochs of the wall-time projection")
+
+    d = sub.add_parser(
+        "data",
+        help="images/s: ffcv loader vs torch DataLoader",
+        description=data.__doc__,
+        formatter_class=raw,
+    )
+    d.add_argument("--root", help="JPEG ImageFolder tree (default: the cached CIFAR-10 tree)")
+    d.add_argument("--batch", type=int, default=256, help="batch size")
+    d.add_argument("--workers", type=int, default=2, help="loader workers / decoding threads")
+    d.add_argument("--batches", type=int, default=150, help="batches per timed pass")
+    d.add_argument("--repeats", type=int, default=3, help="timed passes of each loader")
+    d.add_argument("--step", metavar="MODEL", help="also time training steps of this model")
+    d.add_argument(
+        "--write-mode",
+        default="auto",
+        choices=("auto", "raw", "jpg"),
+        help="how the ffcv file stores images",
+    )
+    return parser
+
+
+# glibc grows its mmap threshold after large frees and then serves big tensors from a heap it
+# keeps: peak RSS would miss them. A fixed threshold maps (and unmaps) every tensor over 64 KiB.
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.what == "loss" and args.device == "cpu" and not _MALLOC.keys() <= os.environ.keys():
+        argv = sys.argv[1:] if argv is None else argv
+        cmd = [sys.executable, "-m", "dist_icm.bench", *argv]
+        os.execve(sys.executable, cmd, {**os.environ, **_MALLOC})  # the same run, re-started
+    from dist_icm.bench import comm, data, loss, step
+
+    if args.what == "loss":
+        out = loss.bench_loss(
+            args.sizes,
+            args.classes,
+            args.tile,
+            args.repeats,
+            args.device,
+            args.dtype,
+            args.max_untiled,
+        )
+    elif args.what == "comm":
+        out = comm.bench_comm(args.batch, args.classes, args.worlds, args.repeats)
+    elif args.what == "step":
+        out = step.bench_step(
+            args.model,
+            args.batch,
+            args.classes,
+            args.image,
+            args.steps,
+            args.warmup,
+            args.device,
+            args.precision,
+            args.channels_last,
+            args.compile,
+            epochs=args.epochs,
+        )
+    else:
+        root = data.find_cifar10(args.root)
+        out = data.bench_data(
+            root, args.batch, args.workers, args.batches, args.repeats, args.step, args.write_mode
+        )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""``bench step``: a whole training step with the ICM loss against plain cross-entropy.
+
+Same model, same batch, same optimizer (SGD, momentum 0.9, weight decay 5e-4), one process:
+
+* ``ce``: ``cross_entropy(model(x), y)``, backward, optimizer step;
+* ``icm``: the trainer's objective (``icm_mixup``: Mixup of the batch with its seeded λ and
+  pairing, the model, ``icm_loss`` with ``validate=False``), backward, optimizer step.
+
+The two alternate step by step (after warm-up steps of each), so machine noise hits both
+alike; ``icm_over_ce`` is the ratio of the median step times. ``--precision bf16`` runs the
+model under autocast (the loss itself always runs in float32); ``--channels-last`` stores
+images and weights channels-last; ``--compile`` wraps the model in ``torch.compile``. It also
+times a forward-only evaluation pass and projects the wall time of ``--epochs`` epochs over
+50,000 training and 10,000 test images (CIFAR) from these rates: model compute only, with
+the data loader assumed to keep up (``bench data`` measures loaders).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dist_icm.mixing import MixContext
+from dist_icm.models import build_model
+from dist_icm.objectives import Objective, ObjectiveConfig
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_step(
+    model_name: str,
+    batch: int,
+    classes: int,
+    image: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    precision: str,
+    channels_last: bool,
+    compile_model: bool = False,
+    train_images: int = 50_000,
+    test_images: int = 10_000,
+    epochs: int = 200,
+) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, image, image, generator=gen).to(device)
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    objectives = {
+        "ce": None,
+        "icm": Objective(ObjectiveConfig(name="icm_mixup"), validate=False),
+    }
+    models, optims = {}, {}
+    for k in objectives:
+        torch.manual_seed(0)
+        models[k] = build_model(model_name, classes, 3).to(device, memory_format=fmt)
+        optims[k] = torch.optim.SGD(
+            models[k].parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4
+        )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    calls = {k: torch.compile(m) if compile_model else m for k, m in models.items()}
+
+    def step(k: str, i: int) -> float:
+        model, opt = calls[k], optims[k]
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            if objectives[k] is None:
+                loss = F.cross_entropy(model(x).float(), y)
+            else:
+                loss, _ = objectives[k](model, x, y, MixContext(seed=0, step=i))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for i in range(warmup):
+        for k in objectives:
+            step(k, i)
+    times: dict[str, list[float]] = {k: [] for k in objectives}
+    for i in range(steps):
+        for k in objectives:
+            times[k].append(step(k, warmup + i))
+    med = {k: statistics.median(t) for k, t in times.items()}
+
+    def evaluate() -> float:  # forward only, as the trainer's evaluation
+        _sync(device)
+        start = time.perf_counter()
+        with (
+            torch.no_grad(),
+            torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None),
+        ):
+            calls["icm"](x)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        evaluate()
+    eval_s = statistics.median(evaluate() for _ in range(steps))
+    epoch_s = train_images / (batch / med["icm"]) + test_images / (batch / eval_s)
+    return {
+        "bench": "step",
+        "model": model_name,
+        "batch": batch,
+        "classes": classes,
+        "image": image,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+        "channels_last": channels_last,
+        "steps": steps,
+        "ce_s": round(med["ce"], 4),
+        "icm_s": round(med["icm"], 4),
+        "ce_images_per_s": round(batch / med["ce"], 1),
+        "icm_images_per_s": round(batch / med["icm"], 1),
+        "icm_over_ce": round(med["icm"] / med["ce"], 4),
+        "compile": compile_model,
+        "eval_images_per_s": round(batch / eval_s, 1),
+        # model compute only (no data loading): train + test images per epoch, at these rates
+        "epoch_s": round(epoch_s, 2),
+        f"projected_{epochs}_epochs_h": round(epochs * epoch_s / 3600, 3),
+    }

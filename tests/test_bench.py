@@ -1,0 +1,81 @@
+"""The benchmarks run end to end at small sizes and print what they promise (one JSON object);
+their figures at full size are in the README's performance section."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dist_icm.bench.__main__ import _parser
+
+
+def _bench(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_icm.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_every_option_has_help():
+    parser = _parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) == {"loss", "comm", "step", "data"}
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            assert action.help, f"bench {name}: {action.option_strings} has no help"
+
+
+def test_loss_bench_tiled_memory_is_a_fraction_of_untiled():
+    out = _bench("loss", "--sizes", "1024", "--classes", "10", "--tile", "128", "--repeats", "1")
+    (row,) = out["rows"]
+    assert row["N"] == 1024 and out["tile"] == 128
+    # the untiled forms hold (1024 x 1024) float32 blocks (4 MiB each); the tiled one 64 KiB
+    assert row["dense_mib"] > 8 and row["tiled_mib"] < row["dense_mib"] / 4
+
+
+@pytest.mark.multiproc
+def test_comm_bench_counts_the_triples_path_under_20_bytes():
+    out = _bench("comm", "--batch", "24", "--classes", "6", "--worlds", "2", "--repeats", "1")
+    # W = 2: half of 8 (triples) + 4 (all-to-all) + 4 (its backward); the limit is 16
+    assert out["triples_bytes_per_sample"] == 8.0
+    assert out["triples_bytes_per_sample_limit"] == 16.0 <= 20
+    assert out["scores_bytes_per_sample"] == (8 + 2 * 4 * 6) / 2
+    assert out["worlds"]["2"]["triples_dedup"]["total"] == 12.0
+
+
+def test_step_bench_reports_icm_over_ce():
+    out = _bench(
+        "step",
+        "--model",
+        "small_cnn",
+        "--batch",
+        "16",
+        "--image",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+    )
+    assert out["icm_over_ce"] == pytest.approx(out["icm_s"] / out["ce_s"], rel=1e-2)
+
+
+def test_data_bench_names_a_bad_root_in_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_icm.bench", "data", "--root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        f"bench data: --root {tmp_path} holds no train/ folder: point it at a JPEG ImageFolder tree"
+    ]

@@ -93,10 +93,10 @@ def test_the_icm_loss_adds_only_its_own_collectives_and_no_host_sync(ranks):
     for out in ranks:
         icm, ce = Counter(out["icm"]), Counter(out["ce"])
         assert ce["c10d.allreduce_"] >= 1  # DDP's gradient buckets: what plain CE costs
-        # per micro-step: the triples' all-gather; the column max, the column sums and their
-        # backward all-reduces. Nothing else: no row-count gather, no broadcast.
+        # per micro-step: the triples' all-gather; the all-to-all of the columns' partial
+        # logsumexps and its backward. Nothing else: no row-count gather, no all-reduce.
         extra = icm - ce
-        assert extra == Counter({"c10d.allgather_": ACCUM, "c10d.allreduce_": 3 * ACCUM}), out
+        assert extra == Counter({"c10d.allgather_": ACCUM, "c10d.alltoall_base_": 2 * ACCUM}), out
         assert icm["aten._local_scalar_dense"] == 0
 
 

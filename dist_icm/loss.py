@@ -51,6 +51,7 @@ from dist_icm.tiled import dense_mixing, lse_stats
 
 AXES = ("class", "pair", "both")
 GATHERS = ("triples", "scores")
+METHODS = ("auto", "matmul", "gather")
 
 # S Ỹᵀ as a matmul with a dense Ỹ costs n*N*C multiply-adds; as two column gathers it costs
 # 2*n*N plus the scatter in the backward pass. `python -m dist_icm.bench loss` measures both
@@ -106,29 +107,10 @@ def target_groups(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.
     return torch.unique(key, dim=0, return_inverse=True)[1]
 
 
-def _masked_lse(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """logsumexp of ``s`` over the entries where ``mask`` holds; -inf, with a zero (not NaN)
-    gradient, where it holds nowhere (a column with no positive among this rank's rows)."""
-    masked = s.masked_fill(~mask, float("-inf"))
-    shift = masked.detach().amax(dim, keepdim=True)
-    shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
-    total = (masked - shift).exp().sum(dim)
-    some = total > 0
-    out = shift.squeeze(dim) + torch.where(some, total, torch.ones_like(total)).log()
-    return torch.where(some, out, torch.full_like(out, float("-inf")))
-
-
 def _stats(x, a, b, lam, keys, tile: int, dense: bool):
     """(rows, cols, pos_rows, pos_cols) logsumexps of S̃ = x Ỹᵀ (pos_* None without keys)."""
-    if tile:
-        out = lse_stats(x, a, b, lam, keys=keys, tile=tile, dense=dense)
-        return out if keys is not None else (*out, None, None)
-    s = mixed_scores(x, a, b, lam, "matmul" if dense else "gather")
-    rows, cols = s.logsumexp(1), s.logsumexp(0)
-    if keys is None:
-        return rows, cols, None, None
-    pos = keys[0][:, None] == keys[1][None, :]
-    return rows, cols, _masked_lse(s, pos, 1), _masked_lse(s, pos, 0)
+    out = lse_stats(x, a, b, lam, keys=keys, tile=tile, dense=dense)
+    return out if keys is not None else (*out, None, None)
 
 
 def _owners_lse(cols: torch.Tensor, group) -> torch.Tensor:
@@ -161,12 +143,14 @@ def _unpack_triples(wire: torch.Tensor, dtype: torch.dtype, num_classes: int):
     return ab[:, 0].long(), ab[:, 1].long(), lam
 
 
-def _check_local(logits, a, b, lam, axis, gather) -> None:
+def _check_local(logits, a, b, lam, axis, gather, method) -> None:
     """Checks of arguments, shapes and dtypes: free (no device sync), every call."""
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
     if gather not in GATHERS:
         raise ValueError(f"gather must be one of {GATHERS}, got {gather!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use 'auto', 'matmul' or 'gather'")
     if logits.ndim != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float (n, C) tensor, got {tuple(logits.shape)}")
     n = logits.shape[0]
@@ -254,7 +238,7 @@ def icm_loss(
         ValueError: on bad arguments or inputs, and on an empty batch (n = 0), which has no
             mean; with ``validate`` and a group, on every rank alike.
     """
-    _check_local(logits, a, b, lam, axis, gather)
+    _check_local(logits, a, b, lam, axis, gather, method)
     if not isinstance(tile, int) or tile < 0:
         raise ValueError(f"tile must be an int >= 0 (0: untiled), got {tile!r}")
     n = logits.shape[0]

@@ -43,6 +43,18 @@ def _scores(x, a, b, lam, y):
     return x[:, a] * lam + x[:, b] * (1 - lam)
 
 
+def masked_lse(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp of ``s`` over the entries where ``mask`` holds; -inf, with a zero (not NaN)
+    gradient, where it holds nowhere (e.g. a column with no positive among this rank's rows)."""
+    masked = s.masked_fill(~mask, float("-inf"))
+    shift = masked.detach().amax(dim, keepdim=True)
+    shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
+    total = (masked - shift).exp().sum(dim)
+    some = total > 0
+    out = shift.squeeze(dim) + torch.where(some, total, torch.ones_like(total)).log()
+    return torch.where(some, out, torch.full_like(out, float("-inf")))
+
+
 def _spans(size: int, tile: int):
     return [(lo, min(lo + tile, size)) for lo in range(0, size, tile)]
 
@@ -134,5 +146,5 @@ def lse_stats(x, a, b, lam, *, keys=None, tile: int = 0, dense: bool = True):
     out = (s.logsumexp(1), s.logsumexp(0))
     if keys is None:
         return out
-    sp = s.masked_fill(keys[0][:, None] != keys[1][None, :], float("-inf"))
-    return (*out, sp.logsumexp(1), sp.logsumexp(0))
+    pos = keys[0][:, None] == keys[1][None, :]
+    return (*out, masked_lse(s, pos, 1), masked_lse(s, pos, 0))

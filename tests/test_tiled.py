@@ -114,3 +114,9 @@ def test_tiled_memory_does_not_hold_the_score_matrix():
             icm_loss(x, a, b, lam, tile=tile)
     assert max(sizes[0]) >= 256 * 256  # untiled: the score matrix itself
     assert max(sizes[32]) < 256 * C + 1  # tiled: nothing bigger than the logits
+
+
+def test_an_unknown_method_fails_clearly():
+    x, a, b, lam = _problem(4)
+    with pytest.raises(ValueError, match="unknown method 'foo'"):
+        icm_loss(x, a, b, lam, method="foo")

@@ -59,6 +59,8 @@ def test_step_bench_reports_icm_over_ce():
         "--image",
         "8",
         "--steps",
+        "2",
+        "--repeats",
         "1",
         "--warmup",
         "1",
@@ -66,6 +68,7 @@ def test_step_bench_reports_icm_over_ce():
         "cpu",
     )
     assert out["icm_over_ce"] == pytest.approx(out["icm_s"] / out["ce_s"], rel=1e-2)
+    assert out["steps"] == 2 and out["repeats"] == 1 and out["eval_images_per_s"] > 0
 
 
 def test_data_bench_names_a_bad_root_in_one_line(tmp_path):

@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=512, help="batch size")
     s.add_argument("--classes", type=int, default=10, help="class count")
     s.add_argument("--image", type=int, default=32, help="image side in pixels")
-    s.add_argument("--steps", type=int, default=5, help="timed steps of each (alternating)")
+    s.add_argument("--steps", type=int, default=5, help="back-to-back steps in a timed block")
+    s.add_argument("--repeats", type=int, default=3, help="timed blocks of each (alternating)")
     s.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
     s.add_argument("--device", default=DEVICE, help="cpu or cuda (default: cuda if visible)")
     s.add_argument(
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             args.classes,
             args.image,
             args.steps,
+            args.repeats,
             args.warmup,
             args.device,
             args.precision,

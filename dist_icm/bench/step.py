@@ -6,8 +6,10 @@ Same model, same batch, same optimizer (SGD, momentum 0.9, weight decay 5e-4), o
 * ``icm``: the trainer's objective (``icm_mixup``: Mixup of the batch with its seeded λ and
   pairing, the model, ``icm_loss`` with ``validate=False``), backward, optimizer step.
 
-The two alternate step by step (after warm-up steps of each), so machine noise hits both
-alike; ``icm_over_ce`` is the ratio of the median step times. ``--precision bf16`` runs the
+The two alternate in blocks of ``--steps`` back-to-back steps (``--repeats`` blocks each, after
+``--warmup`` steps of each), so machine noise hits both alike and, as in training, the host
+queues a step's kernels while the device still runs the previous one; ``icm_over_ce`` is the
+ratio of the median times per step. ``--precision bf16`` runs the
 model under autocast (the loss itself always runs in float32); ``--channels-last`` stores
 images and weights channels-last; ``--compile`` wraps the model in ``torch.compile``. It also
 times a forward-only evaluation pass and projects the wall time of ``--epochs`` epochs over
@@ -39,6 +41,7 @@ def bench_step(
     classes: int,
     image: int,
     steps: int,
+    repeats: int,
     warmup: int,
     device: str,
     precision: str,
@@ -67,10 +70,8 @@ def bench_step(
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     calls = {k: torch.compile(m) if compile_model else m for k, m in models.items()}
 
-    def step(k: str, i: int) -> float:
+    def step(k: str, i: int) -> None:
         model, opt = calls[k], optims[k]
-        _sync(device)
-        start = time.perf_counter()
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             if objectives[k] is None:
                 loss = F.cross_entropy(model(x).float(), y)
@@ -79,16 +80,23 @@ def bench_step(
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
-        return time.perf_counter() - start
 
-    for i in range(warmup):
-        for k in objectives:
+    def block(k: str, first: int, count: int) -> float:
+        """Seconds per step over ``count`` back-to-back steps: as in training, the host queues
+        the next step while the device runs this one; synced only at the block's ends."""
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(first, first + count):
             step(k, i)
+        _sync(device)
+        return (time.perf_counter() - start) / count
+
+    for k in objectives:
+        block(k, 0, warmup)
     times: dict[str, list[float]] = {k: [] for k in objectives}
-    for i in range(steps):
+    for r in range(repeats):
         for k in objectives:
-            times[k].append(step(k, warmup + i))
+            times[k].append(block(k, warmup + r * steps, steps))
     med = {k: statistics.median(t) for k, t in times.items()}
 
     def evaluate() -> float:  # forward only, as the trainer's evaluation
@@ -104,7 +112,7 @@ def bench_step(
 
     for _ in range(warmup):
         evaluate()
-    eval_s = statistics.median(evaluate() for _ in range(steps))
+    eval_s = statistics.median(evaluate() for _ in range(max(steps, 3)))
     epoch_s = train_images / (batch / med["icm"]) + test_images / (batch / eval_s)
     return {
         "bench": "step",
@@ -117,6 +125,7 @@ def bench_step(
         "precision": precision,
         "channels_last": channels_last,
         "steps": steps,
+        "repeats": repeats,
         "ce_s": round(med["ce"], 4),
         "icm_s": round(med["icm"], 4),
         "ce_images_per_s": round(batch / med["ce"], 1),

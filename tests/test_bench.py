@@ -25,7 +25,7 @@ def _bench(*args: str) -> dict:
 def test_every_option_has_help():
     parser = _parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subs.choices) == {"loss", "comm", "step", "data"}
+    assert set(subs.choices) == {"loss", "comm", "step", "trainer", "data"}
     for name, sub in subs.choices.items():
         for action in sub._actions:
             assert action.help, f"bench {name}: {action.option_strings} has no help"
@@ -82,3 +82,21 @@ def test_data_bench_names_a_bad_root_in_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [
         f"bench data: --root {tmp_path} holds no train/ folder: point it at a JPEG ImageFolder tree"
     ]
+
+
+def test_trainer_bench_runs_the_trainer_and_a_bare_loop(cifar10_jpeg_root):
+    out = _bench(
+        "trainer",
+        "--root",
+        str(cifar10_jpeg_root),
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--profile",
+        "model=small_cnn",
+        "data.global_batch=32",
+    )
+    assert out["batch"] == 32 and out["trainer_over_bare"] > 0
+    assert {"trainer", "bare"} == set(out["top_ops"])
+    assert any("convolution" in row["op"] for row in out["top_ops"]["bare"])

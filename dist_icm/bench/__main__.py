@@ -4,6 +4,7 @@ in one run (progress goes to stderr).
     python -m dist_icm.bench loss   # ICM loss time and memory vs the global batch N
     python -m dist_icm.bench comm   # bytes each rank sends per global sample, and gloo time
     python -m dist_icm.bench step   # a whole training step: ICM loss vs plain cross-entropy
+    python -m dist_icm.bench trainer  # the trainer's step vs a bare loop of the same work
     python -m dist_icm.bench data   # images/s: ffcv loader vs torch DataLoader
 
 ``python -m dist_icm.bench NAME --help`` describes each one and its options.
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m dist_icm.bench", description=__doc__, formatter_class=raw
     )
     sub = parser.add_subparsers(dest="what", required=True, metavar="NAME")
-    from dist_icm.bench import comm, data, loss, step
+    from dist_icm.bench import comm, data, loss, step, trainer
 
     p = sub.add_parser(
         "loss",
@@ -94,6 +95,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--epochs", type=int, default=200, help="epochs of the wall-time projection")
 
+    t = sub.add_parser(
+        "trainer",
+        help="the trainer's step vs a bare loop of the same work",
+        description=trainer.__doc__,
+        formatter_class=raw,
+    )
+    t.add_argument("--root", help="JPEG ImageFolder tree (default: the cached CIFAR-10 tree)")
+    t.add_argument("--steps", type=int, default=5, help="back-to-back steps in a timed block")
+    t.add_argument("--repeats", type=int, default=3, help="timed blocks of each (alternating)")
+    t.add_argument("--profile", action="store_true", help="add each one's top operators")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. model=cifar_resnet18 data.global_batch=128",
+    )
+
     d = sub.add_parser(
         "data",
         help="images/s: ffcv loader vs torch DataLoader",
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = sys.argv[1:] if argv is None else argv
         cmd = [sys.executable, "-m", "dist_icm.bench", *argv]
         os.execve(sys.executable, cmd, {**os.environ, **_MALLOC})  # the same run, re-started
-    from dist_icm.bench import comm, data, loss, step
+    from dist_icm.bench import comm, data, loss, step, trainer
 
     if args.what == "loss":
         out = loss.bench_loss(
@@ -155,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
             args.compile,
             epochs=args.epochs,
         )
+    elif args.what == "trainer":
+        root = data.find_cifar10(args.root)
+        out = trainer.bench_trainer(root, args.overrides, args.steps, args.repeats, args.profile)
     else:
         root = data.find_cifar10(args.root)
         out = data.bench_data(

@@ -11,7 +11,8 @@ them), only these per-row and per-column statistics of S̃ (m x k):
 each tile's logsumexps into running ones (``logaddexp``); the backward pass recomputes every tile
 instead of storing it. Memory is O(tile² + (m + k) + m·C) instead of O(m·k), the idea of Inf-CL
 (Cheng et al. 2024) for CLIP, here for the ICM score matrix, whose tile is a matmul with a
-dense slice of Ỹ (or two column gathers, see ``dist_icm.loss.mixed_scores``).
+dense slice of Ỹ (or two column gathers, see ``dist_icm.loss.mixed_scores``). With ``tile=0`` it
+forms S̃ whole and lets autograd keep it (the faster choice while n x N fits).
 
 Gradient: only X receives one (the mixing triples are data). With upstream gradients
 g (per row), h (per column) and their positive-only counterparts,

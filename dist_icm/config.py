@@ -97,9 +97,7 @@ class RuntimeConfig:
     precision: str = "no"
     grad_accum: int = 1  # micro-steps per optimizer step; the ICM score matrix spans one
     compile: bool = False
-    # images and conv weights stored NHWC; None: on, except under DeepSpeed ZeRO (untested there).
-    # bench step, ResNet-18 batch 512 fp32 on the 2-core CPU: 1.22x the images/s of NCHW
-    channels_last: bool | None = None
+    channels_last: bool = False
     threads: int | None = None  # torch intra-op threads per process
     zero_stage: int = 0  # 0: DDP; 1, 2, 3: DeepSpeed ZeRO through Accelerate (runtime.py)
 
@@ -109,11 +107,6 @@ class RuntimeConfig:
         if self.grad_accum < 1:
             raise ConfigError(f"runtime.grad_accum must be >= 1, got {self.grad_accum}")
         _one_of("runtime.zero_stage", self.zero_stage, (0, 1, 2, 3))
-
-    @property
-    def use_channels_last(self) -> bool:
-        """``channels_last`` resolved: its value, or on unless DeepSpeed ZeRO runs."""
-        return self.channels_last if self.channels_last is not None else self.zero_stage == 0
 
 
 @dataclass

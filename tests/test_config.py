@@ -122,12 +122,3 @@ def test_the_readme_gpu_node_example_is_a_sound_large_batch_config(tmp_path):
     assert cfg.schedule.warmup_epochs == 5 and lr_factor(0, 10, cfg.schedule) < 0.1
     assert cfg.model.sync_bn and cfg.loss.group_size == 128 and cfg.runtime.precision == "bf16"
     assert plan_batches(cfg, 8).per_device == 128
-
-
-def test_channels_last_is_on_by_default_except_under_zero():
-    from dist_icm.config import RuntimeConfig
-
-    assert RuntimeConfig().use_channels_last
-    assert not RuntimeConfig(zero_stage=2).use_channels_last
-    assert not RuntimeConfig(channels_last=False).use_channels_last
-    assert RuntimeConfig(channels_last=True, zero_stage=2).use_channels_last

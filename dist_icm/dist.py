@@ -104,7 +104,7 @@ def all_gather_nograd(x: torch.Tensor, group: Group) -> torch.Tensor:
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group, ctx.rank, ctx.n = group, rank(group), x.shape[0]
+        ctx.group, ctx.n = group, x.shape[0]
         return torch.cat(_gather_list(x, group), dim=0)
 
     @staticmethod
@@ -134,17 +134,6 @@ def _sum_all(x: torch.Tensor, group: Group) -> torch.Tensor:
     return out
 
 
-class _AllReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _sum_all(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _sum_all(grad, ctx.group), None
-
-
 def _exchange(x: torch.Tensor, group: Group) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -153,15 +142,18 @@ def _exchange(x: torch.Tensor, group: Group) -> torch.Tensor:
     return out
 
 
-class _AllToAll(torch.autograd.Function):
+class _SelfAdjoint(torch.autograd.Function):
+    """A linear collective that is its own adjoint (the sum over ranks, the block exchange):
+    its backward applies the same collective to the gradient."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _exchange(x, group)
+    def forward(ctx, x: torch.Tensor, group: Group, collective) -> torch.Tensor:
+        ctx.group, ctx.collective = group, collective
+        return collective(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _exchange(grad, ctx.group), None
+        return ctx.collective(grad, ctx.group), None, None
 
 
 def all_to_all(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -171,14 +163,14 @@ def all_to_all(x: torch.Tensor, group: Group) -> torch.Tensor:
         return x
     if x.shape[0] % size(group):
         raise ValueError(f"all_to_all needs rows divisible by the world size, got {x.shape[0]}")
-    return _AllToAll.apply(x, group)
+    return _SelfAdjoint.apply(x, group, _exchange)
 
 
 def all_reduce_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum of ``x`` over ranks, differentiable (backward sums the ranks' gradients)."""
     if not is_distributed(group):
         return x
-    return _AllReduceSum.apply(x, group)
+    return _SelfAdjoint.apply(x, group, _sum_all)
 
 
 def all_reduce_max(x: torch.Tensor, group: Group) -> torch.Tensor:

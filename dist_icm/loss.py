@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from dist_icm import dist
-from dist_icm.tiled import dense_mixing, lse_stats
+from dist_icm.tiled import dense_mixing, lse_stats, tile_scores
 
 AXES = ("class", "pair", "both")
 GATHERS = ("triples", "scores")
@@ -81,10 +81,11 @@ def mixed_scores(
     num_classes = logits.shape[1]
     if method == "auto":
         method = "matmul" if num_classes <= DENSE_MAX_CLASSES else "gather"
-    if method == "matmul":
-        return logits @ mixing_matrix(a, b, lam, num_classes).T
-    if method == "gather":
-        return logits[:, a] * lam + logits[:, b] * (1 - lam)
+    if method in ("matmul", "gather"):
+        dense = method == "matmul"
+        return tile_scores(
+            logits, a, b, lam, mixing_matrix(a, b, lam, num_classes) if dense else None
+        )
     raise ValueError(f"unknown method {method!r}: use 'auto', 'matmul' or 'gather'")
 
 

@@ -37,7 +37,7 @@ def dense_mixing(a, b, lam, num_classes: int, like: torch.Tensor):
     return y
 
 
-def _scores(x, a, b, lam, y):
+def tile_scores(x, a, b, lam, y):
     """One tile of S̃: a matmul with the dense slice y, or (y None) two column gathers."""
     if y is not None:
         return x @ y.T
@@ -72,7 +72,7 @@ class _TiledLSE(torch.autograd.Function):
             s_ab = (a[j0:j1], b[j0:j1], lam[j0:j1])
             y = dense_mixing(*s_ab, x.shape[1], x) if dense else None
             for i0, i1 in _spans(m, tile):
-                s = _scores(x[i0:i1], *s_ab, y)
+                s = tile_scores(x[i0:i1], *s_ab, y)
                 rows[i0:i1] = torch.logaddexp(rows[i0:i1], s.logsumexp(1))
                 cols[j0:j1] = torch.logaddexp(cols[j0:j1], s.logsumexp(0))
                 if with_pos:
@@ -108,7 +108,7 @@ class _TiledLSE(torch.autograd.Function):
             y = dense_mixing(*s_ab, num_classes, x) if ctx.dense else None
             for i0, i1 in _spans(m, ctx.tile):
                 ti = slice(i0, i1)
-                s = _scores(x[ti], *s_ab, y)
+                s = tile_scores(x[ti], *s_ab, y)
                 ds = g_rows[ti, None] * (s - rows[ti, None]).exp()
                 ds += g_cols[None, tj] * (s - cols[None, tj]).exp()
                 if ctx.with_pos:
@@ -143,7 +143,7 @@ def lse_stats(x, a, b, lam, *, keys=None, tile: int = 0, dense: bool = True):
     if tile:
         row_keys, col_keys = keys if keys is not None else (None, None)
         return _TiledLSE.apply(x, a, b, lam, row_keys, col_keys, tile, dense)
-    s = _scores(x, a, b, lam, dense_mixing(a, b, lam, x.shape[1], x) if dense else None)
+    s = tile_scores(x, a, b, lam, dense_mixing(a, b, lam, x.shape[1], x) if dense else None)
     out = (s.logsumexp(1), s.logsumexp(0))
     if keys is None:
         return out

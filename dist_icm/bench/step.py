@@ -35,6 +35,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_block(run, first: int, count: int, device: str) -> float:
+    """Seconds per step of ``run(i)`` for ``count`` back-to-back steps from ``first``: as in
+    training, the host queues the next step while the device runs this one; synced only at the
+    block's ends."""
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(first, first + count):
+        run(i)
+    _sync(device)
+    return (time.perf_counter() - start) / count
+
+
 def bench_step(
     model_name: str,
     batch: int,
@@ -82,14 +94,7 @@ def bench_step(
         opt.zero_grad(set_to_none=True)
 
     def block(k: str, first: int, count: int) -> float:
-        """Seconds per step over ``count`` back-to-back steps: as in training, the host queues
-        the next step while the device runs this one; synced only at the block's ends."""
-        _sync(device)
-        start = time.perf_counter()
-        for i in range(first, first + count):
-            step(k, i)
-        _sync(device)
-        return (time.perf_counter() - start) / count
+        return time_block(lambda i: step(k, i), first, count, device)
 
     for k in objectives:
         block(k, 0, warmup)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from dist_icm.bench.step import time_block
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -112,14 +113,7 @@ def bench_trainer(root: str, overrides: list[str], steps: int, repeats: int, pro
         device = job.rt.device
 
         def block(k: str, first: int) -> float:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for i in range(first, first + steps):
-                contestants[k](i)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return (time.perf_counter() - start) / steps
+            return time_block(contestants[k], first, steps, str(device))
 
         job.model.train()
         for k in contestants:

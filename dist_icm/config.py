@@ -100,6 +100,7 @@ class RuntimeConfig:
     channels_last: bool = False
     threads: int | None = None  # torch intra-op threads per process
     zero_stage: int = 0  # 0: DDP; 1, 2, 3: DeepSpeed ZeRO through Accelerate (runtime.py)
+    timeout_s: float = 600.0  # a collective waiting longer (a peer died or hangs) fails the run
 
     def __post_init__(self) -> None:
         _one_of("runtime.device", self.device, DEVICES)
@@ -107,6 +108,8 @@ class RuntimeConfig:
         if self.grad_accum < 1:
             raise ConfigError(f"runtime.grad_accum must be >= 1, got {self.grad_accum}")
         _one_of("runtime.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if not self.timeout_s > 0:
+            raise ConfigError(f"runtime.timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass
@@ -119,6 +122,7 @@ class TrainConfig:
     ckpt_every_steps: int | None = None  # also every this many optimizer steps
     ckpt_every_min: float | None = None  # also every this many minutes (rank 0's clock)
     keep_ckpts: int = 3
+    max_skipped: int = 3  # non-finite steps in a row that are skipped before the run stops
     seed: int = 0
     progress: bool = True
     tensorboard: bool = True
@@ -128,6 +132,8 @@ class TrainConfig:
             raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.max_skipped < 0:
+            raise ConfigError(f"train.max_skipped must be >= 0, got {self.max_skipped}")
         for key in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")

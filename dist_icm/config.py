@@ -10,12 +10,15 @@ with code 2.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from dist_icm.data.datasets import DATASET_NAMES
 from dist_icm.objectives import ObjectiveConfig
 from dist_icm.optim import OptimConfig
 from dist_icm.schedule import ScheduleConfig
@@ -57,6 +60,9 @@ class DataConfig:
     ffcv_quality: int = 90  # JPEG quality when writing jpg
 
     def __post_init__(self) -> None:
+        _one_of("data.name", self.name, DATASET_NAMES)
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"data.num_classes must be >= 2 (or null), got {self.num_classes}")
         _one_of("data.ffcv_write_mode", self.ffcv_write_mode, ("auto", "raw", "jpg"))
         if self.ffcv_max_side is not None and self.ffcv_max_side < 8:
             raise ConfigError(f"data.ffcv_max_side must be >= 8, got {self.ffcv_max_side}")
@@ -74,8 +80,12 @@ class DataConfig:
             raise ConfigError(
                 f"data.root {self.root!r} is not a folder (data=imagefolder needs one)"
             )
-        if self.num_workers < 0 or self.eval_batch < 1:
-            raise ConfigError("data.num_workers must be >= 0 and data.eval_batch >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.eval_batch < 1:
+            raise ConfigError(f"data.eval_batch must be >= 1, got {self.eval_batch}")
+        if self.ffcv_cache is not None and not self.ffcv_cache.strip():
+            raise ConfigError("data.ffcv_cache must be a folder path (or null), got ''")
 
 
 @dataclass
@@ -108,6 +118,10 @@ class RuntimeConfig:
         if self.grad_accum < 1:
             raise ConfigError(f"runtime.grad_accum must be >= 1, got {self.grad_accum}")
         _one_of("runtime.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(
+                f"runtime.threads must be >= 1 (or null: torch's), got {self.threads}"
+            )
         if not self.timeout_s > 0:
             raise ConfigError(f"runtime.timeout_s must be > 0, got {self.timeout_s}")
 
@@ -132,6 +146,8 @@ class TrainConfig:
             raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"train.seed must lie in [0, 2^32), got {self.seed}")
         if self.max_skipped < 0:
             raise ConfigError(f"train.max_skipped must be >= 0, got {self.max_skipped}")
         for key in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
@@ -170,36 +186,121 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    # notes which folders of the run dir exist before Hydra makes it (see RunDirWatch)
+    watch = {"_target_": f"{__name__}.RunDirWatch"}
+    defaults["hydra"] = {"callbacks": {"dist_icm_run_dir": watch}}
     ConfigStore.instance().store(name="schema", node=defaults)
     # hydra.run.dir in configs/train.yaml: run_dir when given, else the timestamped default
     if not OmegaConf.has_resolver("dist_icm_or"):
         OmegaConf.register_new_resolver("dist_icm_or", lambda value, default: value or default)
 
 
+def section_keys(section: str | None) -> list[str]:
+    """The keys of a config section (``None``: the top level), from the dataclasses."""
+    if section is None:
+        return [*SECTIONS, *TOP_LEVEL]
+    cls = Config.__dataclass_fields__[section].default_factory
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def unknown_key_message(key: str) -> str:
+    """``unknown config key train.epochz (keys of train: ...)`` for a dotted key."""
+    section, _, rest = key.partition(".")
+    if rest and section in SECTIONS:
+        keys = ", ".join(section_keys(section))
+        return f"unknown config key {key} (keys of {section}: {keys})"
+    top = ", ".join(section_keys(None))
+    return f"unknown config key {key} (top-level keys: {top})"
+
+
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _expected(section: str, key: str) -> str | None:
+    """What a field of a section holds, in words (from its annotation), or None."""
+    cls = Config.__dataclass_fields__[section].default_factory
+    field_ = {f.name: f for f in dataclasses.fields(cls)}.get(key)
+    if field_ is None:
+        return None
+    kinds = [k.strip() for k in str(field_.type).split("|")]
+    nullable = "None" in kinds
+    kinds = [k for k in kinds if k != "None"]
+    if len(kinds) != 1:
+        return None
+    kind = kinds[0]
+    words = _KINDS.get(kind) or ("a list of integers" if kind.startswith("tuple[int") else None)
+    if words is None:
+        return None
+    return words + (" (or null)" if nullable else "")
+
+
+def _plain(value):
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value)
+    return value
+
+
+def _merge_error(section: str, e: OmegaConfBaseException) -> ConfigError:
+    """One line naming ``section.key`` and what it takes, for an OmegaConf merge error."""
+    key = str(getattr(e, "full_key", None) or getattr(e, "key", None) or "")
+    key = key.split("[")[0]  # a list element: name the list
+    if isinstance(e, ConfigKeyError) and key:
+        return ConfigError(unknown_key_message(f"{section}.{key}"))
+    expected = _expected(section, key.split(".")[0]) if key else None
+    if expected is not None:
+        value = _plain(getattr(e, "value", None))
+        return ConfigError(f"{section}.{key} must be {expected}: {value!r} could not be converted")
+    where = f"{section}.{key}" if key else section
+    return ConfigError(f"{where}: {str(e).splitlines()[0]}")
+
+
+# validated first: schedule.epochs is ${train.epochs} in configs/schedule/, so a bad
+# train.epochs must be reported as train's, not as the schedule's
+_ORDER = ("train", "data", "model", "loss", "optim", "schedule", "runtime")
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Validate a composed Hydra config into a :class:`Config` (raises :class:`ConfigError`)."""
     unknown = set(cfg.keys()) - set(SECTIONS) - {*TOP_LEVEL, "experiment"}
     if unknown:
-        raise ConfigError(f"unknown top-level config key(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(unknown_key_message(sorted(unknown)[0]))
     try:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        key = getattr(e, "full_key", None)
+        where = f"{key}: " if key else ""
+        raise ConfigError(f"{where}{str(e).splitlines()[0]}") from None
     parts = {}
-    for name in SECTIONS:
+    for name in _ORDER:
         schema = OmegaConf.structured(Config.__dataclass_fields__[name].default_factory)
         OmegaConf.set_readonly(schema, False)  # frozen dataclasses: merge, then instantiate
+        given = cfg.get(name)
+        if given is not None and not isinstance(given, DictConfig):
+            keys = ", ".join(section_keys(name))
+            raise ConfigError(f"{name} is a section (keys: {keys}), got {_plain(given)!r}")
         try:
-            merged = OmegaConf.merge(schema, cfg.get(name) or {})
+            merged = OmegaConf.merge(schema, given or {})
             parts[name] = OmegaConf.to_object(merged)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{name}: {str(e).splitlines()[0]}") from None
+            raise _merge_error(name, e) from None
         except ValueError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
+        except TypeError as e:  # e.g. a dict where the dataclass compares numbers
+            raise ConfigError(f"{name}: {str(e).splitlines()[0]}") from None
     top = {key: cfg.get(key) for key in TOP_LEVEL if cfg.get(key) is not None}
     if not isinstance(top.get("resume_force", False), bool):
-        raise ConfigError(f"resume_force must be true or false, got {top['resume_force']!r}")
-    return Config(**parts, **top)
+        value = _plain(top["resume_force"])
+        raise ConfigError(f"resume_force must be true or false, got {value!r}")
+    for key in ("resume", "run_dir"):
+        value = top.get(key)
+        if isinstance(value, bool) or isinstance(value, DictConfig | ListConfig):
+            what = "auto or a checkpoint path (or null)" if key == "resume" else "a folder path"
+            raise ConfigError(f"{key} must be {what}, got {_plain(value)!r}")
+        if value is not None:
+            top[key] = str(value)
+            if not top[key].strip():
+                raise ConfigError(f"{key} must not be empty (leave it out, or null)")
+    return Config(**{name: parts[name] for name in SECTIONS}, **top)
 
 
 @dataclass(frozen=True)
@@ -250,3 +351,97 @@ def check_against_data(cfg: Config, num_classes: int, train_size: int) -> None:
         raise ConfigError(
             f"data.global_batch={cfg.data.global_batch} exceeds the {train_size} training samples"
         )
+
+
+# --- the start of the main job (dist_icm/train.py): Hydra's errors and its run folder ---
+
+
+def hydra_error_message(error: BaseException) -> str:
+    """One line for an error Hydra raises before the job starts (composition, the run folder)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    cause = error.__cause__
+    if isinstance(error, OverrideParseException):
+        reason = str(error.message).splitlines()[0]
+        return (
+            f"cannot parse the override {error.override!r} ({reason}): write key=value, "
+            "quoting values with brackets or spaces (see Hydra's override grammar)"
+        )
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group, _, option = str(error.missing_cfg_file or "").rpartition("/")
+        options = ", ".join(sorted(error.options))
+        more = "; or model.name=<a torchvision/timm model>" if group == "model" else ""
+        return f"unknown {group} option {option!r} ({group} options: {options}{more})"
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError) and getattr(
+        cause, "full_key", None
+    ):
+        key = str(cause.full_key)
+        if key.startswith("hydra."):
+            return f"unknown Hydra key {key} (see python -m dist_icm.train --hydra-help)"
+        return unknown_key_message(key)
+    if isinstance(error, OSError) and error.filename is not None:
+        reason = error.strerror or type(error).__name__
+        return (
+            f"cannot create the run folder {error.filename} ({reason}): "
+            "run_dir (or hydra.run.dir) must name a folder that can be made"
+        )
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(cause, OmegaConfBaseException):
+        lines += [line.strip() for line in str(cause).splitlines()[:1] if line.strip()]
+    return ": ".join(lines[:2]) or type(error).__name__
+
+
+class RunDirWatch(Callback):
+    """Hydra callback (``hydra.callbacks``, set by :func:`register_schema`): before Hydra makes
+    the run folder, note which of its folders do not exist yet, so that a run that fails at
+    start can remove what it made (:func:`remove_unused_run_dir`) and nothing else."""
+
+    run_dir: Path | None = None
+    created: Path | None = None  # the top-most folder this run creates (None: all existed)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:  # a callback's exception would become a warning: never raise
+            run_dir = Path(str(config.hydra.run.dir)).absolute()
+            top, path = None, run_dir
+            while path != path.parent and not path.exists():
+                top, path = path, path.parent
+            RunDirWatch.run_dir, RunDirWatch.created = run_dir, top
+        except Exception:
+            RunDirWatch.run_dir = RunDirWatch.created = None
+
+
+HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def remove_unused_run_dir() -> bool:
+    """Remove the run folder (and the parents it made) when this run made it and it holds
+    nothing but Hydra's ``.hydra/`` files and empty ``*.log`` files; True if removed."""
+    import shutil
+
+    run_dir, top = RunDirWatch.run_dir, RunDirWatch.created
+    if run_dir is None or top is None or not run_dir.is_dir():
+        return False
+    if run_dir != top and top not in run_dir.parents:
+        return False
+    for path in run_dir.rglob("*"):
+        rel = path.relative_to(run_dir)
+        if path.is_symlink():
+            return False
+        if path.is_dir():
+            if rel != Path(".hydra"):
+                return False
+        elif rel.parent == Path(".hydra"):
+            if rel.name not in HYDRA_FILES:
+                return False
+        elif not (rel.parent == Path(".") and rel.suffix == ".log" and path.stat().st_size == 0):
+            return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    path = run_dir.parent
+    while path == top or top in path.parents:
+        try:
+            path.rmdir()  # only when empty
+        except OSError:
+            break
+        path = path.parent
+    RunDirWatch.run_dir = RunDirWatch.created = None
+    return not run_dir.exists()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_icm import dist
-from dist_icm.loss import icm_loss
+from dist_icm.loss import AXES, GATHERS, icm_loss
 from dist_icm.mixing import MixContext, Mixed, cutmix, mixup, remix_lam
 
 METHODS = ("ce", "mixup", "cutmix", "regmixup", "remix")
@@ -41,11 +41,29 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
-            raise ValueError(f"unknown loss {self.name!r}: use one of {', '.join(OBJECTIVES)}")
+            raise ValueError(
+                f"unknown loss {self.name!r} (loss.name): use one of {', '.join(OBJECTIVES)}"
+            )
         if not isinstance(self.tile, int) or self.tile < 0:
             raise ValueError(f"loss.tile must be an int >= 0 (0: untiled), got {self.tile!r}")
         if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"loss.alpha must be > 0, got {self.alpha}")
+            raise ValueError(f"loss.alpha must be > 0 (null: the method's), got {self.alpha}")
+        if self.axis not in AXES:
+            raise ValueError(f"loss.axis must be one of {', '.join(AXES)}, got {self.axis!r}")
+        if self.gather not in GATHERS:
+            raise ValueError(
+                f"loss.gather must be one of {', '.join(GATHERS)}, got {self.gather!r}"
+            )
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(
+                f"loss.group_size must be >= 1 (null: the per-device batch), got {self.group_size}"
+            )
+        if not self.regmix_weight >= 0:
+            raise ValueError(f"loss.regmix_weight must be >= 0, got {self.regmix_weight}")
+        if not 0 <= self.tau <= 1:
+            raise ValueError(f"loss.tau must lie in [0, 1], got {self.tau}")
+        if not self.kappa >= 1:
+            raise ValueError(f"loss.kappa must be >= 1, got {self.kappa}")
 
     @property
     def icm(self) -> bool:

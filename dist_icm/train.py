@@ -20,7 +20,14 @@ from omegaconf import DictConfig
 
 from dist_icm import dist
 from dist_icm.checkpoint import CheckpointError
-from dist_icm.config import Config, ConfigError, register_schema, to_config
+from dist_icm.config import (
+    Config,
+    ConfigError,
+    hydra_error_message,
+    register_schema,
+    remove_unused_run_dir,
+    to_config,
+)
 from dist_icm.data.datasets import DataError
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted
 from dist_icm.resume import find_checkpoint
@@ -57,12 +64,15 @@ def _fail(error: Exception) -> None:
 
 
 _STARTED = False
+_OWN_FULL_ERROR = False  # main() set HYDRA_FULL_ERROR so that Hydra raises its start-up errors
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def _hydra_main(raw: DictConfig) -> None:
     global _STARTED
     _STARTED = True
+    if _OWN_FULL_ERROR:  # from here on Hydra reports a job's exceptions as it always does
+        os.environ.pop("HYDRA_FULL_ERROR", None)
     try:
         cfg = to_config(raw)
     except ConfigError as e:
@@ -75,8 +85,16 @@ def _hydra_main(raw: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point. Ranks other than 0 leave no Hydra files behind."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    """Console entry point. Ranks other than 0 leave no Hydra files behind.
+
+    Hydra's own start-up errors (an unknown key or group option, an override it cannot parse,
+    a run folder it cannot make) become one ``dist_icm: error:`` line and exit code 2, like the
+    job's; ``HYDRA_FULL_ERROR=1`` shows Hydra's traceback instead. A run that fails at start
+    removes the run folder Hydra made for it, if that holds nothing but Hydra's own files.
+    """
+    global _OWN_FULL_ERROR
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if not rank0:
         if not any(a.startswith("hydra.run.dir=") for a in sys.argv):
             sys.argv.append("hydra.run.dir=.")  # rank 0's run dir is broadcast at start
         sys.argv += [
@@ -85,13 +103,27 @@ def main() -> None:
             "hydra/hydra_logging=disabled",
         ]
     register_schema()
+    if "HYDRA_FULL_ERROR" not in os.environ:  # Hydra then raises instead of printing
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        _OWN_FULL_ERROR = True
+    failed = True
     try:
         _hydra_main()
-    except SystemExit as e:  # Hydra's own composition errors exit 1 before the job starts
-        if e.code == 1 and not _STARTED:
+        failed = False
+    except SystemExit as e:
+        failed = e.code not in (0, None)
+        if e.code == 1 and not _STARTED:  # Hydra's own exits before the job starts
             sys.exit(2)
         raise
+    except Exception as e:
+        if _STARTED or not _OWN_FULL_ERROR:
+            raise
+        if rank0:  # every rank meets the same composition error
+            print(f"dist_icm: error: {hydra_error_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
+        if failed and rank0:
+            remove_unused_run_dir()
         dist.shutdown()
 
 

@@ -32,6 +32,7 @@ for some of them; the count is of the algorithm, not of packets.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import pickle
 from collections import Counter
 
@@ -292,15 +293,17 @@ def _coalesced(tensors: list[torch.Tensor], collective) -> None:
                 offset += t.numel()
 
 
-def control_group() -> Group:
+def control_group(timeout_s: float | None = None) -> Group:
     """A gloo group over every rank for small control messages (stop flags), kept off the
-    training backend's stream (NCCL) and its order of collectives; None on one process.
+    training backend's stream (NCCL) and its order of collectives; None on one process. Its
+    collectives fail after ``timeout_s`` seconds (None: torch's default) without a peer.
 
     Every rank must call it, in the same order as its other group creations.
     """
     if not is_distributed(default_group()):
         return None
-    return dist.new_group(backend="gloo")
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def all_reduce_max_async(x: torch.Tensor, group: Group):

@@ -29,6 +29,7 @@ no GPU is visible.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.util
 import os
 import warnings
@@ -64,6 +65,17 @@ def _deepspeed_plugin(stage: int):
     return Plugin(hf_ds_config=config, zero3_init_flag=False)
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of ``grads`` (a 0-d tensor; inf or nan if any entry is), computed in
+    float32 with one fused kernel per device and dtype where torch has it."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [
+        torch.linalg.vector_norm(g) for g in grads
+    ]
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
 class Runtime:
     def __init__(self, cfg: RuntimeConfig) -> None:
         has_cuda = torch.cuda.is_available()
@@ -91,11 +103,13 @@ class Runtime:
         # them with rank 0's at every forward); the trainer averages them over ranks before
         # every evaluation and save (dist.average_buffers).
         handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
-        plugin = None
+        plugin, backend = None, None
         if cfg.zero_stage:
             plugin = _deepspeed_plugin(cfg.zero_stage)
-            if not has_cuda:
-                handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            backend = None if has_cuda else "gloo"
+        # a collective that waits longer than timeout_s for a peer (dead or hung) raises
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
         self.accelerator = Accelerator(
             cpu=cpu and not cfg.zero_stage,
             mixed_precision=cfg.precision,
@@ -151,6 +165,10 @@ class Runtime:
             model, optimizer = self.accelerator.prepare(model, optimizer)
         if self.cfg.zero_stage:
             self.engine = model
+            # skip a step with non-finite gradients in every precision, as DDP does (DeepSpeed
+            # checks only fp16 by default and would apply a NaN step in fp32 or bf16)
+            if hasattr(model.optimizer, "check_grad_overflow"):
+                model.optimizer.check_grad_overflow = True
         if self.cfg.compile:
             model = torch.compile(model)
         return model, optimizer
@@ -169,22 +187,42 @@ class Runtime:
         """Back-propagate one micro-step's loss; ``last`` marks the accumulation boundary.
 
         DDP: the loss is divided by ``accum`` here. DeepSpeed divides it by its own
-        accumulation steps and steps its optimizer at the boundary (the trainer's
-        ``optimizer.step()`` is then a no-op).
+        accumulation steps (and reduces the gradients at the boundary).
         """
         if self.engine is None:
             self.accelerator.backward(loss / accum)
             return
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
-        if last:
-            self.engine.step()
 
-    def clip_gradients(self, model: torch.nn.Module, max_norm: float | None) -> None:
-        """Clip the (all-reduced) gradients' global norm to ``max_norm``, before the optimizer
-        step; DeepSpeed's engine clips inside its own step, from its config."""
-        if max_norm is not None and self.engine is None:
+    def step(self, model, optimizer, max_norm: float | None) -> tuple[bool, str]:
+        """The optimizer step on the accumulated (all-reduced) gradients, unless any of them
+        is non-finite; returns ``(applied, why not)``, the same on every rank.
+
+        * DDP or one process, fp32/bf16: the gradients' global norm is read (one host sync per
+          optimizer step); after DDP's all-reduce every rank holds the same gradients, so every
+          rank decides alike without a collective of its own. Then clipping to ``max_norm``.
+        * fp16: the gradient scaler decides (and lowers its scale); Accelerate reports its skip.
+        * DeepSpeed: its ZeRO optimizer checks the gradients itself (an all-reduce of its own;
+          switched on for every precision at :meth:`prepare`) and reports whether it stepped.
+        Gradients are dropped either way.
+        """
+        if self.engine is not None:
+            self.engine.step()  # zeroes the gradients
+            applied = self.engine.was_step_applied()
+            return applied, "" if applied else "non-finite gradients"
+        if self.cfg.precision != "fp16":
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = grad_norm(grads)
+            if not torch.isfinite(norm).item():
+                optimizer.zero_grad(set_to_none=True)
+                return False, f"gradient norm {norm.item()}"
+        if max_norm is not None:
             self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        applied = not getattr(optimizer, "step_was_skipped", False)  # fp16: the scaler's call
+        return applied, "" if applied else "fp16 gradient overflow (the loss scale is lowered)"
 
     def no_sync(self, model, skip: bool):
         """Skip DDP's gradient all-reduce (accumulation micro-steps) when ``skip``."""

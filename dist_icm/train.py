@@ -3,12 +3,14 @@
 
 Hydra composes ``configs/`` (onto the schema from :mod:`dist_icm.config`), the config is
 validated, :mod:`dist_icm.trainer` sets the job up and trains. Every start-up failure (a bad
-config value, missing data, an unknown model, an unreadable checkpoint) prints one line and
-exits with code 2, on every rank.
+config value, missing data, an unknown model, an unreadable checkpoint) ends every rank with
+exit code 2 and one line, printed once (by rank 0: a failure one rank meets is shared with the
+others first). Failures during training have their own codes (``*_EXIT`` below).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+import torch
 from omegaconf import DictConfig
 
 from dist_icm import dist
@@ -31,20 +34,28 @@ from dist_icm.config import (
 from dist_icm.data.datasets import DataError
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted
 from dist_icm.resume import find_checkpoint
-from dist_icm.trainer import setup, train
+from dist_icm.trainer import Diverged, setup, train
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 START_ERRORS = (ConfigError, DataError, CheckpointError, ValueError)
 
+# Exit codes (README "Exit codes"); each comes with one line on stderr starting "dist_icm: ".
+BAD_INPUT_EXIT = 2  # a bad config value or input file, found at start (or a bad file later)
+DIVERGED_EXIT = 3  # more than train.max_skipped non-finite steps in a row, or non-finite weights
+WRITE_EXIT = 4  # a checkpoint (or log) could not be written, e.g. the disk is full
+PEER_EXIT = 5  # a collective failed: a peer process died, or waited past runtime.timeout_s
+_COMM_MARKS = ("gloo", "nccl", "connection", "timed out", "timeout", "closed by peer", "socket")
+
 
 def run(cfg: Config) -> dict:
     """Set up (or stop with one line) and train; returns the summary. A run stopped by a signal
-    exits with code 75 (``PREEMPTED_EXIT``) after checkpointing the step it stopped at."""
+    exits with code 75 (``PREEMPTED_EXIT``) after checkpointing the step it stopped at; the
+    other ways a run ends early are the ``*_EXIT`` codes above."""
     try:
         job = setup(cfg)
         found = find_checkpoint(job)
-    except START_ERRORS as e:
-        _fail(e)
+    except START_ERRORS as e:  # raised on every rank alike (shared where one rank found it)
+        _fail(e, BAD_INPUT_EXIT, rank_zero=True)
     try:
         return train(job, found)
     except Preempted as stop:
@@ -56,11 +67,46 @@ def run(cfg: Config) -> dict:
                 flush=True,
             )
         sys.exit(PREEMPTED_EXIT)
+    except Diverged as e:  # decided on every rank alike
+        _fail(f"training diverged: {e}; no checkpoint of it was written", DIVERGED_EXIT,
+              rank_zero=True)  # fmt: skip
+    except CheckpointError as e:  # a save that failed; rank 0 shares the outcome
+        _fail(e, WRITE_EXIT, rank_zero=True)
+    except DataError as e:  # a bad file met during training, by this rank
+        _fail(e, BAD_INPUT_EXIT)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _fail(f"cannot write {e.filename or 'to the run folder'}: {e.strerror}", WRITE_EXIT)
+    except RuntimeError as e:
+        if job.rt.world_size == 1 or not _is_comm_failure(e):
+            raise
+        _fail(
+            f"rank {job.rt.rank}: a collective failed ({_gist(e)}): another process died, or "
+            f"waited longer than runtime.timeout_s={cfg.runtime.timeout_s:g}",
+            PEER_EXIT,
+        )
 
 
-def _fail(error: Exception) -> None:
-    print(f"dist_icm: error: {str(error).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+def _is_comm_failure(error: RuntimeError) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(error).lower()
+    return isinstance(error, dist_error) or any(mark in text for mark in _COMM_MARKS)
+
+
+def _gist(error: Exception) -> str:
+    """The backend's message without its source location and advice (one short clause)."""
+    text = " ".join(str(error).split())
+    text = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+    return text.split(". ")[0].rstrip(".")[:200]
+
+
+def _fail(error: Exception | str, code: int, *, rank_zero: bool = False) -> None:
+    """Print ``dist_icm: error: <first line>`` and exit with ``code``. ``rank_zero``: the error
+    is known on every rank alike, so only rank 0 prints it (the others exit silently)."""
+    if not rank_zero or int(os.environ.get("RANK", "0")) == 0:
+        print(f"dist_icm: error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 _STARTED = False
@@ -76,10 +122,14 @@ def _hydra_main(raw: DictConfig) -> None:
     try:
         cfg = to_config(raw)
     except ConfigError as e:
-        _fail(e)
+        _fail(e, BAD_INPUT_EXIT, rank_zero=True)
     hydra_cfg = HydraConfig.get()
     if cfg.run_dir is not None and hydra_cfg.mode == RunMode.MULTIRUN:
-        _fail(ConfigError("run_dir names one run's folder: with -m set hydra.sweep.dir instead"))
+        _fail(
+            ConfigError("run_dir names one run's folder: with -m set hydra.sweep.dir instead"),
+            BAD_INPUT_EXIT,
+            rank_zero=True,
+        )
     cfg.run_dir = hydra_cfg.runtime.output_dir
     run(cfg)
 

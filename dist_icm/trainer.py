@@ -3,9 +3,12 @@
 One optimizer step is ``grad_accum`` micro-steps; in each, every rank mixes its slice of the
 micro-global batch (randomness keyed by seed, micro-step and global group), runs the objective
 (the ICM loss spans the micro-global batch through the runtime's process group) and
-back-propagates; DDP's all-reduce runs on the last micro-step only. The hot path reads nothing
-back from the device and adds no collective to the loss's own: logged losses are summed on the
-device and read (a mean over ranks) only every ``train.log_every`` steps.
+back-propagates; DDP's all-reduce runs on the last micro-step only. The hot path adds no
+collective to the loss's own and reads one number back from the device per optimizer step:
+whether the gradients' norm is finite. A step whose gradients are not is skipped on every rank
+alike (the gradients are all-reduced by then), counted (``train/skipped_steps``), and more
+than ``train.max_skipped`` in a row stop the run (:class:`Diverged`). Logged losses are summed
+on the device and read (a mean over ranks) only every ``train.log_every`` steps.
 
 What ranks must agree on is decided once: the data set is fetched by rank 0 first, the
 checkpoint is chosen by rank 0 (checkpoints are written and restored by
@@ -108,7 +111,8 @@ def setup(cfg: Config) -> Job:
         total = min(total, cfg.train.max_steps)
     run_dir = Path(dist.broadcast_object(cfg.run_dir or "outputs/run", group))
     parts = (cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir)
-    return Job(*parts, fresh_model, control=dist.control_group(), notes=notes)
+    control = dist.control_group(cfg.runtime.timeout_s)
+    return Job(*parts, fresh_model, control=control, notes=notes)
 
 
 def evaluate(job: Job) -> dict:
@@ -128,8 +132,10 @@ def evaluate(job: Job) -> dict:
     return {f"test/{k}": v for k, v in finalize(sums).items() if k != "count"}
 
 
-def train_step(job: Job, batches, step: int) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro-steps; returns this rank's mean loss."""
+def train_step(job: Job, batches, step: int) -> tuple[torch.Tensor, str | None]:
+    """One optimizer step over ``grad_accum`` micro-steps; returns this rank's mean loss and
+    None, or, when the step was skipped for non-finite gradients (no optimizer or schedule
+    step; the gradients dropped; the same decision on every rank), why."""
     cfg, rt, accum = job.cfg, job.rt, job.plan.grad_accum
     group_size = cfg.loss.group_size
     first_group = rt.rank * job.plan.per_device // (group_size or job.plan.per_device)
@@ -143,11 +149,30 @@ def train_step(job: Job, batches, step: int) -> torch.Tensor:
             loss, _ = job.objective(job.model, x, y, ctx)
             rt.backward(loss, last=m == accum - 1, accum=accum)
         total += loss.detach() / accum
-    rt.clip_gradients(job.model, cfg.optim.grad_clip)
-    job.optimizer.step()
+    applied, why = rt.step(job.model, job.optimizer, cfg.optim.grad_clip)
+    if not applied:
+        return total, f"{why}; loss {total.item():.4g} on rank {rt.rank}"
     job.scheduler.step()
-    job.optimizer.zero_grad(set_to_none=True)
-    return total
+    return total, None
+
+
+class Diverged(RuntimeError):
+    """Training stopped on non-finite steps or weights (the entry point exits with code 3)."""
+
+
+def check_weights(job: Job, step: int, before: str) -> None:
+    """Raise :class:`Diverged` if any rank holds a non-finite parameter or buffer (one small
+    all-reduce; called before every evaluation and checkpoint, never per step), so that no
+    checkpoint or metric of non-finite weights is ever written."""
+    rt = job.rt
+    state = rt.unwrap(job.model).state_dict().values()
+    peaks = [t.detach().abs().amax().float() for t in state if t.is_floating_point() and t.numel()]
+    bad = torch.zeros((), device=rt.device)
+    if peaks:  # a nan entry makes its tensor's peak nan
+        bad += (~torch.isfinite(torch.stack(peaks).to(rt.device))).any()
+    bad = dist.all_reduce_max(bad, rt.process_group)
+    if bad.item():
+        raise Diverged(f"step {step}: the weights are non-finite; stopped before {before}")
 
 
 def _open_report(job: Job, step: int, resumed: bool) -> Report:
@@ -195,12 +220,14 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
     )
     seen, train_time, metrics, saved, stopping = 0, 0.0, {}, step, False
     loss_sum, loss_count = torch.zeros((), device=rt.device), 0
+    skipped, in_a_row = before.get("skipped", 0), 0  # non-finite steps: in all, and lately
 
     def run_totals(in_epoch_s: float = 0.0) -> dict:  # the whole run's time and images so far
         now = train_time + in_epoch_s
         return {
             "train_s": before.get("train_s", 0.0) + now,
             "images": before.get("images", 0) + seen,
+            "skipped": skipped,
         }
 
     job.model.train()
@@ -213,34 +240,50 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
             batches = iter(data.loader)
             t0 = time.perf_counter()
             for _ in range(in_epoch, spe):
-                loss_sum += train_step(job, batches, step)
-                step, loss_count = step + 1, loss_count + 1
-                seen += job.plan.global_batch
+                loss, why = train_step(job, batches, step)
+                step, seen = step + 1, seen + job.plan.global_batch
+                if why is None:
+                    loss_sum, loss_count, in_a_row = loss_sum + loss, loss_count + 1, 0
+                else:
+                    skipped, in_a_row = skipped + 1, in_a_row + 1
+                    report.print(f"step {step} skipped: {why} ({in_a_row} in a row)")
+                    if in_a_row > cfg.train.max_skipped:
+                        raise Diverged(
+                            f"step {step}: {in_a_row} non-finite steps in a row, more than "
+                            f"train.max_skipped={cfg.train.max_skipped} ({why})"
+                        )
                 if step % cfg.train.log_every == 0 or step == job.total_steps:
-                    mean = dist.all_reduce_mean(loss_sum / loss_count, rt.process_group).item()
                     rate = seen / (train_time + time.perf_counter() - t0)
                     lr = job.scheduler.get_last_lr()[0]
-                    record = {"step": step, "epoch": step / spe, "train/loss": mean}
-                    report.log(record | {"train/lr": lr, "train/images_per_sec": rate})
-                    report.progress(step, {"loss": mean, "lr": lr, "img/s": rate})
-                    loss_sum, loss_count = loss_sum.zero_(), 0
+                    record = {"step": step, "epoch": step / spe}
+                    if loss_count:  # the same count on every rank: skips are agreed
+                        mean = loss_sum / loss_count
+                        record["train/loss"] = dist.all_reduce_mean(mean, rt.process_group).item()
+                    record |= {"train/lr": lr, "train/images_per_sec": rate}
+                    report.log(record | {"train/skipped_steps": skipped})
+                    report.progress(step, {"loss": record.get("train/loss", float("nan")),
+                                           "lr": lr, "img/s": rate})  # fmt: skip
+                    loss_sum, loss_count = torch.zeros((), device=rt.device), 0
                 decision = flags.poll()  # agreed by every rank (one step late on several)
                 stopping = decision.stop and step < job.total_steps
                 if step == job.total_steps or stopping:
                     break
                 every = cfg.train.ckpt_every_steps
                 if decision.checkpoint or (every and step % every == 0):
+                    check_weights(job, step, "its checkpoint")
                     resume.save(job, step, run_totals(time.perf_counter() - t0))
                     saved = step
                     flags.checkpoint_written()
             train_time += time.perf_counter() - t0
             end, epochs_done = step == job.total_steps, step // spe
             if end or (step % spe == 0 and epochs_done % cfg.train.eval_every == 0):
+                check_weights(job, step, "its evaluation")
                 metrics = evaluate(job)
                 report.log({"step": step, "epoch": step / spe} | metrics)
                 job.model.train()
             due = step % spe == 0 and epochs_done % cfg.train.ckpt_every == 0
             if saved != step and (end or due or stopping):
+                check_weights(job, step, "its checkpoint")
                 resume.save(job, step, run_totals())
                 saved = step
                 flags.checkpoint_written()
@@ -259,6 +302,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
         "steps": step,
         "global_batch": job.plan.global_batch,
         "world_size": rt.world_size,
+        "skipped_steps": skipped,  # non-finite steps skipped, over the whole run
         # this process (since its start, or its resume at `resumed_at_step`)
         "resumed_at_step": start if state is not None else None,
         "session_wall_s": time.perf_counter() - t_start,

@@ -1,0 +1,153 @@
+"""Non-finite steps: skipped on every rank together, counted, and the run stopped with one line
+(exit code 3) after ``train.max_skipped`` of them in a row; never a checkpoint of non-finite
+weights.
+
+The faults are real: a batch with a NaN pixel fed through the real model, loss and optimizer
+(on one rank of two: the other must skip too), and a learning rate that blows the weights up.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from cli import run_train
+from multiproc import run_launched
+
+from dist_icm.checkpoint import list_checkpoints, load
+from dist_icm.train import DIVERGED_EXIT
+
+ARGS = ["experiment=quickstart", "train.progress=false", "train.tensorboard=false",
+        "runtime.threads=1", "train.log_every=1"]  # fmt: skip
+
+
+def _job(overrides):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from dist_icm import trainer
+    from dist_icm.config import register_schema, to_config
+
+    register_schema()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = to_config(compose("train", overrides=overrides))
+    job = trainer.setup(cfg)
+    job.data.sampler.set_epoch(0)
+    job.data.train.set_epoch(0)
+    return job
+
+
+def _state(job):
+    params = [p.detach().clone() for p in job.model.parameters()]
+    momenta = [s["momentum_buffer"].clone() for s in job.optimizer.state.values()]
+    return params, momenta, job.scheduler.last_epoch, job.scheduler.get_last_lr()[0]
+
+
+def _skip_worker(rank, world, poisoned_rank, guard):
+    from dist_icm import trainer
+
+    job = _job([*ARGS, "optim.momentum=0.9"])
+    loader = iter(job.data.loader)
+    out = {"why": []}
+    for step in range(4):
+        x, y = next(loader)
+        if step == 2 and rank == poisoned_rank:
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")  # one pixel of one image
+        before = _state(job)
+        if guard:
+            _, why = trainer.train_step(job, iter([(x, y)]), step)
+        else:  # negative control: the same step without the check, as before this issue
+            loss, _ = job.objective(job.model, x.to(job.rt.device), y.to(job.rt.device),
+                                    trainer.MixContext(0, step, 16, 0))  # fmt: skip
+            job.rt.backward(loss, last=True, accum=1)
+            job.optimizer.step()
+            job.scheduler.step()
+            job.optimizer.zero_grad(set_to_none=True)
+            why = None
+        out["why"].append(why)
+        if step == 2:
+            after = _state(job)
+            out["params_same"] = all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+            out["momenta_same"] = all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+            out["sched"] = (before[2], after[2], before[3], after[3])
+            out["grads"] = [p.grad for p in job.model.parameters()]
+    out["finite"] = all(torch.isfinite(p).all().item() for p in job.model.parameters())
+    out["params"] = [p.detach().clone() for p in job.model.parameters()]
+    return out
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("world, poisoned", [(1, 0), (2, 1), (2, 0)])
+def test_a_nan_batch_on_one_rank_is_skipped_by_every_rank(world, poisoned):
+    ranks = run_launched(_skip_worker, world, poisoned, True)
+    for out in ranks:
+        assert out["why"][:2] == [None, None] and out["why"][3] is None
+        assert out["why"][2] is not None and "gradient norm nan" in out["why"][2]
+        assert out["params_same"] and out["momenta_same"]  # no optimizer step at all
+        last_epoch, after_epoch, lr, after_lr = out["sched"]
+        assert after_epoch == last_epoch and after_lr == lr  # the schedule did not advance
+        assert all(g is None for g in out["grads"])  # the non-finite gradients are dropped
+        assert out["finite"]
+    for a, b in zip(ranks[0]["params"], ranks[-1]["params"]):
+        assert torch.equal(a, b)  # the ranks decided alike: still one model
+
+
+@pytest.mark.multiproc
+def test_negative_control_without_the_check_the_nan_reaches_the_weights():
+    (out,) = run_launched(_skip_worker, 1, 0, False)
+    assert not out["params_same"] and not out["finite"]
+
+
+def _weights_worker(rank, world):
+    from dist_icm import trainer
+
+    job = _job(ARGS)
+    results = [None, None]
+    for attempt in range(2):
+        if attempt == 1 and rank == world - 1:  # the last rank's weights go bad
+            with torch.no_grad():
+                next(job.model.parameters())[0].fill_(float("inf"))
+        try:
+            trainer.check_weights(job, 7, "its checkpoint")
+        except trainer.Diverged as e:
+            results[attempt] = str(e)
+    return results
+
+
+@pytest.mark.multiproc
+def test_non_finite_weights_on_one_rank_stop_every_rank():
+    for out in run_launched(_weights_worker, 2):
+        assert out[0] is None
+        assert out[1] == "step 7: the weights are non-finite; stopped before its checkpoint"
+
+
+@pytest.mark.parametrize("max_skipped, stops_at", [(3, 6), (0, 3)])
+def test_a_diverging_run_stops_with_one_line_and_no_checkpoint(tmp_path, max_skipped, stops_at):
+    # lr=1e10: step 2 makes the weights huge (still finite), every later loss is NaN
+    run = tmp_path / "run"
+    out = run_train(run, *ARGS, "optim.lr=1e10", "train.ckpt_every_steps=1",
+                    f"train.max_skipped={max_skipped}", check=False)  # fmt: skip
+    assert out.returncode == DIVERGED_EXIT, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("dist_icm")]
+    assert "Traceback" not in out.stderr and out.stderr.strip().endswith(errors[-1])
+    assert errors == [
+        f"dist_icm: error: training diverged: step {stops_at}: {max_skipped + 1} non-finite "
+        f"steps in a row, more than train.max_skipped={max_skipped} (gradient norm nan; loss "
+        "nan on rank 0); no checkpoint of it was written"
+    ]
+    assert f"step {stops_at - 1} skipped" in out.stderr or max_skipped == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train/skipped_steps"] == max_skipped
+    assert all("train/loss" not in r for r in records if r["step"] > 2)  # no NaN logged
+    assert not (run / "summary.json").exists()
+    saved = list_checkpoints(run / "checkpoints")
+    # a skipped step leaves the weights as they were (finite): those steps may be saved; the
+    # step that stops the run is not
+    assert int(saved[-1].name[5:-3]) == stops_at - 1
+    for path in saved:
+        model = load(path)["model"]
+        assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+    assert all(math.isfinite(r.get("train/loss", 0.0)) for r in records)

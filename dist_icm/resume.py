@@ -16,6 +16,10 @@
   global batch and accumulation, the seed, the model, the loss and its mixing groups) is refused
   with one line naming them; ``resume_force=true`` continues anyway. The world size is free to
   change: the global batch is the invariant.
+* **Said once, in one line.** A newest checkpoint that does not load (torn by a crash, overwritten)
+  is skipped for the one before, with one line per skipped file in the run's report. A save that
+  fails (a full disk) raises :class:`~dist_icm.checkpoint.CheckpointWriteError` on every rank:
+  rank 0 writes and shares its outcome, so no rank waits for a checkpoint that never comes.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dist_icm import checkpoint, dist
-from dist_icm.checkpoint import CheckpointError
+from dist_icm import checkpoint, dist, report
+from dist_icm.checkpoint import CheckpointError, CheckpointWriteError
 from dist_icm.config import ConfigError
 
 if TYPE_CHECKING:
@@ -60,23 +64,28 @@ class Resumed:
         return int(self.state["step"])
 
 
-def choose(folder: Path, resume: str | None, group: dist.Group) -> Resumed | None:
+def choose(
+    folder: Path, resume: str | None, group: dist.Group, skipped: list[str] | None = None
+) -> Resumed | None:
     """The checkpoint to resume from, the same on every rank (None: start from scratch).
 
     ``resume`` is None (no resume), ``"auto"`` (rank 0 takes the newest loadable checkpoint in
     ``folder``) or a path. Raises :class:`ConfigError` for a missing path and
     :class:`CheckpointError` when any rank cannot read the chosen file or the ranks' files hold
-    different steps, on every rank alike.
+    different steps, on every rank alike. With ``resume="auto"``, one line per newer file that
+    rank 0 could not load (and skipped) is appended to ``skipped``, on every rank.
     """
     if resume is None:
         return None
-    chosen, error = None, None
+    chosen, error, passed = None, None, []
     if dist.rank(group) == 0:
-        chosen, error = _rank_zero_choice(Path(folder), resume)
+        chosen, error = _rank_zero_choice(Path(folder), resume, passed)
     # with resume=auto only the file's name travels: each rank reads it in its own view of the
     # run folder (the same folder on a shared file system, or a node-local copy of it)
     name = None if chosen is None else chosen[0].name if resume == "auto" else str(chosen[0])
-    name, error = dist.broadcast_object((name, error), group)
+    name, error, passed = dist.broadcast_object((name, error, passed), group)
+    if skipped is not None:
+        skipped += passed
     if error is not None:
         raise ConfigError(error)
     if name is None:
@@ -96,9 +105,9 @@ def choose(folder: Path, resume: str | None, group: dist.Group) -> Resumed | Non
     return Resumed(path, state)
 
 
-def _rank_zero_choice(folder: Path, resume: str):
+def _rank_zero_choice(folder: Path, resume: str, skipped: list[str]):
     if resume == "auto":
-        found = checkpoint.latest(folder)
+        found = checkpoint.latest(folder, skipped=skipped)
         return found, None
     if not Path(resume).is_file():
         return None, f"resume={resume!r}: no such checkpoint file (or use resume=auto)"
@@ -158,11 +167,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def find_checkpoint(job: Job) -> Resumed | None:
     """The state every rank resumes from (chosen by rank 0; see :mod:`dist_icm.resume`), after
     checking that it was made with this run's config; None to start from scratch."""
-    cfg = job.cfg
-    found = choose(job.ckpt_dir, cfg.resume, job.rt.process_group)
+    cfg, skipped = job.cfg, []
+    found = choose(job.ckpt_dir, cfg.resume, job.rt.process_group, skipped)
+    job.notes += [f"resume=auto: {line}" for line in skipped]
     if found is None:
         if cfg.resume == "auto":
-            job.notes.append(f"resume=auto: no checkpoint in {job.ckpt_dir}; starting at step 0")
+            what = "no readable checkpoint" if skipped else "no checkpoint"
+            job.notes.append(f"resume=auto: {what} in {job.ckpt_dir}; starting at step 0")
+            if job.rt.is_main:  # what a session that crashed before its first checkpoint
+                report.drop_records_after(job.run_dir / "metrics.jsonl", 0)  # logged is redone
         return None
     saved = found.state.get("config")
     note = check_config(saved, asdict(cfg), force=cfg.resume_force, step=found.step)
@@ -195,22 +208,25 @@ def restore(job: Job, found: Resumed) -> int:
 def save(job: Job, step: int, run: dict) -> None:
     """An atomic checkpoint of the (rank-averaged) model, written by rank 0; under DeepSpeed
     every rank first writes its shards into the checkpoint's companion folder. Every rank
-    waits for it."""
+    waits for it, and learns its outcome: a failed write (e.g. a full disk) raises
+    :class:`CheckpointWriteError` with the same line on every rank."""
     rt, group, folder = job.rt, job.rt.process_group, job.ckpt_dir
     dist.average_buffers(rt.unwrap(job.model), group)
     if rt.engine is not None:
         model = rt.full_state_dict(job.model)  # gathered on every rank under ZeRO-3
         tmp = checkpoint.engine_tmp(folder, step)
-        if rt.is_main:
+
+        def make_tmp():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        dist.barrier(group)
-        rt.save_engine(tmp)
-        dist.barrier(group)
-        if rt.is_main:
-            os.replace(tmp, checkpoint.engine_dir(folder, step))
+
+        _agree(_attempt(make_tmp, tmp) if rt.is_main else None, group)
+        _agree(_attempt(lambda: rt.save_engine(tmp), tmp), group, every_rank=True)
+        replace = lambda: os.replace(tmp, checkpoint.engine_dir(folder, step))  # noqa: E731
+        _agree(_attempt(replace, tmp) if rt.is_main else None, group)
     else:
         model = rt.unwrap(job.model).state_dict()
+    error = None
     if rt.is_main:
         state = {
             "model": model,  # always the whole model: `torch.load(...)["state"]["model"]`
@@ -222,5 +238,39 @@ def save(job: Job, step: int, run: dict) -> None:
             "config": asdict(job.cfg),
             "run": dict(run),  # training time and images over all sessions so far
         }
-        checkpoint.save(folder, step, state, keep=job.cfg.train.keep_ckpts)
-    dist.barrier(group)
+        try:
+            checkpoint.save(folder, step, state, keep=job.cfg.train.keep_ckpts)
+        except CheckpointWriteError as e:
+            error = str(e)
+        except Exception as e:  # a bug, not the disk: rank 0 raises it, the others learn of it
+            _agree(f"rank 0 failed to write the checkpoint of step {step}: {_line(e)}", group)
+            raise
+    _agree(error, group)  # the barrier every rank waits at, carrying rank 0's outcome
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _attempt(fn, path: Path) -> str | None:
+    """None when ``fn()`` succeeds; else the one line of why it could not write ``path``."""
+    try:
+        fn()
+    except CheckpointWriteError as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot write checkpoint {path}: {e.strerror or _line(e)}"
+    return None
+
+
+def _agree(error: str | None, group, *, every_rank: bool = False) -> None:
+    """Share a write's outcome (rank 0's, or ``every_rank``'s) and raise the first failure as
+    :class:`CheckpointWriteError` on every rank. Also the barrier after the write."""
+    if every_rank:
+        failed = [e for e in dist.all_gather_object(error, group) if e is not None]
+        error = failed[0] if failed else None
+    else:
+        error = dist.broadcast_object(error, group)  # the others wait for rank 0's write
+    if error is not None:
+        raise CheckpointWriteError(error)

@@ -1,0 +1,78 @@
+"""A peer that dies (SIGKILL) or hangs (SIGSTOP) mid-training: the other rank does not hang; it
+exits with code 5 and one line within ``runtime.timeout_s`` (passed to the process groups).
+
+The two ranks are started as two separate programs with a launcher's environment, as on two
+nodes (each node's launcher watches only its own processes), so nothing but dist_icm itself
+stops the surviving rank.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cli import REPO
+
+from dist_icm.train import PEER_EXIT
+
+pytestmark = pytest.mark.multiproc
+TIMEOUT_S = 15
+ARGS = ["experiment=quickstart", "train.epochs=1000", "train.log_every=1", "runtime.threads=1",
+        "train.progress=false", "train.tensorboard=false", f"runtime.timeout_s={TIMEOUT_S}"]  # fmt: skip
+
+
+def _start(run_dir: Path, *extra: str) -> list[subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = os.environ | {
+            "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        cmd = [sys.executable, "-m", "dist_icm.train", *ARGS, *extra]
+        cmd += [f"hydra.run.dir={run_dir}"] if rank == 0 else []
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
+
+
+def _wait_for_steps(run_dir: Path, procs, steps: int) -> None:
+    deadline = time.monotonic() + 120
+    path = run_dir / "metrics.jsonl"
+    while not path.exists() or len(path.read_text().splitlines()) < steps:
+        for p in procs:
+            assert p.poll() is None, p.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the run did not get going"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_the_surviving_rank_stops_with_one_line(tmp_path, fault):
+    run = tmp_path / "run"
+    procs = _start(run)
+    try:
+        _wait_for_steps(run, procs, 5)
+        os.kill(procs[1].pid, signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, err = procs[0].communicate(timeout=TIMEOUT_S + 60)
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    print(f"\n{fault}: exit {procs[0].returncode} after {took:.1f} s: {err.strip().splitlines()[-1]}")
+    assert procs[0].returncode == PEER_EXIT, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dist_icm: error: rank 0: a collective failed (")
+    assert last.endswith(f"another process died, or waited longer than runtime.timeout_s={TIMEOUT_S}")
+    if fault == "dies":  # the connection drops at once
+        assert took < TIMEOUT_S, took
+    else:  # a hung peer is waited for timeout_s, not for torch's default of minutes
+        assert "timed out" in last.lower() and TIMEOUT_S - 1 < took < TIMEOUT_S + 45, took

@@ -131,7 +131,42 @@ def _hydra_main(raw: DictConfig) -> None:
             rank_zero=True,
         )
     cfg.run_dir = hydra_cfg.runtime.output_dir
-    run(cfg)
+    try:
+        run(cfg)
+    except (RuntimeError, ValueError) as e:  # resume_force=true with another model/optimizer
+        line = _state_mismatch(cfg, e)
+        if line is None:
+            raise
+        _bad_start(line)
+
+
+def _state_mismatch(cfg: Config, error: Exception) -> str | None:
+    """One line for torch's refusal to load a resumed checkpoint's model or optimizer state
+    into this run's (``resume_force=true`` with another architecture or optimizer), else None."""
+    text = str(error)
+    if cfg.resume is None:
+        return None
+    if isinstance(error, RuntimeError) and text.startswith("Error(s) in loading state_dict"):
+        what, key = "weights do", f"model.name={cfg.model.name}"
+    elif isinstance(error, ValueError) and text.startswith("loaded state dict"):
+        what, key = "optimizer state does", f"optim.name={cfg.optim.name}"
+    else:
+        return None
+    details = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    detail = details[0] if details else text.splitlines()[0]
+    detail = detail if len(detail) <= 120 else detail[:117] + "..."
+    return (
+        f"resume={cfg.resume}: the checkpoint's {what} not fit {key} ({detail}); "
+        "resume_force=true cannot change the model or optimizer: resume with the checkpoint's "
+        "settings, or start a new run folder"
+    )
+
+
+def _bad_start(line: str) -> None:
+    """Print ``dist_icm: error: <line>`` once (rank 0: every rank met it) and exit with 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"dist_icm: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def main() -> None:
@@ -168,9 +203,7 @@ def main() -> None:
     except Exception as e:
         if _STARTED or not _OWN_FULL_ERROR:
             raise
-        if rank0:  # every rank meets the same composition error
-            print(f"dist_icm: error: {hydra_error_message(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _bad_start(hydra_error_message(e))  # every rank meets the same composition error
     finally:
         if failed and rank0:
             remove_unused_run_dir()

@@ -34,7 +34,22 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class DataError(RuntimeError):
-    """A data set cannot be built; the message says what the user should do."""
+    """A data set cannot be built or a file of it cannot be read; the message's first line says
+    what the user should do (the entry point prints that line).
+
+    A DataError raised in a DataLoader worker comes back to the main process re-raised by
+    torch as ``DataError("Caught DataError in DataLoader worker process 0.\nOriginal
+    Traceback ...")``; the original message is then put first, the worker's traceback after it.
+    """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        if isinstance(message, str) and message.startswith("Caught DataError"):
+            prefix = f"{DataError.__module__}.{DataError.__qualname__}: "
+            lines = message.splitlines()
+            original = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
+            if original:
+                message = "\n".join([original[-1], *lines])
+        super().__init__(message, *args)
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,12 @@ class TensorImageDataset(Dataset):
         return image, int(self.targets[i])
 
 
+def _reason(error: BaseException) -> str:
+    if type(error).__name__ == "UnidentifiedImageError":  # its message repeats the file
+        return "not an image file PIL can decode"
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 class ImageFolderImages(Dataset):
     """A torchvision ImageFolder that yields RGB float CHW tensors of one fixed square size.
 
@@ -80,8 +101,14 @@ class ImageFolderImages(Dataset):
         self.folder = ImageFolder(str(root))
         self.classes: list[str] = list(self.folder.classes)
         self.targets: list[int] = list(self.folder.targets)
+        if not self.folder.samples:
+            raise DataError(f"no images under {root}: its class folders hold no image files")
         if image_size is None:
-            first = self.folder.loader(self.folder.samples[0][0])
+            path = self.folder.samples[0][0]
+            try:
+                first = self.folder.loader(path)
+            except Exception as e:
+                raise DataError(f"cannot read image {path} ({_reason(e)}): fix or remove it") from e
             image_size = first.size[1]  # PIL size is (width, height)
         self.image_size = image_size
 
@@ -92,7 +119,10 @@ class ImageFolderImages(Dataset):
         import torchvision.transforms.functional as TF
 
         path, label = self.folder.samples[i]
-        image = TF.to_tensor(self.folder.loader(path).convert("RGB"))
+        try:
+            image = TF.to_tensor(self.folder.loader(path).convert("RGB"))
+        except Exception as e:  # PIL: UnidentifiedImageError, OSError (truncated), ...
+            raise DataError(f"cannot read image {path} ({_reason(e)}): fix or remove it") from e
         s = self.image_size
         if image.shape[-2:] != (s, s):
             image = TF.center_crop(TF.resize(image, s, antialias=True), [s, s])
@@ -123,7 +153,9 @@ def _digits(seed: int) -> tuple[Dataset, Dataset, DatasetSpec]:
     return train, test, spec
 
 
-def _cifar(name: str, root: str | None, download: bool) -> tuple[Dataset, Dataset, DatasetSpec]:
+def _cifar(
+    name: str, root: str | None, download: bool, names: dict[str, str]
+) -> tuple[Dataset, Dataset, DatasetSpec]:
     from torchvision import datasets
 
     pretty, cls = {
@@ -131,14 +163,16 @@ def _cifar(name: str, root: str | None, download: bool) -> tuple[Dataset, Datase
         "cifar100": ("CIFAR-100", datasets.CIFAR100),
     }[name]
     if root is None:
-        raise DataError(f"{pretty} needs a root folder: set data.root to where it is (or goes)")
+        raise DataError(
+            f"{pretty} needs a root folder: set {names['root']} to where it is (or goes)"
+        )
     splits = []
     for train in (True, False):
         try:
             raw = cls(root, train=train, download=download)
         except Exception as e:  # URLError, RuntimeError("Dataset not found"), checksum errors...
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
-            how = "could not be downloaded" if download else "download=False"
+            how = "could not be downloaded" if download else names["download"]
             raise DataError(
                 f"{pretty} not found under '{root}' and {how} ({reason}): "
                 f"download it on a machine with internet into {root}, "
@@ -152,22 +186,26 @@ def _cifar(name: str, root: str | None, download: bool) -> tuple[Dataset, Datase
     return train_ds, test_ds, spec
 
 
-def _imagefolder(root: str | None) -> tuple[Dataset, Dataset, DatasetSpec]:
+def _imagefolder(root: str | None, names: dict[str, str]) -> tuple[Dataset, Dataset, DatasetSpec]:
     if root is None:
-        raise DataError("imagefolder needs data.root: a folder holding train/ and test/ (or val/)")
+        raise DataError(
+            f"imagefolder needs {names['root']}: a folder holding train/ and test/ (or val/)"
+        )
     base = Path(root).expanduser()
     train_dir = base / "train"
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
         raise DataError(
             f"imagefolder root '{base}' must hold train/<class>/*.jpg and test/<class>/*.jpg "
-            "(or val/ instead of test/): point data.root at such a folder"
+            f"(or val/ instead of test/): point {names['root']} at such a folder"
         )
     try:
         train = ImageFolderImages(train_dir)
         test = ImageFolderImages(test_dir, train.image_size)
     except (FileNotFoundError, OSError) as e:
-        raise DataError(f"imagefolder under '{base}' is unusable ({e}): check the tree") from e
+        raise DataError(
+            f"imagefolder under {str(base)!r} is unusable ({_reason(e)}): check the tree"
+        ) from e
     if test.classes != train.classes:
         raise DataError(f"{train_dir} and {test_dir} have different class folders: make them match")
     mean, std = (
@@ -177,17 +215,27 @@ def _imagefolder(root: str | None) -> tuple[Dataset, Dataset, DatasetSpec]:
     return train, test, spec
 
 
+# how messages name the options (dist-icm-data passes its own flags)
+OPTION_NAMES = {"root": "data.root", "download": "data.download=false"}
+
+
 def build_datasets(
-    name: str, root: str | None, *, download: bool = True, seed: int = 0
+    name: str,
+    root: str | None,
+    *,
+    download: bool = True,
+    seed: int = 0,
+    names: dict[str, str] = OPTION_NAMES,
 ) -> tuple[Dataset, Dataset, DatasetSpec]:
     """Build (train, test, spec) for ``name`` in :data:`DATASET_NAMES`; raises :class:`DataError`.
 
     ``seed`` only affects ``digits`` (its stratified train/test split); ``root`` is ignored there.
+    Messages name the options as ``names`` calls them (:data:`OPTION_NAMES`: the config keys).
     """
     if name == "digits":
         return _digits(seed)
     if name in ("cifar10", "cifar100"):
-        return _cifar(name, root, download)
+        return _cifar(name, root, download, names)
     if name == "imagefolder":
-        return _imagefolder(root)
+        return _imagefolder(root, names)
     raise DataError(f"unknown data set '{name}': choose one of {', '.join(DATASET_NAMES)}")

@@ -24,6 +24,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dist_icm.data.datasets import (
+    DATASET_NAMES,
     DataError,
     DatasetSpec,
     ImageFolderImages,
@@ -46,19 +48,50 @@ FFCV_APT = "apt-get install -y libopencv-dev pkg-config libturbojpeg0-dev"
 FFCV_INSTALL = f'install the system libraries (`{FFCV_APT}`), then `pip install -e ".[ffcv]"`'
 WRITE_MODES = ("auto", "raw", "jpg")
 
+# how messages name the options: the trainer's config keys, or dist-icm-data's flags
+TRAINER_NAMES = {
+    "ffcv": "data.loader=ffcv",
+    "root": "data.root",
+    "cache": "data.ffcv_cache",
+    "mode": "data.ffcv_write_mode",
+    "max_side": "data.ffcv_max_side",
+    "quality": "data.ffcv_quality",
+    "workers": "data.num_workers",
+}
+CLI_NAMES = {
+    "ffcv": "dist-icm-data",
+    "root": "--root",
+    "cache": "--cache",
+    "mode": "--mode",
+    "max_side": "--max-side",
+    "quality": "--quality",
+    "workers": "--workers",
+}
 
-def require_ffcv() -> None:
-    """Raise a one-line :class:`DataError` saying how to install ffcv when it cannot be imported."""
+
+def require_ffcv(what: str = TRAINER_NAMES["ffcv"]) -> None:
+    """Raise a one-line :class:`DataError` saying how to install ffcv when it cannot be imported
+    (``what`` names what needs it)."""
     threads = torch.get_num_threads()
     try:  # importing ffcv sets torch's threads to 1 (its Compiler's default): undone below
         import ffcv.loader  # noqa: F401  (also loads ffcv's C extension and its libraries)
     except Exception as e:  # ImportError, or OSError for a missing libturbojpeg / libopencv
         reason = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise DataError(
-            f"data.loader=ffcv needs the ffcv package ({reason}): {FFCV_INSTALL}"
-        ) from e
+        raise DataError(f"{what} needs the ffcv package ({reason}): {FFCV_INSTALL}") from e
     finally:
         torch.set_num_threads(threads)
+
+
+def check_options(
+    mode: str, max_side: int | None, quality: int, names: dict[str, str] = TRAINER_NAMES
+) -> None:
+    """Raise a one-line :class:`DataError` naming the bad option (as ``names`` calls it)."""
+    if mode not in WRITE_MODES:
+        raise DataError(f"{names['mode']} must be one of {', '.join(WRITE_MODES)}, got {mode!r}")
+    if max_side is not None and max_side < 8:
+        raise DataError(f"{names['max_side']} must be >= 8, got {max_side}")
+    if not 1 <= quality <= 100:
+        raise DataError(f"{names['quality']} must lie in [1, 100], got {quality}")
 
 
 @dataclass(frozen=True)
@@ -70,12 +103,7 @@ class WriteOptions:
     quality: int = 90  # JPEG quality for mode jpg
 
     def __post_init__(self) -> None:
-        if self.mode not in WRITE_MODES:
-            raise DataError(
-                f"write mode must be one of {', '.join(WRITE_MODES)}, got {self.mode!r}"
-            )
-        if (self.max_side is not None and self.max_side < 8) or not 1 <= self.quality <= 100:
-            raise DataError(f"need max_side >= 8 and quality in [1, 100], got {self}")
+        check_options(self.mode, self.max_side, self.quality)
 
     def resolve(self, image_size: int) -> WriteOptions:
         """Concrete options: ``auto`` is raw up to 64 pixels and jpg above; ``max_side`` only
@@ -189,12 +217,16 @@ def ensure_betons(
     options: WriteOptions = WriteOptions(),
     cache: str | None = None,
     workers: int = 0,
+    names: dict[str, str] = TRAINER_NAMES,
 ) -> BetonSet:
     """The cache entry of these splits and options, written first if it is not complete.
 
     Safe under several processes: they take a file lock, the first writes, the others reuse.
+    Problems raise a one-line :class:`DataError` naming the option as ``names`` calls it.
     """
-    require_ffcv()
+    require_ffcv(names["ffcv"])
+    if workers < 0:
+        raise DataError(f"{names['workers']} must be >= 0 (0: all cores), got {workers}")
     kind = "rgb" if spec.in_channels == 3 else "ndarray"
     opts = options.resolve(spec.image_size)
     fixed = kind == "ndarray" or spec.image_size <= 64
@@ -209,8 +241,16 @@ def ensure_betons(
     }
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root(cache) / f"{name}-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as lock:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a")  # noqa: SIM115 (closed by the with below)
+    except OSError as e:
+        where = f"{names['cache']}={cache}" if cache else "the FFCV cache"
+        raise DataError(
+            f"{where}: cannot create {e.filename or folder} ({e.strerror or e}): "
+            f"set {names['cache']} to a folder that can be written"
+        ) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
@@ -227,27 +267,56 @@ def ensure_betons(
     return BetonSet(folder, kind, fixed, spec, meta)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line ends like the trainer's: one line, exit code 2."""
+
+    def error(self, message: str):
+        print(f"dist_icm: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _count(text: str) -> int:
+    """``--workers``: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: all cores), got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dist_icm.data.write`` / ``dist-icm-data``: write (or find) a cache entry."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dist_icm.data.write",
+    """``python -m dist_icm.data.write`` / ``dist-icm-data``: write (or find) a cache entry.
+
+    Prints the entry as one JSON line; a bad option or data set prints one line
+    (``dist_icm: error: ...``) and exits with code 2, as the trainer does.
+    """
+    parser = _Parser(
+        prog="dist-icm-data",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("name", choices=("digits", "cifar10", "cifar100", "imagefolder"))
-    parser.add_argument("--root", help="data set folder (not used by digits)")
+    parser.add_argument("name", choices=DATASET_NAMES, help="the data set to write")
+    parser.add_argument("--root", help="data set folder (CIFAR: where it is or goes; not digits)")
     parser.add_argument("--cache", help="cache folder (default $DIST_ICM_CACHE/ffcv)")
-    parser.add_argument("--mode", default="auto", choices=WRITE_MODES)
-    parser.add_argument("--max-side", type=int, help="longest image side kept (RGB)")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality (mode jpg)")
-    parser.add_argument("--workers", type=int, default=0, help="writer processes (0: all cores)")
+    parser.add_argument(
+        "--mode",
+        default="auto",
+        choices=WRITE_MODES,
+        help="RGB storage: raw pixels, jpg, or auto (raw up to 64 px, else jpg; default)",
+    )
+    parser.add_argument("--max-side", type=int, help="cap the longer image side (RGB, > 64 px)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (mode jpg)")
+    parser.add_argument("--workers", type=_count, default=0, help="writer processes (0: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="digits' train/test split seed")
     parser.add_argument("--no-download", action="store_true", help="CIFAR: never download")
     args = parser.parse_args(argv)
+    names = CLI_NAMES | {"download": "--no-download"}
     try:
-        options = WriteOptions(args.mode, args.max_side, args.quality)
+        check_options(args.mode, args.max_side, args.quality, names)
         train, test, spec = build_datasets(
-            args.name, args.root, download=not args.no_download, seed=args.seed
+            args.name, args.root, download=not args.no_download, seed=args.seed, names=names
         )
         found = ensure_betons(
             train,
@@ -256,12 +325,14 @@ def main(argv: list[str] | None = None) -> None:
             name=args.name,
             root=args.root,
             seed=args.seed,
-            options=options,
+            options=WriteOptions(args.mode, args.max_side, args.quality),
             cache=args.cache,
             workers=args.workers,
+            names=names,
         )
     except DataError as e:
-        raise SystemExit(f"dist_icm: error: {str(e).splitlines()[0]}") from None
+        print(f"dist_icm: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({"train": str(found.train), "test": str(found.test), "meta": found.meta}))
 
 

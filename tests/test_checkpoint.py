@@ -99,6 +99,70 @@ def test_truncated_newest_is_skipped_with_warning(tmp_path: Path) -> None:
         assert ckpt.latest(tmp_path)[0] == good
 
 
+def test_skipped_files_are_listed_in_one_line_each_instead_of_warned(tmp_path: Path) -> None:
+    good = ckpt.save(tmp_path, 3, {"w": torch.arange(10_000.0)})
+    data = good.read_bytes()
+    torn = ckpt.checkpoint_path(tmp_path, 4)
+    torn.write_bytes(data[: len(data) // 2])
+    flipped = ckpt.checkpoint_path(tmp_path, 5)
+    middle = len(data) // 2  # inside the tensor's bytes: the zip's index stays intact
+    flipped.write_bytes(
+        data[:middle] + bytes(b ^ 1 for b in data[middle : middle + 8]) + data[middle + 8 :]
+    )
+    skipped: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path, state = ckpt.latest(tmp_path, skipped=skipped)
+    assert path == good and torch.equal(state["w"], torch.arange(10_000.0))
+    assert skipped == [
+        f"checkpoint {flipped} is unreadable (archive/data/0 fails its CRC-32 check: the file is "
+        "corrupt): skipped for an older one",
+        f"checkpoint {torn} is unreadable (no zip index: truncated, or not written by "
+        "torch.save): skipped for an older one",
+    ]
+
+
+def test_a_file_damaged_inside_fails_its_crc_check(tmp_path: Path) -> None:
+    path = ckpt.save(tmp_path, 1, {"w": torch.arange(10_000.0)})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one bit of one weight
+    path.write_bytes(bytes(data))
+    raw = torch.load(path, weights_only=True)  # torch alone loads it: a wrong weight, silently
+    assert not torch.equal(raw["state"]["w"], torch.arange(10_000.0))
+    with pytest.raises(ckpt.CheckpointError, match=r"data/0 fails its CRC-32 check") as info:
+        ckpt.load(path)
+    assert info.value.path == path and "\n" not in str(info.value)
+
+
+def test_saves_check_sums_even_when_torch_s_are_off(tmp_path: Path) -> None:
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        pytest.skip("this torch always writes CRC-32s")
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = ckpt.save(tmp_path, 1, {"w": torch.ones(3)})
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(ckpt.load(path)["w"], torch.ones(3))
+
+
+def test_a_failed_write_leaves_no_partial_file_and_prunes_nothing(tmp_path: Path) -> None:
+    for step in (1, 2):
+        ckpt.save(tmp_path, step, {"step": step}, keep=2)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    tmp_path.chmod(0o500)  # no new files (root ignores this: then the test is moot, skipped)
+    try:
+        if os.access(tmp_path, os.W_OK):
+            pytest.skip("running as root: permissions do not stop writes (test_crash uses a tmpfs)")
+        with pytest.raises(
+            ckpt.CheckpointWriteError,
+            match=r"cannot write checkpoint .*ckpt-000000003.pt: Permission denied$",
+        ):
+            ckpt.save(tmp_path, 3, {"step": 3}, keep=2)
+    finally:
+        tmp_path.chmod(0o700)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_stray_temp_and_foreign_files_are_ignored(tmp_path: Path) -> None:
     assert ckpt.list_checkpoints(tmp_path / "missing") == []
     assert ckpt.latest(tmp_path) is None

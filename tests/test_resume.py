@@ -62,6 +62,24 @@ def test_rank_zero_chooses_and_all_ranks_agree(tmp_path, case):
         assert run_group(_choose_worker, 2, folders, True) == [6, 3]
 
 
+def _choose_noting(rank, world, folder):
+    skipped = []
+    found = choose(Path(folder), "auto", torch.distributed.group.WORLD, skipped)
+    return found.step, skipped
+
+
+@pytest.mark.multiproc
+def test_every_rank_learns_which_files_rank_zero_skipped(tmp_path):
+    for step in (3, 6):
+        checkpoint.save(tmp_path, step, {"step": step})
+    newest = tmp_path / "ckpt-000000006.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    got = run_group(_choose_noting, 2, str(tmp_path))
+    line = f"checkpoint {newest} is unreadable (no zip index: truncated, or not written by "
+    assert got[0] == got[1] and got[0][0] == 3
+    assert len(got[0][1]) == 1 and got[0][1][0].startswith(line)
+
+
 def test_choose_on_one_process(tmp_path):
     assert choose(tmp_path, None, None) is None
     assert choose(tmp_path, "auto", None) is None  # nothing there yet

@@ -96,8 +96,6 @@ class Runtime:
             )
         if cfg.zero_stage and cfg.compile:
             raise ConfigError("runtime.compile is not supported with runtime.zero_stage")
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
         self.cfg, self.engine = cfg, None
         # Each rank keeps its own BatchNorm running statistics (DDP would otherwise overwrite
         # them with rank 0's at every forward); the trainer averages them over ranks before
@@ -110,12 +108,17 @@ class Runtime:
         # a collective that waits longer than timeout_s for a peer (dead or hung) raises
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
-        self.accelerator = Accelerator(
-            cpu=cpu and not cfg.zero_stage,
-            mixed_precision=cfg.precision,
-            deepspeed_plugin=plugin,
-            kwargs_handlers=handlers,
-        )
+        with warnings.catch_warnings():  # several CPU processes without OMP_NUM_THREADS:
+            # Accelerate sets torch's threads to the cores per process, and says so each time
+            warnings.filterwarnings("ignore", message="OMP_NUM_THREADS/MKL_NUM_THREADS unset")
+            self.accelerator = Accelerator(
+                cpu=cpu and not cfg.zero_stage,
+                mixed_precision=cfg.precision,
+                deepspeed_plugin=plugin,
+                kwargs_handlers=handlers,
+            )
+        if cfg.threads is not None:  # after Accelerate, which may have set its own count
+            torch.set_num_threads(cfg.threads)
 
     @property
     def rank(self) -> int:

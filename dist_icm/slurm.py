@@ -4,7 +4,7 @@
 ``python -m dist_icm.slurm launch -- OVERRIDES...``, which reads *its own* ``SLURM_NODEID`` (so
 the machine rank is expanded per task, not once in the batch script) and replaces itself with::
 
-    python -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES
+    python -m dist_icm.launch --multi_gpu --num_machines $SLURM_NNODES
         --machine_rank $SLURM_NODEID --main_process_ip <first node> --main_process_port <port>
         --num_processes <nodes x processes per node> -m dist_icm.train run_dir=$RUN_DIR
         resume=auto OVERRIDES...
@@ -18,7 +18,9 @@ the machine rank is expanded per task, not once in the batch script) and replace
 * the run folder: ``RUN_DIR`` (the batch script sets it to ``$RUN_ROOT/$SLURM_JOB_ID``, so a
   requeued job finds its own checkpoints) with ``resume=auto``.
 
-``python -m dist_icm.slurm print -- OVERRIDES...`` prints the command instead (``DRY_RUN=1``).
+``dist_icm.launch`` is ``accelerate launch`` that exits with the job's own exit code (75 for a
+stop with a checkpoint, which the batch script answers with a requeue). ``python -m
+dist_icm.slurm print -- OVERRIDES...`` prints the command instead (``DRY_RUN=1``).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def node_command(env: Mapping[str, str], overrides: list[str]) -> list[str]:
     port = int(env.get("MAIN_PORT") or 20000 + job % 10000)
     run_dir = env.get("RUN_DIR") or f"outputs/slurm/{job}"
     return [
-        env.get("PYTHON", sys.executable), "-m", "accelerate.commands.launch", "--multi_gpu",
+        env.get("PYTHON", sys.executable), "-m", "dist_icm.launch", "--multi_gpu",
         "--num_machines", str(nodes), "--machine_rank", str(node_id),
         "--main_process_ip", main_addr, "--main_process_port", str(port),
         "--num_processes", str(nodes * procs),

@@ -40,7 +40,7 @@ def test_dry_run_prints_each_node_s_command():
                          env=env, capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    common = ("-m accelerate.commands.launch --multi_gpu --num_machines 2 --machine_rank {r} "
+    common = ("-m dist_icm.launch --multi_gpu --num_machines 2 --machine_rank {r} "
               "--main_process_ip gpu01 --main_process_port 24242 --num_processes 16 "
               "-m dist_icm.train run_dir=outputs/slurm/4242 resume=auto "
               "experiment=paper_cifar100 'data.root=/d c'")  # fmt: skip

@@ -1,0 +1,104 @@
+"""A start-up error on several processes: one line, printed once, and exit code 2 on every rank.
+
+* A bad value (every rank finds it alike): rank 0 prints it, the others exit silently.
+* Bad data on one node only (each rank reads its own copy, as with node-local disks): the rank
+  that finds it shares it, rank 0 prints it once, naming that rank's file, and every rank exits 2.
+* Through ``dist-icm-launch`` the launcher adds nothing and exits 2 as well; plain ``accelerate
+  launch`` (the negative control) adds a traceback and the elastic agent's failure table.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli import CPU_CONFIG, REPO
+from PIL import Image
+from sklearn.datasets import load_digits
+
+pytestmark = pytest.mark.multiproc
+ARGS = ["experiment=quickstart", "runtime.threads=1", "train.progress=false",
+        "train.tensorboard=false", "train.max_steps=2"]  # fmt: skip
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _launch(cwd: Path, *overrides: str, launcher: str = "dist_icm.launch"):
+    cmd = [sys.executable, "-m", launcher, "--config_file", str(CPU_CONFIG), "--num_processes",
+           "2", "-m", "dist_icm.train", *ARGS, *overrides]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _digit_tree(folder: Path, per_class: int = 8) -> None:
+    """A small ImageFolder of real (sklearn digits) images as JPEG files, 3 classes."""
+    digits = load_digits()
+    for split, offset in (("train", 0), ("test", 500)):
+        for label in range(3):
+            (folder / split / str(label)).mkdir(parents=True)
+            picks = np.flatnonzero(digits.target == label)[offset // 50 : offset // 50 + per_class]
+            for i in picks:
+                pixels = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).convert("RGB").resize((32, 32)).save(
+                    folder / split / str(label) / f"{i}.jpg"
+                )
+
+
+def test_a_bad_value_is_one_line_from_the_launcher_too(tmp_path):
+    out = _launch(tmp_path, "data.global_batch=0")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert _lines(out.stderr) == ["dist_icm: error: data.global_batch must be >= 1, got 0"]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_negative_control_plain_accelerate_launch_adds_its_report(tmp_path):
+    out = _launch(tmp_path, "data.global_batch=0", launcher="accelerate.commands.launch")
+    assert out.returncode == 1
+    assert "ChildFailedError" in out.stderr and "Traceback" in out.stderr
+    assert out.stderr.count("dist_icm: error: data.global_batch must be >= 1, got 0") == 1
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    """node0: a good image tree; node1: the same tree with one class folder emptied."""
+    _digit_tree(tmp_path / "node0")
+    _digit_tree(tmp_path / "node1")
+    for image in (tmp_path / "node1" / "train" / "2").iterdir():
+        image.unlink()
+    root = f"data.root={tmp_path}/node${{oc.env:RANK}}"  # each rank its own copy of the data
+    return [root, "data=imagefolder", "data.global_batch=12", "loss.group_size=null",
+            "data.num_workers=0"]
+
+
+def test_bad_data_on_one_node_is_one_line_from_rank_0(tmp_path, nodes):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):  # two programs, as on two nodes
+        env = os.environ | {
+            "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO),
+        }  # fmt: skip
+        cmd = [sys.executable, "-m", "dist_icm.train", *ARGS, *nodes, f"hydra.run.dir={tmp_path}/run"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert _lines(errs[1]) == []
+    assert len(_lines(errs[0])) == 1, errs[0]
+    (line,) = _lines(errs[0])
+    assert line.startswith("dist_icm: error: ") and "node1" in line and "node0" not in line
+    assert "Traceback" not in errs[0]
+
+
+def test_bad_data_on_one_node_through_the_launcher(tmp_path, nodes):
+    out = _launch(tmp_path, *nodes)
+    assert out.returncode == 2, out.stderr[-3000:]
+    (line,) = _lines(out.stderr)
+    assert line.startswith("dist_icm: error: ") and "node1" in line

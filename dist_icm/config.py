@@ -11,6 +11,7 @@ with code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,6 +255,36 @@ def _merge_error(section: str, e: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{where}: {str(e).splitlines()[0]}")
 
 
+def _field_kinds(section: str) -> dict[str, list[str]]:
+    cls = Config.__dataclass_fields__[section].default_factory
+    return {f.name: [k.strip() for k in str(f.type).split("|")] for f in dataclasses.fields(cls)}
+
+
+def _check_kinds(section: str, given: DictConfig | None) -> None:
+    """What OmegaConf would convert silently: a number or a word for a bool (2 -> true), an
+    empty string for a name or path."""
+    if given is None:
+        return
+    for key, kinds in _field_kinds(section).items():
+        if key not in given or OmegaConf.is_missing(given, key):
+            continue
+        value = given[key]
+        if value is None:
+            continue
+        if kinds[0] == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key} must be true or false, got {_plain(value)!r}")
+        if kinds[0] == "str" and isinstance(value, str) and not value.strip():
+            null = " (or null)" if "None" in kinds else ""
+            raise ConfigError(f"{section}.{key} must not be empty{null}")
+
+
+def _check_finite(section: str, merged: DictConfig) -> None:
+    for key, kinds in _field_kinds(section).items():
+        value = merged.get(key)
+        if "float" in kinds and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{key} must be a finite number, got {value}")
+
+
 # validated first: schedule.epochs is ${train.epochs} in configs/schedule/, so a bad
 # train.epochs must be reported as train's, not as the schedule's
 _ORDER = ("train", "data", "model", "loss", "optim", "schedule", "runtime")
@@ -279,7 +310,9 @@ def to_config(cfg: DictConfig) -> Config:
             keys = ", ".join(section_keys(name))
             raise ConfigError(f"{name} is a section (keys: {keys}), got {_plain(given)!r}")
         try:
+            _check_kinds(name, given)
             merged = OmegaConf.merge(schema, given or {})
+            _check_finite(name, merged)
             parts[name] = OmegaConf.to_object(merged)
         except OmegaConfBaseException as e:
             raise _merge_error(name, e) from None
@@ -385,10 +418,10 @@ def hydra_error_message(error: BaseException) -> str:
             f"cannot create the run folder {error.filename} ({reason}): "
             "run_dir (or hydra.run.dir) must name a folder that can be made"
         )
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()][:1]
     if isinstance(cause, OmegaConfBaseException):
-        lines += [line.strip() for line in str(cause).splitlines()[:1] if line.strip()]
-    return ": ".join(lines[:2]) or type(error).__name__
+        lines += [line.strip() for line in str(cause).splitlines() if line.strip()][:1]
+    return ": ".join(lines) or type(error).__name__
 
 
 class RunDirWatch(Callback):

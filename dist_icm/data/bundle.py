@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_icm.data.datasets import DatasetSpec
+from dist_icm.data.datasets import DataError, DatasetSpec
 from dist_icm.data.sampler import GlobalBatchSampler
 from dist_icm.data.subsets import long_tailed, stratified_fraction
 
@@ -55,6 +55,17 @@ def train_indices(
     if long_tail is not None:
         keep = keep[long_tailed(labels[keep], long_tail, seed)]
     return keep
+
+
+def check_batch(micro_global: int, train_size: int) -> None:
+    """Raise a one-line :class:`DataError` when one micro-step's global batch exceeds the
+    training samples kept (the sampler would refuse it with its own words)."""
+    if micro_global > train_size:
+        raise DataError(
+            f"data.global_batch: a micro-step's global batch of {micro_global} exceeds the "
+            f"{train_size} training samples (after data.fraction and data.long_tail): lower "
+            "data.global_batch (or raise runtime.grad_accum)"
+        )
 
 
 def test_shard(n: int, rank: int, world_size: int) -> range:

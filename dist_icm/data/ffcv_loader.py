@@ -44,7 +44,13 @@ from ffcv.transforms import ToTensor, ToTorchImage  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
 from dist_icm import dist  # noqa: E402
-from dist_icm.data.bundle import DataBundle, augment_mode, test_shard, train_indices  # noqa: E402
+from dist_icm.data.bundle import (  # noqa: E402
+    DataBundle,
+    augment_mode,
+    check_batch,
+    test_shard,
+    train_indices,
+)
 from dist_icm.data.datasets import DataError, DatasetSpec  # noqa: E402
 from dist_icm.data.ffcv_ops import AugmentState, CropFlip, ToDevice  # noqa: E402
 from dist_icm.data.sampler import GlobalBatchSampler  # noqa: E402
@@ -214,6 +220,7 @@ def build_ffcv_data(
         labels, fraction=data_cfg.fraction, long_tail=data_cfg.long_tail, seed=seed
     )
     state = AugmentState(seed, labels[subset])
+    check_batch(micro_global, len(subset))
     sampler = GlobalBatchSampler(
         len(subset), micro_global, rank=rank, world_size=world_size, seed=seed
     )

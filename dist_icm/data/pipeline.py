@@ -12,7 +12,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from dist_icm.data.augment import Augmented, normalize_only
-from dist_icm.data.bundle import DataBundle, augment_mode, test_shard, train_indices
+from dist_icm.data.bundle import (
+    DataBundle,
+    augment_mode,
+    check_batch,
+    test_shard,
+    train_indices,
+)
 from dist_icm.data.datasets import build_datasets
 from dist_icm.data.sampler import GlobalBatchSampler, make_loader
 from dist_icm.data.subsets import as_labels, class_counts, labeled_subset
@@ -60,6 +66,7 @@ def build_data(
     counts = torch.as_tensor(class_counts(labels[keep], spec.num_classes))
     mode = augment_mode(data_cfg.augment, spec)
     train_aug = Augmented(train, mode=mode, seed=seed, mean=spec.mean, std=spec.std)
+    check_batch(micro_global, len(train_aug))
     sampler = GlobalBatchSampler(
         len(train_aug), micro_global, rank=rank, world_size=world_size, seed=seed
     )

@@ -40,26 +40,29 @@ def _job(overrides):
 
 
 def _state(job):
-    params = [p.detach().clone() for p in job.model.parameters()]
+    params = list(job.rt.full_state_dict(job.model).values())  # whole, also under ZeRO-3
     momenta = [s["momentum_buffer"].clone() for s in job.optimizer.state.values()]
     return params, momenta, job.scheduler.last_epoch, job.scheduler.get_last_lr()[0]
 
 
-def _skip_worker(rank, world, poisoned_rank, guard):
+def _skip_worker(rank, world, poisoned_rank, mode, extra=()):
+    """Steps 0-3 on the loader's first four batches; step 2's batch carries a NaN pixel on
+    ``poisoned_rank``. ``mode``: "guard" (the trainer's step), "reference" (step 2 left out),
+    "unguarded" (the negative control: step 2 applied without the check)."""
     from dist_icm import trainer
 
-    job = _job([*ARGS, "optim.momentum=0.9"])
+    job = _job([*ARGS, "optim.momentum=0.9", *extra])
     loader = iter(job.data.loader)
     out = {"why": []}
     for step in range(4):
         x, y = next(loader)
+        if step == 2 and mode == "reference":
+            continue
         if step == 2 and rank == poisoned_rank:
             x = x.clone()
             x[0, 0, 0, 0] = float("nan")  # one pixel of one image
         before = _state(job)
-        if guard:
-            _, why = trainer.train_step(job, iter([(x, y)]), step)
-        else:  # negative control: the same step without the check, as before this issue
+        if mode == "unguarded" and step == 2:  # the step as it was before this issue
             loss, _ = job.objective(job.model, x.to(job.rt.device), y.to(job.rt.device),
                                     trainer.MixContext(0, step, 16, 0))  # fmt: skip
             job.rt.backward(loss, last=True, accum=1)
@@ -67,6 +70,8 @@ def _skip_worker(rank, world, poisoned_rank, guard):
             job.scheduler.step()
             job.optimizer.zero_grad(set_to_none=True)
             why = None
+        else:
+            _, why = trainer.train_step(job, iter([(x, y)]), step)
         out["why"].append(why)
         if step == 2:
             after = _state(job)
@@ -75,29 +80,46 @@ def _skip_worker(rank, world, poisoned_rank, guard):
             out["sched"] = (before[2], after[2], before[3], after[3])
             out["grads"] = [p.grad for p in job.model.parameters()]
     out["finite"] = all(torch.isfinite(p).all().item() for p in job.model.parameters())
-    out["params"] = [p.detach().clone() for p in job.model.parameters()]
+    out["params"] = [p.detach().clone() for p in job.rt.full_state_dict(job.model).values()]
     return out
+
+
+def _check_skipped(ranks, reference, ddp=True):
+    for out in ranks:
+        assert out["why"][:2] == [None, None] and out["why"][3] is None
+        assert out["why"][2] is not None and "loss nan" in out["why"][2]
+        assert out["params_same"]  # no optimizer step at all
+        last_epoch, after_epoch, lr, after_lr = out["sched"]
+        assert after_epoch == last_epoch and after_lr == lr  # the schedule did not advance
+        assert out["finite"]
+        if ddp:
+            assert out["momenta_same"]
+            assert all(g is None for g in out["grads"])  # the non-finite gradients are dropped
+        # and nothing of the skipped step lingers: the next step is the one a run without
+        # the bad batch takes, bit for bit (no stale gradient, momentum or schedule step)
+        for a, b in zip(out["params"], reference[0]["params"]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world, poisoned", [(1, 0), (2, 1), (2, 0)])
 def test_a_nan_batch_on_one_rank_is_skipped_by_every_rank(world, poisoned):
-    ranks = run_launched(_skip_worker, world, poisoned, True)
-    for out in ranks:
-        assert out["why"][:2] == [None, None] and out["why"][3] is None
-        assert out["why"][2] is not None and "gradient norm nan" in out["why"][2]
-        assert out["params_same"] and out["momenta_same"]  # no optimizer step at all
-        last_epoch, after_epoch, lr, after_lr = out["sched"]
-        assert after_epoch == last_epoch and after_lr == lr  # the schedule did not advance
-        assert all(g is None for g in out["grads"])  # the non-finite gradients are dropped
-        assert out["finite"]
-    for a, b in zip(ranks[0]["params"], ranks[-1]["params"]):
-        assert torch.equal(a, b)  # the ranks decided alike: still one model
+    reference = run_launched(_skip_worker, world, poisoned, "reference")
+    _check_skipped(run_launched(_skip_worker, world, poisoned, "guard"), reference)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_skips_a_non_finite_step_in_float32_too(stage):
+    pytest.importorskip("deepspeed")
+    extra = (f"runtime=deepspeed_zero{stage}", "runtime.device=auto")
+    reference = run_launched(_skip_worker, 2, 1, "reference", extra)
+    _check_skipped(run_launched(_skip_worker, 2, 1, "guard", extra), reference, ddp=False)
 
 
 @pytest.mark.multiproc
 def test_negative_control_without_the_check_the_nan_reaches_the_weights():
-    (out,) = run_launched(_skip_worker, 1, 0, False)
+    (out,) = run_launched(_skip_worker, 1, 0, "unguarded")
     assert not out["params_same"] and not out["finite"]
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-import torch
 from omegaconf import DictConfig
 
 from dist_icm import dist
@@ -201,8 +202,11 @@ def main() -> None:
             sys.exit(2)
         raise
     except Exception as e:
-        if _STARTED or not _OWN_FULL_ERROR:
+        if _STARTED:
             raise
+        if not _OWN_FULL_ERROR:  # HYDRA_FULL_ERROR=1 asked for Hydra's traceback
+            traceback.print_exc()
+            sys.exit(2)
         _bad_start(hydra_error_message(e))  # every rank meets the same composition error
     finally:
         if failed and rank0:

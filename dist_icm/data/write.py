@@ -57,6 +57,7 @@ TRAINER_NAMES = {
     "max_side": "data.ffcv_max_side",
     "quality": "data.ffcv_quality",
     "workers": "data.num_workers",
+    "download": "data.download=false",
 }
 CLI_NAMES = {
     "ffcv": "dist-icm-data",
@@ -66,6 +67,7 @@ CLI_NAMES = {
     "max_side": "--max-side",
     "quality": "--quality",
     "workers": "--workers",
+    "download": "--no-download",
 }
 
 
@@ -286,12 +288,8 @@ def _count(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m dist_icm.data.write`` / ``dist-icm-data``: write (or find) a cache entry.
-
-    Prints the entry as one JSON line; a bad option or data set prints one line
-    (``dist_icm: error: ...``) and exits with code 2, as the trainer does.
-    """
+def build_parser() -> argparse.ArgumentParser:
+    """``dist-icm-data``'s command line (every option has a help text)."""
     parser = _Parser(
         prog="dist-icm-data",
         description=__doc__,
@@ -311,8 +309,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=_count, default=0, help="writer processes (0: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="digits' train/test split seed")
     parser.add_argument("--no-download", action="store_true", help="CIFAR: never download")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dist_icm.data.write`` / ``dist-icm-data``: write (or find) a cache entry.
+
+    Prints the entry as one JSON line; a bad option or data set prints one line
+    (``dist_icm: error: ...``) and exits with code 2, as the trainer does.
+    """
+    parser = build_parser()
     args = parser.parse_args(argv)
-    names = CLI_NAMES | {"download": "--no-download"}
+    names = CLI_NAMES
     try:
         check_options(args.mode, args.max_side, args.quality, names)
         train, test, spec = build_datasets(

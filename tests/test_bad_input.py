@@ -1,0 +1,437 @@
+"""Bad input (issue 11): every bad value or input file stops the main job with exit code 2 and
+exactly one line on stderr, ``dist_icm: error: ...``, naming the key or file and what is
+allowed; no traceback, and no run folder left behind by a run that failed at start.
+
+``CLI_CASES`` is the table the README's "Bad input" section shows (a test keeps the two
+equal): each runs the real command line (``python -m dist_icm.train``) from an empty folder and
+must print exactly its line. ``CONFIG_CASES`` sweeps a bad value of every config key in-process
+(Hydra's compose API + ``to_config``, what the entry point runs first); the same sweep through
+the command line is ``slow``. ``dist-icm-data`` has its own table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli import REPO, run_train
+
+from dist_icm.config import SECTIONS, Config, ConfigError, register_schema, to_config
+
+README = REPO / "README.md"
+QUICK = ("experiment=quickstart", "train.max_steps=1", "train.progress=false")
+TRAIN_KEYS = (
+    "epochs, max_steps, log_every, eval_every, ckpt_every, ckpt_every_steps, ckpt_every_min, "
+    "keep_ckpts, max_skipped, seed, progress, tensorboard"
+)
+MODELS = "cifar_resnet18, cifar_resnet34, preact_resnet18, resnet50, small_cnn, wrn16_8"
+RUN_DIR_HINT = "run_dir (or hydra.run.dir) must name a folder that can be made"
+
+# (overrides, the exact line). Placeholders: {file} a plain file, {empty} an empty folder,
+# {garbage} a file that is no checkpoint, {missing} a path that does not exist, {firstbad} an
+# ImageFolder tree whose first image is not an image, {ckpt} a quickstart checkpoint (2 steps).
+CLI_CASES = [
+    (
+        "train.epochz=3",
+        f"unknown config key train.epochz (keys of train: {TRAIN_KEYS})",
+    ),
+    (
+        "model=nosuch",
+        f"unknown model option 'nosuch' (model options: {MODELS}; "
+        "or model.name=<a torchvision/timm model>)",
+    ),
+    (
+        "model.name=nosuch",
+        "unknown model 'nosuch': use one of cifar_resnet18, cifar_resnet34, preact_resnet18, "
+        "wrn16_8, small_cnn or a torchvision/timm model name",
+    ),
+    ("loss.axis=foo", "loss.axis must be one of class, pair, both, got 'foo'"),
+    ("loss.gather=foo", "loss.gather must be one of triples, scores, got 'foo'"),
+    (
+        "loss.group_size=0",
+        "loss.group_size must be >= 1 (null: the per-device batch), got 0",
+    ),
+    ("runtime.threads=-1", "runtime.threads must be >= 1 (or null: torch's), got -1"),
+    ("train.epochs=abc", "train.epochs must be an integer: 'abc' could not be converted"),
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("train.progress=2", "train.progress must be true or false, got 2"),
+    ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+    (
+        "train.epochs=[",
+        "cannot parse the override 'train.epochs=[' (no viable alternative at input '['): "
+        "write key=value, quoting values with brackets or spaces (see Hydra's override grammar)",
+    ),
+    (
+        "hydra.run.dir={file}/run",
+        f"cannot create the run folder {{file}}/run (Not a directory): {RUN_DIR_HINT}",
+    ),
+    (
+        "hydra.run.dir=/proc/dist_icm_run",
+        f"cannot create the run folder /proc/dist_icm_run (No such file or directory): "
+        f"{RUN_DIR_HINT}",
+    ),
+    (
+        "data=imagefolder data.root={missing}",
+        "data.root '{missing}' is not a folder (data=imagefolder needs one)",
+    ),
+    (
+        "data=imagefolder data.root={empty}",
+        "imagefolder root '{empty}' must hold train/<class>/*.jpg and test/<class>/*.jpg "
+        "(or val/ instead of test/): point data.root at such a folder",
+    ),
+    (
+        "data=imagefolder data.root={firstbad}",
+        "cannot read image {firstbad}/train/a/0.jpg (not an image file PIL can decode): "
+        "fix or remove it",
+    ),
+    (
+        "data.global_batch=100000",
+        "data.global_batch: a micro-step's global batch of 100000 exceeds the 1347 training "
+        "samples (after data.fraction and data.long_tail): lower data.global_batch "
+        "(or raise runtime.grad_accum)",
+    ),
+    (
+        "data.loader=ffcv data.ffcv_cache={file}/cache",
+        "data.ffcv_cache={file}/cache: cannot create {file}/cache/digits-71e1eb13a2dd "
+        "(Not a directory): set data.ffcv_cache to a folder that can be written",
+    ),
+    (
+        "resume={missing}",
+        "resume='{missing}': no such checkpoint file (or use resume=auto)",
+    ),
+    (
+        "resume={garbage}",
+        "checkpoint {garbage} is unreadable (no zip index: truncated, or not written by "
+        "torch.save): delete it or pass another",
+    ),
+    (
+        "resume={ckpt} resume_force=true model=cifar_resnet18",
+        "resume={ckpt}: the checkpoint's weights do not fit model.name=cifar_resnet18 "
+        '(Missing key(s) in state_dict: "conv1.weight", "bn1.weight", "bn1.bias", '
+        '"bn1.running_mean", "bn1.running_var", "layer...); resume_force=true cannot change '
+        "the model or optimizer: resume with the checkpoint's settings, or start a new run "
+        "folder",
+    ),
+]
+# the same corrupt file met mid-training (on the torch loader's worker processes)
+CORRUPT_JPEG = (
+    "data=imagefolder data.root={badtree} data.num_workers=2 data.global_batch=8 loss.group_size=8",
+    "cannot read image {badtree}/train/b/5.jpg (not an image file PIL can decode): "
+    "fix or remove it",
+)
+
+
+def _env() -> dict:
+    """The repository on the path (the tests run the job from other folders)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return os.environ | {"PYTHONPATH": path}
+
+
+def _image_tree(root: Path, per_class: int = 8) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, str]:
+    """What the placeholders of the tables stand for."""
+    base = tmp_path_factory.mktemp("bad_input")
+    (base / "file").write_text("a file, not a folder\n")
+    (base / "empty").mkdir()
+    (base / "garbage.pt").write_bytes(b"not a checkpoint")
+    firstbad = _image_tree(base / "firstbad")
+    (firstbad / "train" / "a" / "0.jpg").write_bytes(b"not a jpeg")
+    badtree = _image_tree(base / "badtree")
+    noise = np.random.default_rng(1).integers(0, 255, 300, dtype=np.uint8).tobytes()
+    (badtree / "train" / "b" / "5.jpg").write_bytes(noise)  # random bytes for a JPEG
+    return {
+        "file": str(base / "file"),
+        "empty": str(base / "empty"),
+        "garbage": str(base / "garbage.pt"),
+        "missing": str(base / "missing"),
+        "firstbad": str(firstbad),
+        "badtree": str(badtree),
+    }
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """A quickstart checkpoint after 2 steps (small_cnn)."""
+    run_dir = tmp_path_factory.mktemp("ckpt_run")
+    run_train(run_dir, *QUICK[:1], "train.max_steps=2", env=_env())
+    (path,) = (run_dir / "checkpoints").glob("ckpt-*.pt")
+    return str(path)
+
+
+def _fill(text: str, places: dict[str, str]) -> str:
+    return text.format(**places) if "{" in text else text
+
+
+def _error_line(out: subprocess.CompletedProcess) -> str:
+    """The one stderr line, checked to be the only one, with no traceback."""
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr[-3000:]
+    assert lines[0].startswith("dist_icm: error: "), lines[0]
+    return lines[0].removeprefix("dist_icm: error: ")
+
+
+def _nothing_left(cwd: Path) -> None:
+    assert not (cwd / "outputs").exists(), sorted(p.name for p in (cwd / "outputs").rglob("*"))
+
+
+# the default run takes one case of each kind (a subprocess costs 5-15 s on 2 busy cores);
+# the others run with -m slow
+REPRESENTATIVE = {
+    "train.epochz=3",  # Hydra's composition
+    "loss.axis=foo",  # a dataclass check, after Hydra made the run folder
+    "hydra.run.dir={file}/run",  # a run folder that cannot be made
+    "data=imagefolder data.root={firstbad}",  # an image that is not one, at start
+    "resume={garbage}",  # a file that is no checkpoint
+    "resume={ckpt} resume_force=true model=cifar_resnet18",  # another model's checkpoint
+}
+
+
+def _cli_params():
+    for args, line in CLI_CASES:
+        marks = () if args in REPRESENTATIVE else (pytest.mark.slow,)
+        yield pytest.param(args, line, id=args, marks=marks)
+
+
+@pytest.mark.parametrize("args, line", list(_cli_params()))
+def test_bad_input_is_one_line_and_exit_2(args, line, places, request, tmp_path):
+    if "{ckpt}" in args:
+        places = places | {"ckpt": request.getfixturevalue("ckpt")}
+    if "data.loader=ffcv" in args:
+        pytest.importorskip("ffcv", reason="data.loader=ffcv says it needs ffcv instead")
+    overrides = [_fill(a, places) for a in args.split()]
+    env = _env() | {"DIST_ICM_CACHE": str(tmp_path / "cache")}
+    out = run_train(None, *QUICK, *overrides, check=False, cwd=tmp_path, env=env)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert _error_line(out) == _fill(line, places)
+    _nothing_left(tmp_path)
+
+
+def test_a_corrupt_jpeg_found_mid_training_is_one_line_and_exit_2(places, tmp_path):
+    # met by a DataLoader worker in the first step: the run had started (its folder stays)
+    args, line = CORRUPT_JPEG
+    overrides = [_fill(a, places) for a in args.split()]
+    out = run_train(
+        tmp_path / "run",
+        "experiment=quickstart",
+        "train.max_steps=2",  # one epoch: every training image is read
+        "train.progress=false",
+        *overrides,
+        check=False,
+        cwd=tmp_path,
+        env=_env(),
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [x for x in out.stderr.splitlines() if x.startswith("dist_icm: error:")]
+    assert errors == [f"dist_icm: error: {_fill(line, places)}"], out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == errors[0]  # the run's last word
+    # the run's own lines (on stderr off a terminal) are the only others
+    others = [x for x in out.stderr.splitlines() if x.strip() and x not in errors]
+    assert all(x.startswith("global batch ") for x in others), others
+
+
+def test_a_folder_that_existed_is_never_removed(tmp_path):
+    # a run that fails at start in a folder that was there before leaves the folder (and what
+    # Hydra wrote into it: the folder is the user's)
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    out = run_train(run_dir, *QUICK, "loss.axis=foo", check=False, cwd=tmp_path, env=_env())
+    assert out.returncode == 2 and run_dir.is_dir()
+    # while a new one under new parents is removed with the parents it made
+    new = tmp_path / "a" / "b" / "run"
+    out = run_train(new, *QUICK, "loss.axis=foo", check=False, cwd=tmp_path, env=_env())
+    assert out.returncode == 2 and not (tmp_path / "a").exists()
+
+
+def test_hydra_full_error_still_shows_the_traceback(tmp_path):
+    env = _env() | {"HYDRA_FULL_ERROR": "1"}
+    out = run_train(None, *QUICK, "train.epochz=3", check=False, cwd=tmp_path, env=env)
+    assert out.returncode == 2 and "Traceback" in out.stderr
+
+
+# ------------------------------------------------------------------ every key, in-process
+
+
+def _bad_values(kinds: str) -> list[str]:
+    if "bool" in kinds:
+        return ["maybe", "2"]
+    if "tuple" in kinds:
+        return ["abc", "[a]"]
+    if "int" in kinds:
+        return ["abc", "1.5", "[1]"]
+    if "float" in kinds:
+        return ["abc", "nan", "inf"]
+    return ["''", "[1,2]"]
+
+
+RANGES = [  # values of the right type outside what a key allows
+    "data.name=nosuch", "data.num_classes=1", "data.global_batch=0", "data.fraction=0",
+    "data.fraction=1.5", "data.long_tail=0", "data.augment=nosuch", "data.loader=nosuch",
+    "data.num_workers=-1", "data.eval_batch=0", "data.ffcv_write_mode=nosuch",
+    "data.ffcv_max_side=4", "data.ffcv_quality=0", "data.ffcv_quality=101", "model.bn_group=0",
+    "loss.name=nosuch", "loss.alpha=0", "loss.group_size=0", "loss.axis=nosuch",
+    "loss.gather=nosuch", "loss.tile=-1", "loss.regmix_weight=-1", "loss.tau=2",
+    "loss.kappa=0.5", "optim.name=nosuch", "optim.lr=0", "optim.momentum=1",
+    "optim.weight_decay=-1", "optim.lr_scaling=nosuch", "optim.reference_batch=0",
+    "optim.grad_clip=0", "schedule.name=nosuch", "schedule.epochs=0", "schedule.gamma=0",
+    "schedule.warmup_epochs=-1", "schedule.warmup_start_factor=2", "schedule.min_factor=2",
+    "runtime.device=nosuch", "runtime.precision=nosuch", "runtime.grad_accum=0",
+    "runtime.threads=0", "runtime.zero_stage=4", "runtime.timeout_s=0", "train.epochs=0",
+    "train.max_steps=0", "train.log_every=0", "train.eval_every=0", "train.ckpt_every=0",
+    "train.ckpt_every_steps=0", "train.ckpt_every_min=0", "train.keep_ckpts=0",
+    "train.max_skipped=-1", "train.seed=-1",
+]  # fmt: skip
+TOP = ["resume=true", "resume=[1]", "resume_force=maybe", "resume_force=3", "run_dir=[1]",
+       "run_dir=''", "train.nosuch=1", "nosuch=1", "+data.nosuch=1", "model=nosuch",
+       "data=nosuch", "loss=nosuch", "optim=nosuch", "schedule=nosuch", "runtime=nosuch",
+       "train=nosuch"]  # fmt: skip
+
+
+def _config_cases() -> list[str]:
+    cases = []
+    for section in SECTIONS:
+        schema = Config.__dataclass_fields__[section].default_factory
+        for f in dataclasses.fields(schema):
+            cases += [f"{section}.{f.name}={v}" for v in _bad_values(str(f.type))]
+    return cases + RANGES + TOP
+
+
+CONFIG_CASES = _config_cases()
+
+
+def _key(override: str) -> str:
+    return override.split("=")[0].lstrip("+")
+
+
+@pytest.fixture(scope="module")
+def compose():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        yield lambda *overrides: hydra_compose("train", overrides=list(overrides))
+
+
+def test_every_config_key_has_bad_values_in_the_sweep():
+    keys = {_key(case) for case in CONFIG_CASES}
+    for section in SECTIONS:
+        schema = Config.__dataclass_fields__[section].default_factory
+        assert {f"{section}.{f.name}" for f in dataclasses.fields(schema)} <= keys
+
+
+@pytest.mark.parametrize("override", CONFIG_CASES)
+def test_a_bad_value_of_any_key_is_one_line_naming_it(override, compose):
+    from hydra.errors import HydraException
+
+    from dist_icm.config import hydra_error_message
+
+    try:
+        cfg = compose("experiment=quickstart", override)
+    except HydraException as e:  # what main() turns into its line
+        message = hydra_error_message(e)
+    else:
+        with pytest.raises(ConfigError) as info:
+            to_config(cfg)
+        message = str(info.value)
+    assert "\n" not in message
+    assert _key(override) in message, message
+    assert re.search(r"must|one of|unknown|keys of", message), message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", CONFIG_CASES)
+def test_a_bad_value_of_any_key_through_the_command_line(override, tmp_path):
+    out = run_train(None, *QUICK, override, check=False, cwd=tmp_path, env=_env())
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert _key(override) in _error_line(out)
+    _nothing_left(tmp_path)
+
+
+# ------------------------------------------------------------------ dist-icm-data
+
+DATA_CASES = [
+    ("digits --workers -3", "argument --workers: must be >= 0 (0: all cores), got -3 "
+     "(see dist-icm-data --help)"),
+    ("digits --quality 0", "--quality must lie in [1, 100], got 0"),
+    ("digits --max-side 3", "--max-side must be >= 8, got 3"),
+    ("cifar10", "CIFAR-10 needs a root folder: set --root to where it is (or goes)"),
+    ("imagefolder --root {missing}", "imagefolder root '{missing}' must hold "
+     "train/<class>/*.jpg and test/<class>/*.jpg (or val/ instead of test/): point --root at "
+     "such a folder"),
+    ("digits --bogus", "unrecognized arguments: --bogus (see dist-icm-data --help)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, line", DATA_CASES, ids=[a for a, _ in DATA_CASES])
+def test_dist_icm_data_bad_input_is_one_line_and_exit_2(args, line, places, capsys):
+    from dist_icm.data.write import main
+
+    with pytest.raises(SystemExit) as info:  # main() itself, as dist-icm-data runs it
+        main(_fill(args, places).split())
+    assert info.value.code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert lines == [f"dist_icm: error: {_fill(line, places)}"]
+
+
+def test_dist_icm_data_exits_2_from_the_command_line(tmp_path):
+    cmd = [sys.executable, "-m", "dist_icm.data.write", "digits", "--workers", "-3"]
+    env = _env() | {"DIST_ICM_CACHE": str(tmp_path)}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert _error_line(out).startswith("argument --workers: must be >= 0")
+    assert not any(tmp_path.iterdir())
+
+
+def test_dist_icm_data_help_describes_every_option():
+    from dist_icm.data.write import CLI_NAMES, TRAINER_NAMES, build_parser
+
+    parser = build_parser()
+    assert all(action.help for action in parser._actions), [
+        action.dest for action in parser._actions if not action.help
+    ]
+    assert CLI_NAMES.keys() == TRAINER_NAMES.keys()
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert {name for name in CLI_NAMES.values() if name.startswith("--")} <= flags
+
+
+# ------------------------------------------------------------------ README
+
+
+def _readme_rows() -> list[tuple[str, str]]:
+    text = README.read_text()
+    section = text.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]*)` \| `dist_icm: error: (.*)` \|$", section, re.M)
+    assert rows, "README's Bad input section has no table rows"
+    return rows
+
+
+def _readme_form(text: str) -> str:
+    """How the README writes a table entry: placeholders as <name>."""
+    return re.sub(r"\{(\w+)\}", r"<\1>", text)
+
+
+def test_the_readme_table_is_the_tested_table():
+    tested = {_readme_form(a): _readme_form(line) for a, line in [*CLI_CASES, CORRUPT_JPEG]}
+    rows = dict(_readme_rows())
+    assert rows == tested

@@ -394,6 +394,10 @@ def hydra_error_message(error: BaseException) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
 
     cause = error.__cause__
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None and getattr(mark, "name", None):  # yaml's MarkedYAMLError
+        what = " ".join(str(x) for x in (error.context, error.problem) if x)
+        return f"cannot parse the config file {mark.name} (line {mark.line + 1}: {what})"
     if isinstance(error, OverrideParseException):
         reason = str(error.message).splitlines()[0]
         return (

@@ -170,6 +170,27 @@ def _bad_start(line: str) -> None:
     sys.exit(2)
 
 
+def _check_command_line() -> None:
+    """Hydra's own flags, parsed as Hydra will, so that a bad one is one line and exit 2
+    (argparse prints its usage first); the flags that print and exit are left to Hydra."""
+    args = sys.argv[1:]
+    if any(a in ("-h", "--help", "--hydra-help", "--version") for a in args):
+        return
+    try:
+        from hydra._internal.utils import get_args_parser
+    except ImportError:  # another Hydra: it reports bad flags itself
+        return
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        if message.startswith("unrecognized arguments"):
+            message += " (Hydra's flags come first, then the key=value overrides)"
+        _bad_start(f"{message}; see --help")
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_args(args)
+
+
 def main() -> None:
     """Console entry point. Ranks other than 0 leave no Hydra files behind.
 
@@ -189,6 +210,7 @@ def main() -> None:
             "hydra/hydra_logging=disabled",
         ]
     register_schema()
+    _check_command_line()
     if "HYDRA_FULL_ERROR" not in os.environ:  # Hydra then raises instead of printing
         os.environ["HYDRA_FULL_ERROR"] = "1"
         _OWN_FULL_ERROR = True

@@ -34,8 +34,9 @@ MODELS = "cifar_resnet18, cifar_resnet34, preact_resnet18, resnet50, small_cnn, 
 RUN_DIR_HINT = "run_dir (or hydra.run.dir) must name a folder that can be made"
 
 # (overrides, the exact line). Placeholders: {file} a plain file, {empty} an empty folder,
-# {garbage} a file that is no checkpoint, {missing} a path that does not exist, {firstbad} an
-# ImageFolder tree whose first image is not an image, {ckpt} a quickstart checkpoint (2 steps).
+# {garbage} a file that is no checkpoint, {cfgdir} a config folder with a broken YAML file,
+# {missing} a path that does not exist, {firstbad} an ImageFolder tree whose first image is
+# not an image, {badtree} one with random bytes for a JPEG, {ckpt} a quickstart checkpoint.
 CLI_CASES = [
     (
         "train.epochz=3",
@@ -102,6 +103,16 @@ CLI_CASES = [
         "(Not a directory): set data.ffcv_cache to a folder that can be written",
     ),
     (
+        "--config-dir={cfgdir} data=broken",
+        "cannot parse the config file {cfgdir}/data/broken.yaml (line 2: while parsing a flow "
+        "sequence expected ',' or ']', but got '<stream end>')",
+    ),
+    (
+        "--bogus",
+        "unrecognized arguments: --bogus (Hydra's flags come first, then the key=value "
+        "overrides); see --help",
+    ),
+    (
         "resume={missing}",
         "resume='{missing}': no such checkpoint file (or use resume=auto)",
     ),
@@ -153,6 +164,8 @@ def places(tmp_path_factory) -> dict[str, str]:
     (base / "file").write_text("a file, not a folder\n")
     (base / "empty").mkdir()
     (base / "garbage.pt").write_bytes(b"not a checkpoint")
+    (base / "configs" / "data").mkdir(parents=True)
+    (base / "configs" / "data" / "broken.yaml").write_text("global_batch: [1\n")
     firstbad = _image_tree(base / "firstbad")
     (firstbad / "train" / "a" / "0.jpg").write_bytes(b"not a jpeg")
     badtree = _image_tree(base / "badtree")
@@ -162,6 +175,7 @@ def places(tmp_path_factory) -> dict[str, str]:
         "file": str(base / "file"),
         "empty": str(base / "empty"),
         "garbage": str(base / "garbage.pt"),
+        "cfgdir": str(base / "configs"),
         "missing": str(base / "missing"),
         "firstbad": str(firstbad),
         "badtree": str(badtree),
@@ -219,8 +233,10 @@ def test_bad_input_is_one_line_and_exit_2(args, line, places, request, tmp_path)
     if "data.loader=ffcv" in args:
         pytest.importorskip("ffcv", reason="data.loader=ffcv says it needs ffcv instead")
     overrides = [_fill(a, places) for a in args.split()]
+    flags = [a for a in overrides if a.startswith("-")]  # Hydra's flags come first
+    overrides = [a for a in overrides if not a.startswith("-")]
     env = _env() | {"DIST_ICM_CACHE": str(tmp_path / "cache")}
-    out = run_train(None, *QUICK, *overrides, check=False, cwd=tmp_path, env=env)
+    out = run_train(None, *flags, *QUICK, *overrides, check=False, cwd=tmp_path, env=env)
     assert out.returncode == 2, out.stderr[-3000:]
     assert _error_line(out) == _fill(line, places)
     _nothing_left(tmp_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -389,11 +390,21 @@ def check_against_data(cfg: Config, num_classes: int, train_size: int) -> None:
 # --- the start of the main job (dist_icm/train.py): Hydra's errors and its run folder ---
 
 
-def hydra_error_message(error: BaseException) -> str:
-    """One line for an error Hydra raises before the job starts (composition, the run folder)."""
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def hydra_error_message(error: BaseException, overrides: list[str] | tuple = ()) -> str:
+    """One line for an error Hydra raises before the job starts (composition, the run folder);
+    ``overrides`` (the command line's) name the group of a group override that is no name."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     cause = error.__cause__
+    if str(error).startswith("Config group override must be a string"):  # e.g. data=5
+        for override in overrides:
+            group, _, value = override.partition("=")
+            options = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml")) if group else []
+            if options and re.fullmatch(r"[-+.\deE]+|true|false", value):  # not a name
+                return f"unknown {group} option {value} ({group} options: {', '.join(options)})"
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
     if mark is not None and getattr(mark, "name", None):  # yaml's MarkedYAMLError
         what = " ".join(str(x) for x in (error.context, error.problem) if x)

@@ -229,7 +229,7 @@ def main() -> None:
         if not _OWN_FULL_ERROR:  # HYDRA_FULL_ERROR=1 asked for Hydra's traceback
             traceback.print_exc()
             sys.exit(2)
-        _bad_start(hydra_error_message(e))  # every rank meets the same composition error
+        _bad_start(hydra_error_message(e, sys.argv[1:]))  # the same on every rank
     finally:
         if failed and rank0:
             remove_unused_run_dir()

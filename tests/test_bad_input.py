@@ -273,10 +273,7 @@ def test_a_folder_that_existed_is_never_removed(tmp_path):
     run_dir.mkdir()
     out = run_train(run_dir, *QUICK, "loss.axis=foo", check=False, cwd=tmp_path, env=_env())
     assert out.returncode == 2 and run_dir.is_dir()
-    # while a new one under new parents is removed with the parents it made
-    new = tmp_path / "a" / "b" / "run"
-    out = run_train(new, *QUICK, "loss.axis=foo", check=False, cwd=tmp_path, env=_env())
-    assert out.returncode == 2 and not (tmp_path / "a").exists()
+    # (a new one is removed with the parents it made: every CLI case checks outputs/ is gone)
 
 
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):
@@ -320,7 +317,7 @@ RANGES = [  # values of the right type outside what a key allows
 TOP = ["resume=true", "resume=[1]", "resume_force=maybe", "resume_force=3", "run_dir=[1]",
        "run_dir=''", "train.nosuch=1", "nosuch=1", "+data.nosuch=1", "model=nosuch",
        "data=nosuch", "loss=nosuch", "optim=nosuch", "schedule=nosuch", "runtime=nosuch",
-       "train=nosuch"]  # fmt: skip
+       "train=nosuch", "data=5", "optim=1.5"]  # fmt: skip
 
 
 def _config_cases() -> list[str]:
@@ -358,14 +355,12 @@ def test_every_config_key_has_bad_values_in_the_sweep():
 
 @pytest.mark.parametrize("override", CONFIG_CASES)
 def test_a_bad_value_of_any_key_is_one_line_naming_it(override, compose):
-    from hydra.errors import HydraException
-
     from dist_icm.config import hydra_error_message
 
     try:
         cfg = compose("experiment=quickstart", override)
-    except HydraException as e:  # what main() turns into its line
-        message = hydra_error_message(e)
+    except Exception as e:  # Hydra's errors: what main() turns into its line
+        message = hydra_error_message(e, [override])
     else:
         with pytest.raises(ConfigError) as info:
             to_config(cfg)

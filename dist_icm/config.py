@@ -334,6 +334,12 @@ def to_config(cfg: DictConfig) -> Config:
             top[key] = str(value)
             if not top[key].strip():
                 raise ConfigError(f"{key} must not be empty (leave it out, or null)")
+    resume = top.get("resume")
+    if resume not in (None, "auto") and Path(resume).expanduser().is_dir():
+        raise ConfigError(
+            f"resume={resume} is a folder: name a checkpoint file (its checkpoints/ckpt-*.pt), "
+            f"or resume=auto with run_dir={resume}"
+        )
     return Config(**{name: parts[name] for name in SECTIONS}, **top)
 
 

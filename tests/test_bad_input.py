@@ -117,6 +117,11 @@ CLI_CASES = [
         "resume='{missing}': no such checkpoint file (or use resume=auto)",
     ),
     (
+        "resume={empty}",
+        "resume={empty} is a folder: name a checkpoint file (its checkpoints/ckpt-*.pt), or "
+        "resume=auto with run_dir={empty}",
+    ),
+    (
         "resume={garbage}",
         "checkpoint {garbage} is unreadable (no zip index: truncated, or not written by "
         "torch.save): delete it or pass another",

@@ -185,7 +185,7 @@ def _kill(cmd: list[str], run_dir: Path, trigger: str, k: int) -> dict:
                     break
                 if _last_step(run_dir) >= STEPS - 2:  # missed every write: kill anyway
                     break
-            time.sleep(0.0005 if trigger == "write" else 0.005)
+            time.sleep(0.0005)
     finally:
         _kill_tree(proc.pid)
         proc.wait()
@@ -197,17 +197,21 @@ def _kill(cmd: list[str], run_dir: Path, trigger: str, k: int) -> dict:
     }
 
 
-def _kill_and_resume(tmp_path, reference, ffcv_cache, world, loader, trigger, k):
+def _kill_and_resume(
+    tmp_path, reference, ffcv_cache, world, loader, trigger, k, extra=(), mid_epoch=True
+):
+    """Kill a run at (trigger, k), resume it, and compare with the uninterrupted run (whose
+    metrics do not depend on when checkpoints are written: ``extra`` may change that)."""
     _need(loader)
     whole = reference(world, loader)
     run = tmp_path / "run"
-    left = _kill(_command(run, world, loader, ffcv_cache), run, trigger, k)
+    left = _kill(_command(run, world, loader, ffcv_cache, *extra), run, trigger, k)
     # every checkpoint file in sight is whole (atomic writes), so the newest is the one to use
     for path in left["checkpoints"]:
         assert checkpoint.load(path)["step"] == int(path.name[5:-3])
     newest = int(left["checkpoints"][-1].name[5:-3]) if left["checkpoints"] else None
-    assert newest is None or (newest % SPE != 0 and newest <= left["logged"]), left
-    out = _run(_command(run, world, loader, ffcv_cache, "resume=auto"))
+    assert newest is None or (newest % SPE != 0 or not mid_epoch) and newest <= left["logged"]
+    out = _run(_command(run, world, loader, ffcv_cache, *extra, "resume=auto"))
     if newest is None:
         assert "resume=auto: no checkpoint in" in out.stderr and "starting at step 0" in out.stderr
     else:
@@ -221,8 +225,11 @@ def _kill_and_resume(tmp_path, reference, ffcv_cache, world, loader, trigger, k)
           f"mid-write {left['mid_write']}, resumed at {newest}")  # fmt: skip
 
 
+SLOW = pytest.mark.slow  # 2 processes cost ~75 s a case here (20-50 s more than one)
+
+
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=SLOW)])
 def test_a_kill_mid_write_resumes_exactly(tmp_path, reference, ffcv_cache, world):
     """The default run's case: torch loader, killed while a mid-epoch checkpoint is written."""
     _kill_and_resume(tmp_path, reference, ffcv_cache, world, "torch", "write", 10)
@@ -288,8 +295,11 @@ def sixteen_steps(tmp_path_factory, ffcv_cache):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("how", ["truncated", "garbage", "flipped"])
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize(
+    "world, how",
+    [(1, "truncated"), (1, "garbage"), (1, "flipped"), (2, "truncated"),
+     pytest.param(2, "garbage", marks=SLOW), pytest.param(2, "flipped", marks=SLOW)],
+)  # fmt: skip
 def test_a_bad_newest_checkpoint_is_named_in_one_line_and_skipped(
     tmp_path, sixteen_steps, ffcv_cache, world, how
 ):
@@ -430,26 +440,13 @@ def test_a_full_disk_stops_every_rank_with_one_line(tmpfs, reference, ffcv_cache
 
 
 @pytest.mark.xfail(
-    strict=True,
     reason="trainer.train saves a step checkpoint (train.ckpt_every_steps, ckpt_every_min) that "
     "falls on an epoch's last step before that epoch's evaluation, so a run killed in between "
-    "resumes past an evaluation it never logged (fix: at an epoch's end save after evaluating)",
+    "resumes past an evaluation it never logged (fix: at an epoch's end save after evaluating). "
+    "Not strict: the kill lands in that window of a few ms most times, not always",
 )
-def test_a_kill_between_an_epoch_end_checkpoint_and_its_evaluation(tmp_path, ffcv_cache):
-    """What a SIGKILL leaves when it lands after the step checkpoint of step 21 (an epoch's end)
-    was renamed into place and before that epoch's evaluation was logged (made here by cutting
-    a whole run's folder back, as the window is a few ms): the resumed run must still log it."""
-    extra = ("train.max_steps=30", f"train.ckpt_every_steps={SPE}", "train.keep_ckpts=10")
-    whole = tmp_path / "whole"
-    _run(_command(whole, 1, "torch", ffcv_cache, *extra))
-    assert [r["step"] for r in records(whole) if "test/top1" in r] == [SPE, 30]
-    run = tmp_path / "run"
-    shutil.copytree(whole, run)
-    (run / "checkpoints" / "ckpt-000000030.pt").unlink()
-    (run / "summary.json").unlink()
-    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
-    upto = next(i for i, ln in enumerate(lines) if "test/top1" in ln)  # the evaluation at 21
-    (run / "metrics.jsonl").write_text("".join(lines[:upto]))
-    out = _run(_command(run, 1, "torch", ffcv_cache, *extra, "resume=auto"))
-    assert f"resumed at step {SPE}" in out.stderr
-    assert _comparable(run) == _comparable(whole)
+def test_a_kill_right_after_an_epoch_end_checkpoint(tmp_path, reference, ffcv_cache):
+    """Killed as soon as the checkpoint of step 21 (an epoch's end) appears: the resumed run
+    must still log that epoch's evaluation, once."""
+    _kill_and_resume(tmp_path, reference, ffcv_cache, 1, "torch", "ckpt", SPE,
+                     extra=("train.ckpt_every_steps=7",), mid_epoch=False)  # fmt: skip

@@ -70,9 +70,11 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     float32 with one fused kernel per device and dtype where torch has it."""
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [
-        torch.linalg.vector_norm(g) for g in grads
-    ]
+    norms = (
+        torch._foreach_norm(grads)
+        if hasattr(torch, "_foreach_norm")
+        else [torch.linalg.vector_norm(g) for g in grads]
+    )
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 

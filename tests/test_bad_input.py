@@ -392,9 +392,8 @@ DATA_CASES = [
     ("digits --quality 0", "--quality must lie in [1, 100], got 0"),
     ("digits --max-side 3", "--max-side must be >= 8, got 3"),
     ("cifar10", "CIFAR-10 needs a root folder: set --root to where it is (or goes)"),
-    ("imagefolder --root {missing}", "imagefolder root '{missing}' must hold "
-     "train/<class>/*.jpg and test/<class>/*.jpg (or val/ instead of test/): point --root at "
-     "such a folder"),
+    ("imagefolder --root {missing}", "--root '{missing}' is not a folder (data=imagefolder "
+     "needs one)"),
     ("digits --bogus", "unrecognized arguments: --bogus (see dist-icm-data --help)"),
 ]  # fmt: skip
 

@@ -75,8 +75,8 @@ def _skip_worker(rank, world, poisoned_rank, mode, extra=()):
         out["why"].append(why)
         if step == 2:
             after = _state(job)
-            out["params_same"] = all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
-            out["momenta_same"] = all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+            same = [all(map(torch.equal, b, a)) for b, a in zip(before[:2], after[:2], strict=True)]
+            out["params_same"], out["momenta_same"] = same
             out["sched"] = (before[2], after[2], before[3], after[3])
             out["grads"] = [p.grad for p in job.model.parameters()]
     out["finite"] = all(torch.isfinite(p).all().item() for p in job.model.parameters())
@@ -97,7 +97,7 @@ def _check_skipped(ranks, reference, ddp=True):
             assert all(g is None for g in out["grads"])  # the non-finite gradients are dropped
         # and nothing of the skipped step lingers: the next step is the one a run without
         # the bad batch takes, bit for bit (no stale gradient, momentum or schedule step)
-        for a, b in zip(out["params"], reference[0]["params"]):
+        for a, b in zip(out["params"], reference[0]["params"], strict=True):
             assert torch.equal(a, b)
 
 

@@ -22,7 +22,8 @@ from dist_icm.train import PEER_EXIT
 pytestmark = pytest.mark.multiproc
 TIMEOUT_S = 15
 ARGS = ["experiment=quickstart", "train.epochs=1000", "train.log_every=1", "runtime.threads=1",
-        "train.progress=false", "train.tensorboard=false", f"runtime.timeout_s={TIMEOUT_S}"]  # fmt: skip
+        "train.progress=false", "train.tensorboard=false",
+        f"runtime.timeout_s={TIMEOUT_S}"]  # fmt: skip
 
 
 def _start(run_dir: Path, *extra: str) -> list[subprocess.Popen]:
@@ -66,12 +67,13 @@ def test_the_surviving_rank_stops_with_one_line(tmp_path, fault):
         for p in procs:
             p.kill()
             p.communicate()
-    print(f"\n{fault}: exit {procs[0].returncode} after {took:.1f} s: {err.strip().splitlines()[-1]}")
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    print(f"\n{fault}: exit {procs[0].returncode} after {took:.1f} s: {last}")
     assert procs[0].returncode == PEER_EXIT, err[-3000:]
     assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
     assert last.startswith("dist_icm: error: rank 0: a collective failed (")
-    assert last.endswith(f"another process died, or waited longer than runtime.timeout_s={TIMEOUT_S}")
+    why = f"another process died, or waited longer than runtime.timeout_s={TIMEOUT_S}"
+    assert last.endswith(why)
     if fault == "dies":  # the connection drops at once
         assert took < TIMEOUT_S, took
     else:  # a hung peer is waited for timeout_s, not for torch's default of minutes

@@ -63,16 +63,17 @@ def test_negative_control_plain_accelerate_launch_adds_its_report(tmp_path):
     assert out.stderr.count("dist_icm: error: data.global_batch must be >= 1, got 0") == 1
 
 
-@pytest.fixture
-def nodes(tmp_path):
-    """node0: a good image tree; node1: the same tree with one class folder emptied."""
+@pytest.fixture(params=["empty class", "missing"])
+def nodes(tmp_path, request):
+    """node0: a good image tree; node1: the same tree with one class folder emptied, or none."""
     _digit_tree(tmp_path / "node0")
-    _digit_tree(tmp_path / "node1")
-    for image in (tmp_path / "node1" / "train" / "2").iterdir():
-        image.unlink()
+    if request.param == "empty class":
+        _digit_tree(tmp_path / "node1")
+        for image in (tmp_path / "node1" / "train" / "2").iterdir():
+            image.unlink()
     root = f"data.root={tmp_path}/node${{oc.env:RANK}}"  # each rank its own copy of the data
     return [root, "data=imagefolder", "data.global_batch=12", "loss.group_size=null",
-            "data.num_workers=0"]
+            "data.num_workers=0"]  # fmt: skip
 
 
 def test_bad_data_on_one_node_is_one_line_from_rank_0(tmp_path, nodes):
@@ -85,7 +86,8 @@ def test_bad_data_on_one_node_is_one_line_from_rank_0(tmp_path, nodes):
             "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO),
         }  # fmt: skip
-        cmd = [sys.executable, "-m", "dist_icm.train", *ARGS, *nodes, f"hydra.run.dir={tmp_path}/run"]
+        cmd = [sys.executable, "-m", "dist_icm.train", *ARGS, *nodes]
+        cmd.append(f"hydra.run.dir={tmp_path}/run")
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
     errs = [p.communicate(timeout=300)[1] for p in procs]

@@ -192,6 +192,8 @@ def _imagefolder(root: str | None, names: dict[str, str]) -> tuple[Dataset, Data
             f"imagefolder needs {names['root']}: a folder holding train/ and test/ (or val/)"
         )
     base = Path(root).expanduser()
+    if not base.is_dir():  # checked here, not in the config: each node may read its own copy
+        raise DataError(f"{names['root']} '{base}' is not a folder (data=imagefolder needs one)")
     train_dir = base / "train"
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:

@@ -23,8 +23,8 @@ temporary folders) that no checkpoint lists.
 
 A save that fails (a full disk, no permission) removes its temporary file, leaves every
 earlier checkpoint in place (pruning comes only after a successful write) and raises
-:class:`CheckpointWriteError` with one line naming the file and the OS's reason; the entry point
-stops with it and exit code :data:`WRITE_ERROR_EXIT`.
+:class:`CheckpointWriteError` with one line naming the file and the OS's reason (the entry point
+stops with it and exit code 4, ``dist_icm.train.WRITE_EXIT``).
 
 No ``torch.distributed`` here: the caller decides which rank writes.
 """
@@ -53,9 +53,6 @@ _ENGINE_SUFFIX = ".zero"
 # What weights_only loading accepts; exact types, since e.g. np.float64 subclasses float.
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _CONTAINERS = (dict, OrderedDict, list, tuple, set, torch.Size)
-
-
-WRITE_ERROR_EXIT = 4  # the exit code of a run stopped by a checkpoint it could not write
 
 
 class CheckpointError(RuntimeError):

@@ -238,7 +238,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
             data.train.set_epoch(epoch)
             data.sampler.set_start_batch(in_epoch * job.plan.grad_accum)
             batches = iter(data.loader)
-            t0 = time.perf_counter()
+            t0, asked = time.perf_counter(), False
             for _ in range(in_epoch, spe):
                 loss, why = train_step(job, batches, step)
                 step, seen = step + 1, seen + job.plan.global_batch
@@ -269,7 +269,10 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                 if step == job.total_steps or stopping:
                     break
                 every = cfg.train.ckpt_every_steps
-                if decision.checkpoint or (every and step % every == 0):
+                asked = decision.checkpoint or bool(every and step % every == 0)
+                if asked and step % spe == 0:  # an epoch's last step: saved after its
+                    continue  # evaluation, below, so a resume from it never skips one
+                if asked:
                     check_weights(job, step, "its checkpoint")
                     resume.save(job, step, run_totals(time.perf_counter() - t0))
                     saved = step
@@ -282,7 +285,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                 report.log({"step": step, "epoch": step / spe} | metrics)
                 job.model.train()
             due = step % spe == 0 and epochs_done % cfg.train.ckpt_every == 0
-            if saved != step and (end or due or stopping):
+            if saved != step and (end or due or stopping or asked):
                 check_weights(job, step, "its checkpoint")
                 resume.save(job, step, run_totals())
                 saved = step

@@ -228,22 +228,23 @@ def save(job: Job, step: int, run: dict) -> None:
         model = rt.unwrap(job.model).state_dict()
     error = None
     if rt.is_main:
-        state = {
-            "model": model,  # always the whole model: `torch.load(...)["state"]["model"]`
-            "optimizer": None if rt.engine is not None else job.optimizer.state_dict(),
-            "scheduler": job.scheduler.state_dict(),
-            "scaler": rt.scaler_state(),
-            "rng": checkpoint.rng_state(),
-            "step": step,
-            "config": asdict(job.cfg),
-            "run": dict(run),  # training time and images over all sessions so far
-        }
         try:
+            state = {
+                "model": model,  # always the whole model: `torch.load(...)["state"]["model"]`
+                "optimizer": None if rt.engine is not None else job.optimizer.state_dict(),
+                "scheduler": job.scheduler.state_dict(),
+                "scaler": rt.scaler_state(),
+                "rng": checkpoint.rng_state(),
+                "step": step,
+                "config": asdict(job.cfg),
+                "run": dict(run),  # training time and images over all sessions so far
+            }
             checkpoint.save(folder, step, state, keep=job.cfg.train.keep_ckpts)
         except CheckpointWriteError as e:
             error = str(e)
         except Exception as e:  # a bug, not the disk: rank 0 raises it, the others learn of it
-            _agree(f"rank 0 failed to write the checkpoint of step {step}: {_line(e)}", group)
+            why = f"rank 0 failed to write the checkpoint of step {step}: {_line(e)}"
+            dist.broadcast_object(why, group)
             raise
     _agree(error, group)  # the barrier every rank waits at, carrying rank 0's outcome
 

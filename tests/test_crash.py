@@ -436,17 +436,13 @@ def test_a_full_disk_stops_every_rank_with_one_line(tmpfs, reference, ffcv_cache
     assert _comparable(run) == _comparable(reference(world, "torch"))
 
 
-# --- a kill between an epoch's step checkpoint and its evaluation ---------------------------
+# --- a kill right after an epoch's step checkpoint ---------------------------
 
 
-@pytest.mark.xfail(
-    reason="trainer.train saves a step checkpoint (train.ckpt_every_steps, ckpt_every_min) that "
-    "falls on an epoch's last step before that epoch's evaluation, so a run killed in between "
-    "resumes past an evaluation it never logged (fix: at an epoch's end save after evaluating). "
-    "Not strict: the kill lands in that window of a few ms most times, not always",
-)
 def test_a_kill_right_after_an_epoch_end_checkpoint(tmp_path, reference, ffcv_cache):
     """Killed as soon as the checkpoint of step 21 (an epoch's end) appears: the resumed run
-    must still log that epoch's evaluation, once."""
+    must still log that epoch's evaluation, once. (The trainer used to save a step checkpoint
+    that fell on an epoch's end before that epoch's evaluation: this kill then landed between
+    the two most times, and the resumed run went on past an evaluation it never logged.)"""
     _kill_and_resume(tmp_path, reference, ffcv_cache, 1, "torch", "ckpt", SPE,
                      extra=("train.ckpt_every_steps=7",), mid_epoch=False)  # fmt: skip

@@ -11,6 +11,7 @@ others first). Failures during training have their own codes (``*_EXIT`` below).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 import traceback
@@ -52,6 +53,9 @@ def run(cfg: Config) -> dict:
     """Set up (or stop with one line) and train; returns the summary. A run stopped by a signal
     exits with code 75 (``PREEMPTED_EXIT``) after checkpointing the step it stopped at; the
     other ways a run ends early are the ``*_EXIT`` codes above."""
+    # a log line that cannot be written (a full disk) is dropped instead of printing a traceback
+    # per line; the metrics file's next write then stops the run (WRITE_EXIT) with one line
+    logging.raiseExceptions = False
     try:
         job = setup(cfg)
         found = find_checkpoint(job)

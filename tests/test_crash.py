@@ -436,6 +436,19 @@ def test_a_full_disk_stops_every_rank_with_one_line(tmpfs, reference, ffcv_cache
     assert _comparable(run) == _comparable(reference(world, "torch"))
 
 
+def test_a_disk_filled_by_the_logs_is_one_line_too(tmpfs):
+    """Room for the logs of a few steps only: train.log's handler fails first (Python's logging
+    would print "--- Logging error ---" and a traceback for every line), then metrics.jsonl's
+    write stops the run with exit 4 and one line."""
+    run = tmpfs(60 * 1024) / "run"
+    (out,) = _ranks(run, 1, "train.max_steps=300", "train.ckpt_every_steps=1000",
+                    "train.ckpt_every=1000")  # fmt: skip
+    assert out.returncode == WRITE_EXIT, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Logging error" not in out.stderr
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("dist_icm: error:")]
+    assert errors == ["dist_icm: error: cannot write to the run folder: No space left on device"]
+
+
 # --- a kill right after an epoch's step checkpoint ---------------------------
 
 

@@ -10,9 +10,11 @@ others first). Failures during training have their own codes (``*_EXIT`` below).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -195,6 +197,22 @@ def _check_command_line() -> None:
     parser.parse_args(args)
 
 
+def _die_with_launcher() -> None:
+    """Under torch's elastic launcher (``accelerate launch``, torchrun) each rank runs in its own
+    session, so a launcher killed outright (SIGKILL) leaves its ranks training on and writing
+    checkpoints into the run folder that a restarted run resumes from. On Linux the kernel is
+    asked to kill this process when its parent, the launcher, dies."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main() -> None:
     """Console entry point. Ranks other than 0 leave no Hydra files behind.
 
@@ -204,6 +222,7 @@ def main() -> None:
     removes the run folder Hydra made for it, if that holds nothing but Hydra's own files.
     """
     global _OWN_FULL_ERROR
+    _die_with_launcher()
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if not rank0:
         if not any(a.startswith("hydra.run.dir=") for a in sys.argv):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli import REPO
+from cli import CPU_CONFIG, REPO
 
 from dist_icm.train import PEER_EXIT
 
@@ -78,3 +78,26 @@ def test_the_surviving_rank_stops_with_one_line(tmp_path, fault):
         assert took < TIMEOUT_S, took
     else:  # a hung peer is waited for timeout_s, not for torch's default of minutes
         assert "timed out" in last.lower() and TIMEOUT_S - 1 < took < TIMEOUT_S + 45, took
+
+
+def test_the_ranks_die_with_their_launcher(tmp_path):
+    """``accelerate launch`` killed outright (SIGKILL, nothing forwarded): its ranks, each in
+    its own session, must not train on and write checkpoints for nobody."""
+    psutil = pytest.importorskip("psutil")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
+           "--num_processes", "2", "-m", "dist_icm.train", *ARGS,
+           f"hydra.run.dir={run}"]  # fmt: skip
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_steps(run, [launcher], 3)
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "dist_icm.train" in " ".join(p.cmdline())]  # fmt: skip
+        assert len(ranks) == 2
+        launcher.kill()
+        launcher.wait()
+        gone, alive = psutil.wait_procs(ranks, timeout=15)
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()
+    assert not alive, [p.pid for p in alive]

@@ -102,14 +102,16 @@ def _check_skipped(ranks, reference, ddp=True, exact=True):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world, poisoned", [(1, 0), (2, 1), (2, 0)])
+@pytest.mark.parametrize(
+    "world, poisoned", [(1, 0), (2, 1), pytest.param(2, 0, marks=pytest.mark.slow)]
+)
 def test_a_nan_batch_on_one_rank_is_skipped_by_every_rank(world, poisoned):
     reference = run_launched(_skip_worker, world, poisoned, "reference")
     _check_skipped(run_launched(_skip_worker, world, poisoned, "guard"), reference)
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_deepspeed_skips_a_non_finite_step_in_float32_too(stage):
     pytest.importorskip("deepspeed")
     extra = (f"runtime=deepspeed_zero{stage}", "runtime.device=auto")

@@ -63,7 +63,7 @@ def test_negative_control_plain_accelerate_launch_adds_its_report(tmp_path):
     assert out.stderr.count("dist_icm: error: data.global_batch must be >= 1, got 0") == 1
 
 
-@pytest.fixture(params=["empty class", "missing"])
+@pytest.fixture(params=[pytest.param("empty class", marks=pytest.mark.slow), "missing"])
 def nodes(tmp_path, request):
     """node0: a good image tree; node1: the same tree with one class folder emptied, or none."""
     _digit_tree(tmp_path / "node0")

@@ -78,6 +78,10 @@ class DataConfig:
             raise ConfigError(f"data.fraction must lie in (0, 1], got {self.fraction}")
         if self.long_tail is not None and not 0 < self.long_tail <= 1:
             raise ConfigError(f"data.long_tail must lie in (0, 1], got {self.long_tail}")
+        if self.name == "imagefolder" and not self.root:  # whether it exists: when it is read
+            raise ConfigError(
+                f"data.root {self.root!r} is not a folder (data=imagefolder needs one)"
+            )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.eval_batch < 1:

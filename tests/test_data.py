@@ -72,8 +72,10 @@ def test_cifar10_without_internet_raises_clear_error(tmp_path: Path) -> None:
 def test_unknown_name_and_missing_roots(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="digits, cifar10, cifar100, imagefolder"):
         build_datasets("mnist", None)
-    with pytest.raises(DataError, match="must hold train/"):
+    with pytest.raises(DataError, match="nowhere' is not a folder"):
         build_datasets("imagefolder", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="must hold train/"):
+        build_datasets("imagefolder", str(tmp_path))  # a folder, without train/ and test/
     with pytest.raises(DataError, match="needs data.root"):
         build_datasets("imagefolder", None)
 

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -48,6 +49,7 @@ BAD_INPUT_EXIT = 2  # a bad config value or input file, found at start (or a bad
 DIVERGED_EXIT = 3  # more than train.max_skipped non-finite steps in a row, or non-finite weights
 WRITE_EXIT = 4  # a checkpoint (or log) could not be written, e.g. the disk is full
 PEER_EXIT = 5  # a collective failed: a peer process died, or waited past runtime.timeout_s
+_QUIET_RANK_GRACE_S = 10.0
 _COMM_MARKS = ("gloo", "nccl", "connection", "timed out", "timeout", "closed by peer", "socket")
 
 
@@ -113,6 +115,10 @@ def _fail(error: Exception | str, code: int, *, rank_zero: bool = False) -> None
     is known on every rank alike, so only rank 0 prints it (the others exit silently)."""
     if not rank_zero or int(os.environ.get("RANK", "0")) == 0:
         print(f"dist_icm: error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        # torch's launcher stops every process when the first one exits: let that be rank 0,
+        # after it printed the line (it may reach this point later than this rank)
+        time.sleep(_QUIET_RANK_GRACE_S)
     sys.exit(code)
 
 
@@ -171,9 +177,7 @@ def _state_mismatch(cfg: Config, error: Exception) -> str | None:
 
 def _bad_start(line: str) -> None:
     """Print ``dist_icm: error: <line>`` once (rank 0: every rank met it) and exit with 2."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"dist_icm: error: {line}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _fail(line, BAD_INPUT_EXIT, rank_zero=True)
 
 
 def _check_command_line() -> None:

@@ -103,7 +103,12 @@ def _check_skipped(ranks, reference, ddp=True, exact=True):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
-    "world, poisoned", [(1, 0), (2, 1), pytest.param(2, 0, marks=pytest.mark.slow)]
+    "world, poisoned",
+    [
+        pytest.param(1, 0, marks=pytest.mark.slow),
+        (2, 1),
+        pytest.param(2, 0, marks=pytest.mark.slow),
+    ],
 )
 def test_a_nan_batch_on_one_rank_is_skipped_by_every_rank(world, poisoned):
     reference = run_launched(_skip_worker, world, poisoned, "reference")
@@ -111,7 +116,8 @@ def test_a_nan_batch_on_one_rank_is_skipped_by_every_rank(world, poisoned):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_skips_a_non_finite_step_in_float32_too(stage):
     pytest.importorskip("deepspeed")
     extra = (f"runtime=deepspeed_zero{stage}", "runtime.device=auto")

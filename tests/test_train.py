@@ -24,6 +24,7 @@ SUMMARY_KEYS = (
     "steps",
     "global_batch",
     "world_size",
+    "skipped_steps",
     "resumed_at_step",
     "session_wall_s",
     "session_train_s",
@@ -92,12 +93,12 @@ def test_a_diverged_run_still_writes_strict_json(tmp_path):
     [
         ("model.name=foo", "unknown model 'foo'"),
         ("loss.alpha=0", "alpha must be > 0"),
-        ("data.global_batch=100000", "exceeds the 1347 samples"),
+        ("data.global_batch=100000", "exceeds the 1347 training samples"),
         ("data.num_classes=100", "data.num_classes=100 but digits has 10 classes"),
         ("loss.group_size=7", "group_size=7 must divide"),
         ("resume=/no/such.pt", "no such checkpoint"),
         ("runtime.precision=fp16", "fp16 needs a GPU"),
-        ("model=foo", "model/foo"),
+        ("model=foo", "unknown model option 'foo'"),
     ],
 )
 def test_bad_values_stop_at_start_with_one_line_and_exit_2(tmp_path, override, message):

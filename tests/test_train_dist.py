@@ -69,9 +69,10 @@ def test_negative_control_per_device_groups_break_invariance(tmp_path):
 
 def test_sync_bn_on_cpu_processes_stops_at_start(tmp_path):
     out = run_train(tmp_path / "run", *ARGS, "model.sync_bn=true", world=2, check=False)
-    # every rank says the one line and exits 2 (the launcher then adds its own report)
+    # rank 0 says the one line (every rank knows it), every rank exits 2 (plain accelerate
+    # launch then adds its own report; dist-icm-launch would not)
     assert out.returncode != 0
-    assert out.stderr.count("dist_icm: error: model.sync_bn=true needs GPUs") == 2
+    assert out.stderr.count("dist_icm: error: model.sync_bn=true needs GPUs") == 1
     assert "exitcode  : 2" in out.stderr
 
 

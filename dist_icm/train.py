@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import hydra
 import torch
@@ -28,20 +27,13 @@ from omegaconf import DictConfig
 
 from dist_icm import dist
 from dist_icm.checkpoint import CheckpointError
-from dist_icm.config import (
-    Config,
-    ConfigError,
-    hydra_error_message,
-    register_schema,
-    remove_unused_run_dir,
-    to_config,
-)
+from dist_icm.config import Config, ConfigError, register_schema, to_config
 from dist_icm.data.datasets import DataError
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted
 from dist_icm.resume import find_checkpoint
+from dist_icm.startup import CONFIG_DIR, hydra_error_message, remove_unused_run_dir
 from dist_icm.trainer import Diverged, setup, train
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 START_ERRORS = (ConfigError, DataError, CheckpointError, ValueError)
 
 # Exit codes (README "Exit codes"); each comes with one line on stderr starting "dist_icm: ".
@@ -126,7 +118,7 @@ _STARTED = False
 _OWN_FULL_ERROR = False  # main() set HYDRA_FULL_ERROR so that Hydra raises its start-up errors
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def _hydra_main(raw: DictConfig) -> None:
     global _STARTED
     _STARTED = True

@@ -360,7 +360,7 @@ def test_every_config_key_has_bad_values_in_the_sweep():
 
 @pytest.mark.parametrize("override", CONFIG_CASES)
 def test_a_bad_value_of_any_key_is_one_line_naming_it(override, compose):
-    from dist_icm.config import hydra_error_message
+    from dist_icm.startup import hydra_error_message
 
     try:
         cfg = compose("experiment=quickstart", override)

@@ -1,0 +1,123 @@
+"""The start of the main job (:mod:`dist_icm.train`): Hydra's errors as one line, and the run
+folder a failed start leaves behind.
+
+Hydra raises (or prints) its composition errors before the job's own checks run;
+:func:`hydra_error_message` turns them into the one line the job prints. Hydra also makes the
+run folder before the job starts; :class:`RunDirWatch` notes which of its folders existed before,
+so that :func:`remove_unused_run_dir` removes only what a failed start made.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from dist_icm.config import unknown_key_message
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def hydra_error_message(error: BaseException, overrides: list[str] | tuple = ()) -> str:
+    """One line for an error Hydra raises before the job starts (composition, the run folder);
+    ``overrides`` (the command line's) name the group of a group override that is no name."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    cause = error.__cause__
+    if str(error).startswith("Config group override must be a string"):  # e.g. data=5
+        for override in overrides:
+            group, _, value = override.partition("=")
+            options = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml")) if group else []
+            if options and re.fullmatch(r"[-+.\deE]+|true|false", value):  # not a name
+                return f"unknown {group} option {value} ({group} options: {', '.join(options)})"
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None and getattr(mark, "name", None):  # yaml's MarkedYAMLError
+        what = " ".join(str(x) for x in (error.context, error.problem) if x)
+        return f"cannot parse the config file {mark.name} (line {mark.line + 1}: {what})"
+    if isinstance(error, OverrideParseException):
+        reason = str(error.message).splitlines()[0]
+        return (
+            f"cannot parse the override {error.override!r} ({reason}): write key=value, "
+            "quoting values with brackets or spaces (see Hydra's override grammar)"
+        )
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group, _, option = str(error.missing_cfg_file or "").rpartition("/")
+        options = ", ".join(sorted(error.options))
+        more = "; or model.name=<a torchvision/timm model>" if group == "model" else ""
+        return f"unknown {group} option {option!r} ({group} options: {options}{more})"
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError) and getattr(
+        cause, "full_key", None
+    ):
+        key = str(cause.full_key)
+        if key.startswith("hydra."):
+            return f"unknown Hydra key {key} (see python -m dist_icm.train --hydra-help)"
+        return unknown_key_message(key)
+    if isinstance(error, OSError) and error.filename is not None:
+        reason = error.strerror or type(error).__name__
+        return (
+            f"cannot create the run folder {error.filename} ({reason}): "
+            "run_dir (or hydra.run.dir) must name a folder that can be made"
+        )
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()][:1]
+    if isinstance(cause, OmegaConfBaseException):
+        lines += [line.strip() for line in str(cause).splitlines() if line.strip()][:1]
+    return ": ".join(lines) or type(error).__name__
+
+
+class RunDirWatch(Callback):
+    """Hydra callback (``hydra.callbacks``, set by :func:`register_schema`): before Hydra makes
+    the run folder, note which of its folders do not exist yet, so that a run that fails at
+    start can remove what it made (:func:`remove_unused_run_dir`) and nothing else."""
+
+    run_dir: Path | None = None
+    created: Path | None = None  # the top-most folder this run creates (None: all existed)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:  # a callback's exception would become a warning: never raise
+            run_dir = Path(str(config.hydra.run.dir)).absolute()
+            top, path = None, run_dir
+            while path != path.parent and not path.exists():
+                top, path = path, path.parent
+            RunDirWatch.run_dir, RunDirWatch.created = run_dir, top
+        except Exception:
+            RunDirWatch.run_dir = RunDirWatch.created = None
+
+
+HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def remove_unused_run_dir() -> bool:
+    """Remove the run folder (and the parents it made) when this run made it and it holds
+    nothing but Hydra's ``.hydra/`` files and empty ``*.log`` files; True if removed."""
+    import shutil
+
+    run_dir, top = RunDirWatch.run_dir, RunDirWatch.created
+    if run_dir is None or top is None or not run_dir.is_dir():
+        return False
+    if run_dir != top and top not in run_dir.parents:
+        return False
+    for path in run_dir.rglob("*"):
+        rel = path.relative_to(run_dir)
+        if path.is_symlink():
+            return False
+        if path.is_dir():
+            if rel != Path(".hydra"):
+                return False
+        elif rel.parent == Path(".hydra"):
+            if rel.name not in HYDRA_FILES:
+                return False
+        elif not (rel.parent == Path(".") and rel.suffix == ".log" and path.stat().st_size == 0):
+            return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    path = run_dir.parent
+    while path == top or top in path.parents:
+        try:
+            path.rmdir()  # only when empty
+        except OSError:
+            break
+        path = path.parent
+    RunDirWatch.run_dir = RunDirWatch.created = None
+    return not run_dir.exists()

@@ -108,6 +108,17 @@ def target_groups(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.
     return torch.unique(key, dim=0, return_inverse=True)[1]
 
 
+def duplicate_share(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> float:
+    """The share of rows whose mixing vector (see :func:`target_groups`) another row also has:
+    the rows that the paper's loss treats as negatives of identical targets (``dedup`` makes
+    them positives). One host read-back; for logging, not for the training step."""
+    if a.numel() == 0:
+        return 0.0
+    groups = target_groups(a, b, lam)
+    sizes = torch.bincount(groups)
+    return (sizes[groups] > 1).double().mean().item()
+
+
 def _stats(x, a, b, lam, keys, tile: int, dense: bool):
     """(rows, cols, pos_rows, pos_cols) logsumexps of S̃ = x Ỹᵀ (pos_* None without keys)."""
     out = lse_stats(x, a, b, lam, keys=keys, tile=tile, dense=dense)

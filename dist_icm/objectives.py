@@ -108,6 +108,9 @@ class Objective:
             raise ValueError("Remix needs the training set's class counts")
         self.cfg, self.class_counts, self.group = cfg, class_counts, process_group
         self.validate = validate  # icm_loss's value checks (off in the trainer's hot path)
+        # the last call's targets (a, b, lam), detached and on the device, for whoever
+        # measures them between steps (the trainer's duplicate share); ce: (y, y, 1)
+        self.last_targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def mix(self, x: torch.Tensor, y: torch.Tensor, ctx: MixContext) -> Mixed:
         cfg = self.cfg
@@ -139,8 +142,10 @@ class Objective:
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, ctx: MixContext):
         cfg = self.cfg
         if cfg.method == "ce":
+            self.last_targets = (y, y, torch.ones(y.shape, device=y.device))
             return F.cross_entropy(model(x).float(), y), {}
         mixed = self.mix(x, y, ctx)
+        self.last_targets = (mixed.a, mixed.b, mixed.lam.detach())
         stats = {"lam": mixed.lam.mean()}  # a tensor: no device sync in the training step
         if cfg.method == "regmixup":
             logits = model(torch.cat([x, mixed.x]))

@@ -23,7 +23,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dist_icm import dist
 from dist_icm.checkpoint import CheckpointError
@@ -45,7 +45,7 @@ _QUIET_RANK_GRACE_S = 10.0
 _COMM_MARKS = ("gloo", "nccl", "connection", "timed out", "timeout", "closed by peer", "socket")
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, labels: dict | None = None) -> dict:
     """Set up (or stop with one line) and train; returns the summary. A run stopped by a signal
     exits with code 75 (``PREEMPTED_EXIT``) after checkpointing the step it stopped at; the
     other ways a run ends early are the ``*_EXIT`` codes above."""
@@ -54,6 +54,7 @@ def run(cfg: Config) -> dict:
     logging.raiseExceptions = False
     try:
         job = setup(cfg)
+        job.labels = dict(labels or {})  # recorded in summary.json
         found = find_checkpoint(job)
     except START_ERRORS as e:  # raised on every rank alike (shared where one rank found it)
         _fail(e, BAD_INPUT_EXIT, rank_zero=True)
@@ -137,12 +138,23 @@ def _hydra_main(raw: DictConfig) -> None:
         )
     cfg.run_dir = hydra_cfg.runtime.output_dir
     try:
-        run(cfg)
+        run(cfg, _labels(hydra_cfg))
     except (RuntimeError, ValueError) as e:  # resume_force=true with another model/optimizer
         line = _state_mismatch(cfg, e)
         if line is None:
             raise
         _bad_start(line)
+
+
+def _labels(hydra_cfg) -> dict:
+    """How the run was asked for, for summary.json: the command line's overrides (a multirun
+    job's own values) and the keys a config's ``hydra.sweeper.params`` sweeps."""
+    params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {}
+    return {
+        "overrides": list(hydra_cfg.overrides.task),
+        "sweep_keys": sorted(str(k) for k in params),
+        "multirun": hydra_cfg.mode == RunMode.MULTIRUN,
+    }
 
 
 def _state_mismatch(cfg: Config, error: Exception) -> str | None:

@@ -20,6 +20,7 @@ raise :class:`~dist_icm.config.ConfigError`, :class:`~dist_icm.data.datasets.Dat
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from dist_icm import dist, preempt, resume, streams
 from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
 from dist_icm.data.bundle import DataBundle
 from dist_icm.data.pipeline import build_data
+from dist_icm.loss import duplicate_share
 from dist_icm.metrics import evaluate_sums, finalize
 from dist_icm.mixing import MixContext
 from dist_icm.models import build_model
@@ -39,7 +41,7 @@ from dist_icm.objectives import Objective
 from dist_icm.optim import build_optimizer
 from dist_icm.report import Report
 from dist_icm.runtime import Runtime
-from dist_icm.schedule import lambda_for, plot_schedule
+from dist_icm.schedule import lambda_for, plot_schedule, scaled_lr
 
 
 @dataclass
@@ -60,6 +62,9 @@ class Job:
     fresh_model: Callable[[], torch.nn.Module]  # the architecture, new (ZeRO evaluation)
     control: dist.Group = None  # a gloo group for the stop flags (dist_icm.preempt)
     notes: list[str] = field(default_factory=list)  # start-up lines for the run's report
+    peak_lr: float | None = None  # the optimizer's peak lr, after optim.lr_scaling
+    # what summary.json records of how the run was asked for (the entry point's overrides)
+    labels: dict = field(default_factory=dict)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -112,7 +117,9 @@ def setup(cfg: Config) -> Job:
     run_dir = Path(dist.broadcast_object(cfg.run_dir or "outputs/run", group))
     parts = (cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir)
     control = dist.control_group(cfg.runtime.timeout_s)
-    return Job(*parts, fresh_model, control=control, notes=notes)
+    peak_lr = scaled_lr(cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch,
+                        cfg.optim.lr_scaling)  # fmt: skip
+    return Job(*parts, fresh_model, control=control, notes=notes, peak_lr=peak_lr)
 
 
 def evaluate(job: Job) -> dict:
@@ -219,6 +226,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
         job.control, is_main=rt.is_main, ckpt_every_min=cfg.train.ckpt_every_min
     )
     seen, train_time, metrics, saved, stopping = 0, 0.0, {}, step, False
+    dup_shares: list[float] = []  # this session's, one per logged step
     loss_sum, loss_count = torch.zeros((), device=rt.device), 0
     skipped, in_a_row = before.get("skipped", 0), 0  # non-finite steps: in all, and lately
 
@@ -259,7 +267,10 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                     if loss_count:  # the same count on every rank: skips are agreed
                         mean = loss_sum / loss_count
                         record["train/loss"] = dist.all_reduce_mean(mean, rt.process_group).item()
+                    share = duplicate_share_global(job)
+                    dup_shares.append(share)
                     record |= {"train/lr": lr, "train/images_per_sec": rate}
+                    record |= {"train/dup_share": share}
                     report.log(record | {"train/skipped_steps": skipped})
                     report.progress(step, {"loss": record.get("train/loss", float("nan")),
                                            "lr": lr, "img/s": rate})  # fmt: skip
@@ -306,6 +317,8 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
         "global_batch": job.plan.global_batch,
         "world_size": rt.world_size,
         "skipped_steps": skipped,  # non-finite steps skipped, over the whole run
+        "dup_share": sum(dup_shares) / len(dup_shares) if dup_shares else None,
+        "peak_lr": job.peak_lr,
         # this process (since its start, or its resume at `resumed_at_step`)
         "resumed_at_step": start if state is not None else None,
         "session_wall_s": time.perf_counter() - t_start,
@@ -315,5 +328,19 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
         "run_train_s": run["train_s"],
         "run_images_per_sec": run["images"] / run["train_s"] if run["train_s"] else 0.0,
     }
+    # what the run was: the whole validated config, and how it was asked for (dist_icm.study)
+    summary |= {"config": dataclasses.asdict(cfg)} | job.labels
     report.summary(summary)
     return summary
+
+
+def duplicate_share_global(job: Job) -> float | None:
+    """The share of rows of the last micro-step's batch over all ranks (the rows one loss
+    sees) whose target another row also has (see :func:`~dist_icm.loss.duplicate_share`).
+    One all-gather of the targets; called at log steps only."""
+    targets = job.objective.last_targets
+    if targets is None:
+        return None
+    local = torch.stack([t.detach().double() for t in targets], dim=1)
+    rows = dist.all_gather_nograd(local, job.rt.process_group)
+    return duplicate_share(rows[:, 0].long(), rows[:, 1].long(), rows[:, 2])

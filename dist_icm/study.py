@@ -1,0 +1,363 @@
+"""Batch-size studies: ``python -m dist_icm.study RUN_DIR...`` collects finished runs into a table.
+
+Every argument is a run folder, a sweep folder or a glob; every ``summary.json`` below it is a
+run. Runs are grouped into rows of method x global batch x processes (the method is
+``loss.name``, plus ``+dedup`` / ``+per_sample``); each row holds mean ± std over its runs (the
+seeds; sample std, none for n=1) of the metrics below and of the duplicate share. The markdown
+table goes to stdout, ``study.csv`` and the plots to ``--out`` (default: the runs' common
+folder, e.g. the sweep folder; the working folder when they share none).
+
+Wall time is ``session_wall_s`` (start to summary, evaluation included); a resumed run's last
+session is only part of it, so there it is ``run_train_s`` (training time over every session)
+and the row is marked ``†``.
+
+Settings: each run's whole config, flattened, less paths (``run_dir``, ``data.root``,
+``data.ffcv_cache``), ``resume`` and derived values (interpolations in ``.hydra/config.yaml``).
+A setting that differs between runs splits them into separate rows, never averaged together.
+It is *swept* when it is a method, batch or seed key, in a config's ``sweep_keys``, or set on
+the command line of every run with more than one value (a group override such as ``loss=ce``
+sweeps the whole ``loss.*`` section); a swept setting other than those joins the row label
+(``icm_mixup optim.lr=0.1``). A setting that differs but is not swept is FLAGGED: a warning
+names it and its values, and the ``flagged`` column holds the row's ``key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+# metric: (summary key, markdown heading, format); wall_s and dup_share are chosen per run
+METRICS = {
+    "top1": ("top1", "top-1 %", ".2f"),
+    "nll": ("nll", "NLL", ".4f"),
+    "ece": ("ece", "ECE", ".4f"),
+    "images_per_sec": ("run_images_per_sec", "images/s", ".0f"),
+    "wall_s": (None, "wall s", ".1f"),
+    "dup_share": ("dup_share", "dup share", ".3f"),
+}
+NEEDED = (
+    "top1 nll ece global_batch world_size run_images_per_sec session_wall_s run_train_s".split()
+)
+NEEDED += ["resumed_at_step", "config"]
+IGNORED = {"run_dir", "resume", "resume_force", "data.root", "data.ffcv_cache"}
+METHOD_KEYS = ("loss.name", "loss.dedup", "loss.per_sample")
+BATCH_KEY, SEED_KEY = "data.global_batch", "train.seed"
+CSV_KEYS = ["method", "flagged", "global_batch", "world_size", "n", "seeds", "resumed"]
+PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
+
+
+class StudyError(Exception):
+    """Bad input: one line, exit 2."""
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def find_runs(patterns: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Run folders (holding summary.json) and skipped ones (a run folder without it), with why."""
+    runs, skipped = set(), {}
+    for pattern in patterns:
+        paths = sorted(glob.glob(pattern)) or ([pattern] if os.path.exists(pattern) else [])
+        if not paths:
+            raise StudyError(f"{pattern}: no such file, folder or glob match")
+        for path in map(Path, paths):
+            if path.name == "summary.json" and path.is_file():
+                runs.add(path.parent.resolve())
+                continue
+            for here, dirs, files in os.walk(path):
+                if "summary.json" in files:
+                    runs.add(Path(here).resolve())
+                elif ".hydra" in dirs or "metrics.jsonl" in files:
+                    skipped[Path(here).resolve()] = why_unfinished(Path(here))
+                else:
+                    dirs.sort()
+                    continue
+                dirs.clear()  # a run folder: its checkpoints/ and tb/ hold no runs
+    return sorted(runs), sorted(skipped.items())
+
+
+def why_unfinished(run_dir: Path) -> str:
+    marker = run_dir / "preempted.json"
+    if marker.is_file():
+        mark = json.loads(marker.read_text())
+        return f"no summary.json: stopped at step {mark['step']} ({mark['signal']}); resume=auto"
+    steps = []
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                pass
+    last = f", last logged step {max(steps)}" if steps else ", nothing logged"
+    return f"no summary.json (unfinished or crashed{last})"
+
+
+def load_run(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise StudyError(f"{path}: damaged summary.json ({e})") from None
+    missing = [k for k in NEEDED if not isinstance(summary, dict) or k not in summary]
+    if missing or not isinstance(summary["config"], dict):
+        raise StudyError(
+            f"{path}: damaged summary.json (missing {', '.join(missing or ['config'])})"
+        )
+    flat = flatten(summary["config"])
+    derived = set()
+    if (run_dir / ".hydra" / "config.yaml").is_file():
+        raw = flatten(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {})
+        derived = {k for k, v in raw.items() if isinstance(v, str) and "${" in v}
+    loss = summary["config"].get("loss", {})
+    method = loss.get("name", "?") + "+dedup" * bool(loss.get("dedup"))
+    method += "+per_sample" * bool(loss.get("per_sample"))
+    resumed = summary["resumed_at_step"] is not None
+    overrides = {}
+    for item in summary.get("overrides") or []:
+        key, _, value = item.partition("=")
+        if not key.lstrip("+~").startswith("hydra"):
+            overrides[key.lstrip("+~")] = value
+    return {
+        "dir": run_dir,
+        "summary": summary,
+        "method": method,
+        "batch": summary["global_batch"],
+        "world": summary["world_size"],
+        "seed": flat.get(SEED_KEY),
+        "resumed": resumed,
+        "overrides": overrides,
+        "sweep_keys": set(summary.get("sweep_keys") or []),
+        "settings": {
+            k: v
+            for k, v in flat.items()
+            if k not in IGNORED | derived | {*METHOD_KEYS, BATCH_KEY, SEED_KEY}
+        },
+        "wall_s": summary["run_train_s"] if resumed else summary["session_wall_s"],
+    }
+
+
+def classify(runs: list[dict]) -> tuple[list[str], list[str]]:
+    """Settings that differ between runs: (swept ones that split a method, flagged ones)."""
+    swept = set().union(*(r["sweep_keys"] for r in runs))
+    for key in set.intersection(*(set(r["overrides"]) for r in runs)):
+        if len({r["overrides"][key] for r in runs}) > 1:
+            swept.add(key)
+    keys = set().union(*(r["settings"] for r in runs))
+    differ = sorted(k for k in keys if len({repr(r["settings"].get(k)) for r in runs}) > 1)
+    flagged = [k for k in differ if not any(k == s or k.startswith(s + ".") for s in swept)]
+    by_method = defaultdict(set)
+    for r in runs:
+        for k in differ:
+            by_method[(r["method"], k)].add(repr(r["settings"].get(k)))
+    split = [
+        k
+        for k in differ
+        if k not in flagged and any(len(v) > 1 for (_, key), v in by_method.items() if key == k)
+    ]
+    return split, flagged
+
+
+def stats(values: list) -> tuple[float, float | None, int] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return float(np.mean(values)), std, len(values)
+
+
+def paper_number(name, metric: str, results_file: Path):
+    """The paper's published number for this run's config.paper, or None (skip silently)."""
+    if not name or not results_file.is_file():
+        return None
+    try:
+        entry = json.loads(results_file.read_text()).get(name)
+        value = entry.get(metric) if isinstance(entry, dict) else None
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def make_rows(runs: list[dict], split: list[str], flagged: list[str], paper_file: Path, metric):
+    cells = defaultdict(list)
+    for r in runs:
+        label = " ".join([r["method"]] + [f"{k}={r['settings'].get(k)}" for k in split])
+        flag = " ".join(f"{k}={r['settings'].get(k)}" for k in flagged)
+        cells[(label, flag, r["world"], r["batch"])].append(r)
+    rows = []
+    for (label, flag, world, batch), members in sorted(cells.items(), key=lambda c: str(c[0])):
+        seeds, resumed = (
+            ",".join(str(r["seed"]) for r in members),
+            sum(r["resumed"] for r in members),
+        )
+        row = dict(
+            zip(CSV_KEYS, (label, flag, batch, world, len(members), seeds, resumed), strict=True)
+        )
+        for name, (key, _, _) in METRICS.items():
+            row[name] = stats([r["summary"].get(key) if key else r[name] for r in members])
+        papers = {
+            paper_number(r["summary"]["config"].get("paper"), metric, paper_file) for r in members
+        }
+        row["paper"] = papers.pop() if len(papers) == 1 else None
+        rows.append(row)
+    return sorted(
+        rows, key=lambda r: (r["method"], r["flagged"], r["world_size"], r["global_batch"])
+    )
+
+
+def cell(value, fmt: str, n: int) -> str:
+    if value is None:
+        return "–"
+    mean, std, k = value
+    text = f"{mean:{fmt}}" + ("" if std is None else f" ± {std:{fmt}}")
+    return text + (f" (n={k})" if k < n else "")
+
+
+def markdown(rows: list[dict], metric: str) -> str:
+    flag, paper = any(r["flagged"] for r in rows), any(r["paper"] is not None for r in rows)
+    head = ["method", "global batch", "processes", "n", "seeds"] + [
+        h for _, h, _ in METRICS.values()
+    ]
+    head += ["flagged"] * flag + [f"paper {METRICS[metric][1]}"] * paper
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        out = [r["method"], str(r["global_batch"]), str(r["world_size"]), str(r["n"]), r["seeds"]]
+        out += [cell(r[m], f, r["n"]) for m, (_, _, f) in METRICS.items()]
+        out[-2] += " †" if r["resumed"] else ""
+        out += [r["flagged"]] * flag
+        out += [cell(None if r["paper"] is None else (r["paper"], None, 1), ".4g", 1)] * paper
+        lines.append("| " + " | ".join(out) + " |")
+    if any(r["resumed"] for r in rows):
+        lines.append(
+            "\n† resumed runs: wall time is run_train_s (training time over all sessions)."
+        )
+    if flag:
+        lines.append(
+            "\n⚠ flagged: these runs differ in settings that were not swept (see warnings)."
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """One line per row: the table's numbers at full precision (mean, std, n per metric)."""
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        stat_names = [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "n")]
+        out.writerow([*CSV_KEYS, *stat_names, "paper"])
+        for r in rows:
+            stat = [v for m in METRICS for v in (r[m] or (None, None, 0))]
+            cells = [*(r[k] for k in CSV_KEYS), *stat, r["paper"]]
+            out.writerow(["" if v is None else v for v in cells])
+
+
+def plot(rows: list[dict], x: str, y: str, path: Path, line_keys: tuple, ylabel: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = defaultdict(list)
+    for r in rows:
+        if r[y] is not None:
+            names = {"global_batch": "batch {}", "world_size": "{} proc"}
+            label = [names.get(k, "{}").format(r[k]) for k in line_keys if r[k] != ""]
+            lines[" ".join(label)].append(r)
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, members in sorted(lines.items()):
+        members.sort(key=lambda r: r[x])
+        xs, ys, err = zip(*((r[x], r[y][0], r[y][1] or 0.0) for r in members), strict=True)
+        ax.errorbar(xs, ys, yerr=err, capsize=3, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel({"global_batch": "global batch", "world_size": "processes"}[x])
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        "python -m dist_icm.study",
+        description="Collect finished runs into a table of method x global batch, and plots.",
+    )
+    add = parser.add_argument
+    add("runs", nargs="+", metavar="RUN_DIR", help="run folders, sweep folders or globs; "
+        "every summary.json below each counts")  # fmt: skip
+    add("--out", type=Path, help="folder for study.csv and the plots (default: the runs' common"
+        " folder, e.g. the sweep folder; the working folder when they share none)")  # fmt: skip
+    add("--metric", choices=["top1", "nll", "ece"], default="top1",
+        help="what the plot against global batch shows (default: top1)")  # fmt: skip
+    add("--paper-results", type=Path, default=PAPER_RESULTS, help="the paper's numbers by "
+        "config.paper: a column when a run names an entry (default: %(default)s)")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        dirs, skipped = find_runs(args.runs)
+        for path, why in skipped:
+            print(f"skipped {path}: {why}", file=sys.stderr)
+        if not dirs:
+            raise StudyError(f"no run found (no summary.json under {' '.join(args.runs)})")
+        runs = [load_run(d) for d in dirs]
+    except StudyError as e:
+        print(f"dist_icm.study: error: {e}", file=sys.stderr)
+        return 2
+    split, flagged = classify(runs)
+    for key in flagged:
+        counts = Counter(str(r["settings"].get(key)) for r in runs)
+        values = ", ".join(f"{v} ({n} runs)" for v, n in counts.items())
+        print(
+            f"warning: runs differ in {key}, which is not swept: {values}; "
+            "kept in separate rows (column 'flagged')",
+            file=sys.stderr,
+        )
+    rows = make_rows(runs, split, flagged, args.paper_results, args.metric)
+    print(markdown(rows, args.metric))
+    common = Path(os.path.commonpath([str(d) for d in dirs]))
+    out = args.out or (common if common != Path(common.anchor) else Path.cwd())
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "study.csv")
+    wrote = [out / "study.csv"]
+    keys = ("method", "flagged") + ("world_size",) * (len({r["world_size"] for r in rows}) > 1)
+    name = METRICS[args.metric][1]
+    for y, stem, label in [
+        (args.metric, f"{args.metric}_vs_batch", name),
+        ("dup_share", "dup_share_vs_batch", "duplicate share"),
+    ]:
+        if plot(rows, "global_batch", y, out / f"{stem}.png", keys, label):
+            wrote.append(out / f"{stem}.png")
+    worlds = sorted({r["world_size"] for r in rows})
+    if len(worlds) > 1:
+        keys = ("method", "flagged", "global_batch")
+        plot(rows, "world_size", "images_per_sec", out / "images_per_sec_vs_processes.png",
+             keys, "images/s")  # fmt: skip
+        wrote.append(out / "images_per_sec_vs_processes.png")
+    else:
+        print(
+            f"one world size ({worlds[0]} processes): no images/s-vs-processes plot",
+            file=sys.stderr,
+        )
+    print("wrote " + ", ".join(map(str, wrote)), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

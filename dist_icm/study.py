@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     split, flagged = classify(runs)
     for key in flagged:
         counts = Counter(str(r["settings"].get(key)) for r in runs)
-        values = ", ".join(f"{v} ({n} runs)" for v, n in counts.items())
+        values = ", ".join(f"{v} ({n} runs)" for v, n in counts.most_common())
         print(
             f"warning: runs differ in {key}, which is not swept: {values}; "
             "kept in separate rows (column 'flagged')",

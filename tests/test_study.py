@@ -1,0 +1,213 @@
+"""``python -m dist_icm.study`` (issue 12) on real runs: a small Hydra multirun on digits
+(loss=ce,icm_mixup x train.seed=0,1 x data.global_batch=32,64, 3 steps each), one more run with a
+weight decay the sweep does not set, and copies of run folders made unfinished or damaged.
+
+The table is checked cell by cell against means and sample stds computed here from the
+runs' summary.json files; the CSV against the same numbers at full precision.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli import REPO, run_train
+
+COMMON = ("experiment=quickstart", "train.max_steps=3", "train.log_every=1")
+COMMON += ("train.progress=false", "train.tensorboard=false")
+# markdown heading: (what the run's summary gives, format)
+COLUMNS = {
+    "top-1 %": (lambda s: s["top1"], ".2f"),
+    "NLL": (lambda s: s["nll"], ".4f"),
+    "ECE": (lambda s: s["ece"], ".4f"),
+    "images/s": (lambda s: s["run_images_per_sec"], ".0f"),
+    "wall s": (lambda s: s["session_wall_s"], ".1f"),  # none of these runs is resumed
+    "dup share": (lambda s: s["dup_share"], ".3f"),
+}
+CSV_NAMES = dict(
+    zip(COLUMNS, ["top1", "nll", "ece", "images_per_sec", "wall_s", "dup_share"], strict=True)
+)
+
+
+def study(*args, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dist_icm.study", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def table(stdout: str) -> list[dict]:
+    """The markdown table's rows as dicts keyed by heading."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    split = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(split[0], row, strict=True)) for row in split[2:]]
+
+
+def summaries(*run_dirs: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for d in run_dirs for p in sorted(d.rglob("summary.json"))]
+
+
+def expected(values: list[float], fmt: str) -> str:
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study") / "sweep"
+    grid = ("loss=ce,icm_mixup", "train.seed=0,1", "data.global_batch=32,64")
+    run_train(None, "-m", *COMMON, *grid, f"hydra.sweep.dir={root}")
+    assert len(list(root.glob("*/summary.json"))) == 8
+    return root
+
+
+@pytest.fixture(scope="module")
+def plain(sweep) -> subprocess.CompletedProcess:
+    """The study of the sweep alone, with the default --out."""
+    return study(sweep)
+
+
+@pytest.fixture(scope="module")
+def odd_run(sweep) -> Path:
+    """One more icm_mixup run at batch 32, seed 0, with a weight decay the sweep does not set."""
+    run_dir = sweep.parent / "odd" / "wd"
+    overrides = ("loss=icm_mixup", "train.seed=0", "data.global_batch=32")
+    run_train(None, *COMMON, *overrides, "optim.weight_decay=0.001", f"run_dir={run_dir}")
+    return run_dir
+
+
+def test_table_holds_mean_and_std_over_seeds_of_every_cell(sweep, plain):
+    assert plain.returncode == 0, plain.stderr
+    rows = table(plain.stdout)
+    assert [(r["method"], r["global batch"]) for r in rows] == [
+        ("ce", "32"), ("ce", "64"), ("icm_mixup", "32"), ("icm_mixup", "64"),
+    ]  # fmt: skip
+    runs = summaries(sweep)
+    for row in rows:
+        cell = [s for s in runs if s["config"]["loss"]["name"] == row["method"]]
+        cell = [s for s in cell if s["global_batch"] == int(row["global batch"])]
+        assert len(cell) == 2 and row["n"] == "2" and row["processes"] == "1"
+        assert row["seeds"] == "0,1"
+        for heading, (get, fmt) in COLUMNS.items():
+            assert row[heading] == expected([get(s) for s in cell], fmt), heading
+    # negative control: the same runs, nothing set apart from the sweep, nothing flagged
+    assert "flagged" not in rows[0] and "warning" not in plain.stderr
+    assert "one world size (1 processes): no images/s-vs-processes plot" in plain.stderr
+
+
+def test_csv_beside_the_runs_holds_the_same_numbers(sweep, plain):
+    assert (
+        f"wrote {sweep.resolve() / 'study.csv'}" in plain.stderr
+    )  # default --out: the sweep folder
+    with (sweep / "study.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    runs = summaries(sweep)
+    assert len(rows) == 4
+    for row in rows:
+        cell = [s for s in runs if s["config"]["loss"]["name"] == row["method"]]
+        cell = [s for s in cell if s["global_batch"] == int(row["global_batch"])]
+        assert row["n"] == "2" and row["seeds"] == "0,1" and row["flagged"] == ""
+        for heading, (get, _) in COLUMNS.items():
+            name, values = CSV_NAMES[heading], [get(s) for s in cell]
+            assert float(row[f"{name}_mean"]) == pytest.approx(statistics.mean(values), rel=1e-12)
+            assert float(row[f"{name}_std"]) == pytest.approx(statistics.stdev(values), rel=1e-9)
+            assert row[f"{name}_n"] == "2"
+
+
+def test_plots_are_png_files(sweep, plain, tmp_path):
+    import matplotlib.image
+
+    for name in ("top1_vs_batch.png", "dup_share_vs_batch.png"):
+        assert matplotlib.image.imread(sweep / name).ndim == 3
+    out = study(sweep, "--metric", "nll", "--out", tmp_path / "nll")
+    assert out.returncode == 0, out.stderr
+    assert matplotlib.image.imread(tmp_path / "nll" / "nll_vs_batch.png").ndim == 3
+    assert not (tmp_path / "nll" / "images_per_sec_vs_processes.png").exists()
+
+
+@pytest.mark.slow  # one more run (about 10-20 s here); the file's default share is ~60 s
+def test_a_setting_not_swept_is_flagged_and_kept_apart(sweep, odd_run, tmp_path):
+    out = study(sweep, odd_run, "--out", tmp_path)
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning")]
+    assert warnings == [
+        "warning: runs differ in optim.weight_decay, which is not swept: 0.0005 (8 runs), "
+        "0.001 (1 runs); kept in separate rows (column 'flagged')"
+    ]
+    rows = table(out.stdout)
+    assert len(rows) == 5 and all(r["flagged"].startswith("optim.weight_decay=") for r in rows)
+    apart = [r for r in rows if r["method"] == "icm_mixup" and r["global batch"] == "32"]
+    assert [(r["flagged"], r["n"]) for r in apart] == [
+        ("optim.weight_decay=0.0005", "2"), ("optim.weight_decay=0.001", "1"),
+    ]  # fmt: skip
+    (odd,) = summaries(odd_run)
+    assert apart[1]["top-1 %"] == f"{odd['top1']:.2f}"  # n=1: the run's own number, no std
+
+
+@pytest.mark.slow  # two runs
+def test_a_resumed_runs_wall_time_is_its_training_time_over_all_sessions(tmp_path):
+    run_dir, base = tmp_path / "run", [o for o in COMMON if not o.startswith("train.max_steps")]
+    base += ["train.ckpt_every_steps=1", f"run_dir={run_dir}"]
+    run_train(None, *base, "train.max_steps=2")  # stopped after step 2, then resumed to 3
+    run_train(None, *base, "train.max_steps=3", "resume=auto")
+    (summary,) = summaries(run_dir)
+    assert summary["resumed_at_step"] == 2
+    out = study(run_dir)
+    (row,) = table(out.stdout)
+    assert row["wall s"] == f"{summary['run_train_s']:.1f} †" and row["n"] == "1"
+    assert "† resumed runs: wall time is run_train_s" in out.stdout
+
+
+def test_unfinished_run_is_listed_as_skipped(sweep, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(sweep / "0", unfinished)  # a run killed after its first logged step
+    (unfinished / "summary.json").unlink()
+    metrics = unfinished / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    out = study(sweep, unfinished, "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    why = "no summary.json (unfinished or crashed, last logged step 1)"
+    assert f"skipped {unfinished.resolve()}: {why}" in out.stderr.splitlines()
+    assert [r["n"] for r in table(out.stdout)] == ["2"] * 4
+
+
+def test_paper_column_when_a_run_names_an_entry(sweep, tmp_path):
+    runs = tmp_path / "runs"
+    for name in ("0", "2"):  # ce, batch 32, seeds 0 and 1
+        shutil.copytree(sweep / name, runs / name)
+        summary = json.loads((runs / name / "summary.json").read_text())
+        summary["config"]["paper"] = "digits_ce"
+        (runs / name / "summary.json").write_text(json.dumps(summary))
+    results = tmp_path / "paper_results.json"
+    results.write_text(json.dumps({"digits_ce": {"top1": 97.5}}))
+    (row,) = table(study(runs, "--paper-results", results).stdout)
+    assert row["paper top-1 %"] == "97.5"
+    (row,) = table(study(runs, "--paper-results", tmp_path / "none.json").stdout)
+    assert "paper top-1 %" not in row  # no such file: skipped silently
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "damaged", "incomplete"])
+def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, case):
+    arg, run = tmp_path / "runs", tmp_path / "runs" / "run"
+    if case == "missing":
+        arg = tmp_path / "nosuch*"
+        line = f"{arg}: no such file, folder or glob match"
+    elif case == "empty":
+        arg.mkdir()
+        line = f"no run found (no summary.json under {arg})"
+    else:
+        shutil.copytree(sweep / "0", run)
+        text = (run / "summary.json").read_text()
+        if case == "damaged":  # cut short, as by a full disk
+            (run / "summary.json").write_text(text[: len(text) // 2])
+            line = f"{run / 'summary.json'}: damaged summary.json ("
+        else:
+            (run / "summary.json").write_text(json.dumps({"top1": 1.0}))
+            line = f"{run / 'summary.json'}: damaged summary.json (missing nll, ece, global_batch"
+    out = study(arg, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"dist_icm.study: error: {line}"), out.stderr

@@ -11,7 +11,8 @@ import raises the one-line :class:`~dist_icm.data.datasets.DataError` that says 
   used: they wrap ``DistributedSampler(drop_last=False)``, which interleaves the ranks and pads
   the epoch with repeated samples.
 - Augmentation: ``cifar`` = :class:`~dist_icm.data.ffcv_ops.CropFlip` (seeded per sample,
-  independent of ranks and threads); ``imagenet`` = ffcv's random-resized-crop decoder (numba's
+  independent of ranks and threads); ``cifar_rot15`` = :class:`~dist_icm.data.ffcv_ops.RotCropFlip`
+  (the torch path's draws, normalised with :func:`~dist_icm.data.augment.paper_stats`); ``imagenet`` = ffcv's random-resized-crop decoder (numba's
   unseeded generator) + flip. Training indices and test shards come from
   :mod:`dist_icm.data.bundle`, as on the torch path.
 - Output: float32 NCHW normalised images and int64 labels of shape (n,) on ``device``
@@ -52,7 +53,8 @@ from dist_icm.data.bundle import (  # noqa: E402
     train_indices,
 )
 from dist_icm.data.datasets import DataError, DatasetSpec  # noqa: E402
-from dist_icm.data.ffcv_ops import AugmentState, CropFlip, ToDevice  # noqa: E402
+from dist_icm.data.augment import paper_stats  # noqa: E402
+from dist_icm.data.ffcv_ops import AugmentState, CropFlip, RotCropFlip, ToDevice  # noqa: E402
 from dist_icm.data.sampler import GlobalBatchSampler  # noqa: E402
 from dist_icm.data.subsets import class_counts  # noqa: E402
 from dist_icm.data.write import BetonSet, WriteOptions, ensure_betons  # noqa: E402
@@ -98,12 +100,19 @@ def check_beton(
 
 
 def pipelines(
-    betons: BetonSet, mode: str, state: AugmentState | None, device, channels_last: bool = False
+    betons: BetonSet,
+    mode: str,
+    state: AugmentState | None,
+    device,
+    channels_last: bool = False,
+    stats: tuple | None = None,
 ) -> dict:
-    """Per-field FFCV pipelines; ``state`` None (or ``mode`` none) means no augmentation."""
+    """Per-field FFCV pipelines; ``state`` None (or ``mode`` none) means no augmentation;
+    ``stats``: (mean, std) to normalise with instead of the spec's."""
     spec: DatasetSpec = betons.spec
     s, scale = spec.image_size, 1.0 if betons.kind == "ndarray" else 255.0
-    last = ToDevice(device, spec.mean, spec.std, scale, channels_last)
+    mean, std = stats or (spec.mean, spec.std)
+    last = ToDevice(device, mean, std, scale, channels_last)
     if betons.kind == "ndarray":
         if state is not None and mode != "none":
             raise DataError(
@@ -118,7 +127,9 @@ def pipelines(
             decoder = SimpleRGBImageDecoder() if betons.fixed_size else None
             decoder = decoder or CenterCropRGBImageDecoder((s, s), ratio=1.0)
         image = [decoder]
-        if state is not None and mode != "none":
+        if state is not None and mode == "cifar_rot15":
+            image.append(RotCropFlip(state, 4))
+        elif state is not None and mode != "none":
             image.append(CropFlip(state, 4 if mode == "cifar" else 0))
         image += [ToTensor(), ToTorchImage(channels_last=True, convert_back_int16=False), last]
     return {"image": image, "label": [IntDecoder(), ToTensor(), ToDevice(device)]}
@@ -227,6 +238,10 @@ def build_ffcv_data(
     nb_threads = numba.config.NUMBA_NUM_THREADS
     threads = max(1, min(data_cfg.num_workers or nb_threads, nb_threads))
 
+    mode = augment_mode(data_cfg.augment, spec)
+    # cifar_rot15 normalises train and test with the paper code's statistics (as the torch path)
+    stats = paper_stats(data_cfg.name, spec.mean, spec.std) if mode == "cifar_rot15" else None
+
     def loader(path, batch: int, mode: str, state, **kw) -> FFCVLoader:
         return FFCVLoader(
             threads,
@@ -235,11 +250,10 @@ def build_ffcv_data(
             seed=seed,
             os_cache=data_cfg.ffcv_os_cache,
             batches_ahead=3,
-            pipelines=pipelines(betons, mode, state, device, channels_last),
+            pipelines=pipelines(betons, mode, state, device, channels_last, stats),
             **kw,
         )
 
-    mode = augment_mode(data_cfg.augment, spec)
     train_loader = loader(
         betons.train,
         sampler.local_batch,

@@ -1,9 +1,13 @@
-"""FFCV pipeline operations of ``data.loader=ffcv``: the seeded crop+flip and the device step.
+"""FFCV pipeline operations of ``data.loader=ffcv``: the seeded augmentations and the device step.
 
 - :class:`CropFlip`: crop after zero padding by ``pad`` and a horizontal flip of HWC uint8
   images, drawn from a splitmix64 hash of (the ``augment`` stream's tag, seed, epoch, sample
   index) in a numba kernel: independent of ranks and threads, like the torch path's
   ``augment`` stream (the two paths draw different crops: different generators).
+- :class:`RotCropFlip`: ``data.augment=cifar_rot15``, the paper code's crop (padding 4), flip
+  and rotation (uniform in [-15, 15] degrees, nearest neighbour, zero fill) in one numba pass.
+  Its draws are :func:`dist_icm.data.augment.paper_draws`' (the same hash, here in numba) and its
+  rotation samples like torchvision's ``functional.rotate``: the torch path draws the same.
 - :class:`ToDevice`: the last op of a pipeline; float32 normalised NCHW images or int64 (n,)
   labels on the device, fresh tensors (``channels_last`` strides on request).
 
@@ -20,9 +24,10 @@ import torch
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.operation import Operation
 
+from dist_icm.data.augment import MAX_ANGLE
 from dist_icm.streams import STREAMS
 
-__all__ = ["AugmentState", "CropFlip", "ToDevice"]
+__all__ = ["AugmentState", "CropFlip", "RotCropFlip", "ToDevice"]
 
 TAG = STREAMS["augment"][0]  # the hash is keyed like the torch path's ``augment`` stream
 
@@ -50,6 +55,49 @@ def _crop_flip(images, out, indices, tag, seed, epoch, pad):  # pragma: no cover
             for x in range(w):
                 sx = (w - 1 - x if flip else x) + left
                 if 0 <= sy < h and 0 <= sx < w:
+                    for k in range(c):
+                        out[i, y, x, k] = images[i, sy, sx, k]
+                else:
+                    for k in range(c):
+                        out[i, y, x, k] = 0
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _rot_draws(tag, seed, epoch, index, pad):  # pragma: no cover (numba)
+    """augment.paper_draws in numba: (top, left, flip, angle in degrees)."""
+    key = _mix(_mix(np.uint64(tag) + np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(seed))
+    key = _mix(key ^ np.uint64(epoch))
+    r = _mix(key ^ _mix(np.uint64(index) + np.uint64(0x632BE59BD9B4E019)))
+    span = np.uint64(2 * pad + 1)
+    top = np.int64(r % span) - pad
+    left = np.int64((r >> np.uint64(16)) % span) - pad
+    flip = np.int64((r >> np.uint64(32)) & np.uint64(1))
+    r2 = _mix(r ^ np.uint64(0xD1B54A32D192ED03))
+    angle = np.float64(r2 >> np.uint64(11)) * 2.0**-53 * (2 * MAX_ANGLE) - MAX_ANGLE
+    return top, left, flip, angle
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _rot_crop_flip(images, out, indices, tag, seed, epoch, pad):  # pragma: no cover (numba)
+    n, h, w, c = images.shape
+    cy, cx = (h - 1) * 0.5, (w - 1) * 0.5
+    for i in numba.prange(n):
+        top, left, flip, angle = _rot_draws(tag, seed, epoch, indices[i], pad)
+        a = angle * np.pi / 180.0
+        cos, sin = np.cos(a), np.sin(a)
+        for y in range(h):
+            yc = y - cy
+            for x in range(w):
+                xc = x - cx
+                # the pixel of the cropped, flipped image that lands here (torchvision's inverse
+                # map: rotate by -angle about the centre, nearest, half to even)
+                ry = np.int64(np.rint(sin * xc + cos * yc + cy))
+                rx = np.int64(np.rint(cos * xc - sin * yc + cx))
+                inside = 0 <= ry < h and 0 <= rx < w
+                sy = ry + top
+                sx = (w - 1 - rx if flip else rx) + left
+                if inside and 0 <= sy < h and 0 <= sx < w:
                     for k in range(c):
                         out[i, y, x, k] = images[i, sy, sx, k]
                 else:
@@ -91,6 +139,30 @@ class CropFlip(Operation):
 
         crop_flip.with_indices = True
         return crop_flip
+
+    def declare_state_and_memory(self, previous_state):
+        query = AllocationQuery(previous_state.shape, previous_state.dtype)
+        return replace(previous_state, jit_mode=False), query
+
+
+class RotCropFlip(Operation):
+    """``cifar_rot15`` on HWC uint8 images: crop (zero padding ``pad``), flip and rotation by
+    the per-sample draws of :func:`dist_icm.data.augment.paper_draws`."""
+
+    def __init__(self, state: AugmentState, pad: int = 4) -> None:
+        super().__init__()
+        self.state, self.pad = state, int(pad)
+
+    def generate_code(self):
+        state, pad = self.state, self.pad
+
+        def rot_crop_flip(images, dst, indices):  # runs in Python, calls the compiled kernel
+            return _rot_crop_flip(
+                images, dst[: len(images)], indices, TAG, state.seed, state.epoch, pad
+            )
+
+        rot_crop_flip.with_indices = True
+        return rot_crop_flip
 
     def declare_state_and_memory(self, previous_state):
         query = AllocationQuery(previous_state.shape, previous_state.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from dist_icm.data.augment import Augmented, normalize_only
+from dist_icm.data.augment import Augmented, normalize_only, paper_stats
 from dist_icm.data.bundle import (
     DataBundle,
     augment_mode,
@@ -65,7 +65,11 @@ def build_data(
         train = labeled_subset(train, keep)
     counts = torch.as_tensor(class_counts(labels[keep], spec.num_classes))
     mode = augment_mode(data_cfg.augment, spec)
-    train_aug = Augmented(train, mode=mode, seed=seed, mean=spec.mean, std=spec.std)
+    # cifar_rot15 normalises train and test with the paper code's statistics (as ffcv_loader)
+    mean, std = spec.mean, spec.std
+    if mode == "cifar_rot15":
+        mean, std = paper_stats(data_cfg.name, mean, std)
+    train_aug = Augmented(train, mode=mode, seed=seed, mean=mean, std=std)
     check_batch(micro_global, len(train_aug))
     sampler = GlobalBatchSampler(
         len(train_aug), micro_global, rank=rank, world_size=world_size, seed=seed
@@ -75,7 +79,7 @@ def build_data(
     loader = make_loader(train_aug, sampler, num_workers=data_cfg.num_workers, pin_memory=pin)
     shard = test_shard(len(test), rank, world_size)
     test_loader = DataLoader(
-        Subset(normalize_only(test, spec.mean, spec.std), shard),
+        Subset(normalize_only(test, mean, std), shard),
         batch_size=data_cfg.eval_batch,
         num_workers=data_cfg.num_workers,
     )

@@ -147,10 +147,27 @@ def test_a_setting_not_swept_is_flagged_and_kept_apart(sweep, odd_run, tmp_path)
     assert apart[1]["top-1 %"] == f"{odd['top1']:.2f}"  # n=1: the run's own number, no std
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_several_world_sizes_get_their_own_rows_and_a_plot(sweep, tmp_path):
+    run_dir = tmp_path / "two"
+    overrides = ("loss=icm_mixup", "train.seed=0", "data.global_batch=32")
+    run_train(None, *COMMON, *overrides, f"run_dir={run_dir}", world=2)
+    out = study(sweep, run_dir, "--out", tmp_path / "out")
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
+    rows = [(r["method"], r["global batch"], r["processes"], r["n"]) for r in table(out.stdout)]
+    assert ("icm_mixup", "32", "2", "1") in rows and ("icm_mixup", "32", "1", "2") in rows
+    assert len(rows) == 5
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "out" / "images_per_sec_vs_processes.png").ndim == 3
+
+
 @pytest.mark.slow  # two runs
 def test_a_resumed_runs_wall_time_is_its_training_time_over_all_sessions(tmp_path):
     run_dir, base = tmp_path / "run", [o for o in COMMON if not o.startswith("train.max_steps")]
-    base += ["train.ckpt_every_steps=1", f"run_dir={run_dir}"]
+    base += ["train.ckpt_every_steps=1", f"run_dir={run_dir}", "loss=icm_mixup_dedup"]
+    base += ["loss.per_sample=true"]  # and the method's label, with both options
     run_train(None, *base, "train.max_steps=2")  # stopped after step 2, then resumed to 3
     run_train(None, *base, "train.max_steps=3", "resume=auto")
     (summary,) = summaries(run_dir)
@@ -158,6 +175,7 @@ def test_a_resumed_runs_wall_time_is_its_training_time_over_all_sessions(tmp_pat
     out = study(run_dir)
     (row,) = table(out.stdout)
     assert row["wall s"] == f"{summary['run_train_s']:.1f} †" and row["n"] == "1"
+    assert row["method"] == "icm_mixup+dedup+per_sample"
     assert "† resumed runs: wall time is run_train_s" in out.stdout
 
 

@@ -26,7 +26,54 @@ def cache_root() -> Path:
 
 __all__ = ["DATASET_NAMES", "DataError", "DatasetSpec", "TensorImageDataset", "build_datasets"]
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "cifair10", "cifair100")
+
+# ciFAIR (Barz & Denzler 2020, https://cvjena.github.io/cifair/): CIFAR's training sets with the
+# test-set near-duplicates replaced. The official release and checksums, as in its own torchvision
+# loaders (github.com/cvjena/cifair, loaders/pytorch/cifair.py): each zip holds the whole data set
+# in CIFAR's pickle layout under ciFAIR-10/ (ciFAIR-100/); the training files are CIFAR's own.
+CIFAIR = {
+    "cifair10": {
+        "pretty": "ciFAIR-10",
+        "base_folder": "ciFAIR-10",
+        "url": "https://github.com/cvjena/cifair/releases/download/v1.0/ciFAIR-10.zip",
+        "filename": "ciFAIR-10.zip",
+        "tgz_md5": "ca08fd390f0839693d3fc45c4e49585f",
+        "test_list": [["test_batch", "01290e6b622a1977a000eff13650aca2"]],
+    },
+    "cifair100": {
+        "pretty": "ciFAIR-100",
+        "base_folder": "ciFAIR-100",
+        "url": "https://github.com/cvjena/cifair/releases/download/v1.0/ciFAIR-100.zip",
+        "filename": "ciFAIR-100.zip",
+        "tgz_md5": "ddc236ab4b12eeb8b20b952614861a33",
+        "test_list": [["test", "8130dae8d6fc6a436437f0ebdb801df1"]],
+    },
+}
+
+
+def _cifair_class(name: str):
+    """torchvision's CIFAR10/CIFAR100 reading (and md5-checked download) of a ciFAIR release.
+
+    ``download`` fetches :data:`CIFAIR`'s zip and checks its md5, then torchvision extracts it;
+    reading checks every file's md5 (the training files' are CIFAR's, inherited).
+    """
+    from torchvision import datasets
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    info = CIFAIR[name]
+    base = datasets.CIFAR10 if name == "cifair10" else datasets.CIFAR100
+
+    def download(self) -> None:  # torchvision's CIFAR.download, for a .zip instead of a .tar.gz
+        if self._check_integrity():
+            return
+        download_and_extract_archive(
+            self.url, self.root, filename=self.filename, md5=self.tgz_md5
+        )
+
+    fields = {k: v for k, v in info.items() if k != "pretty"}
+    return type(f"CiFAIR{name.removeprefix('cifair')}", (base,), fields | {"download": download})
+
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -158,10 +205,13 @@ def _cifar(
 ) -> tuple[Dataset, Dataset, DatasetSpec]:
     from torchvision import datasets
 
-    pretty, cls = {
-        "cifar10": ("CIFAR-10", datasets.CIFAR10),
-        "cifar100": ("CIFAR-100", datasets.CIFAR100),
-    }[name]
+    if name in CIFAIR:
+        pretty, cls = CIFAIR[name]["pretty"], _cifair_class(name)
+    else:
+        pretty, cls = {
+            "cifar10": ("CIFAR-10", datasets.CIFAR10),
+            "cifar100": ("CIFAR-100", datasets.CIFAR100),
+        }[name]
     if root is None:
         raise DataError(
             f"{pretty} needs a root folder: set {names['root']} to where it is (or goes)"
@@ -173,6 +223,12 @@ def _cifar(
         except Exception as e:  # URLError, RuntimeError("Dataset not found"), checksum errors...
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             how = "could not be downloaded" if download else names["download"]
+            if name in CIFAIR:
+                url, folder = CIFAIR[name]["url"], CIFAIR[name]["base_folder"]
+                raise DataError(
+                    f"{pretty} not found under '{root}' and {how} ({reason}): on a machine with "
+                    f"internet download {url} and unzip it into {root} (it holds {folder}/)"
+                ) from e
             raise DataError(
                 f"{pretty} not found under '{root}' and {how} ({reason}): "
                 f"download it on a machine with internet into {root}, "
@@ -181,7 +237,8 @@ def _cifar(
         images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
         splits.append((TensorImageDataset(images, torch.as_tensor(raw.targets)), raw.classes))
     (train_ds, classes), (test_ds, _) = splits
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    ten = name in ("cifar10", "cifair10")  # ciFAIR's training sets are CIFAR's: same statistics
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if ten else (CIFAR100_MEAN, CIFAR100_STD)
     spec = DatasetSpec(len(classes), 3, 32, tuple(classes), mean, std)
     return train_ds, test_ds, spec
 
@@ -236,7 +293,7 @@ def build_datasets(
     """
     if name == "digits":
         return _digits(seed)
-    if name in ("cifar10", "cifar100"):
+    if name in ("cifar10", "cifar100", *CIFAIR):
         return _cifar(name, root, download, names)
     if name == "imagefolder":
         return _imagefolder(root, names)

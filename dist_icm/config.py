@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 
 LOADERS = ("torch", "ffcv")
-AUGMENTS = ("auto", "cifar", "imagenet", "none")
+AUGMENTS = ("auto", "cifar", "cifar_rot15", "imagenet", "none")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -41,7 +41,7 @@ def _one_of(name: str, value, allowed) -> None:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
+    name: str = "digits"  # digits | cifar10 | cifar100 | imagefolder | cifair10 | cifair100
     root: str | None = None
     download: bool = True
     num_classes: int | None = None  # optional check against the data
@@ -171,10 +171,20 @@ class Config:
     resume: str | None = None  # None | "auto" (newest valid checkpoint in the run dir) | a path
     resume_force: bool = False  # resume even where the checkpoint's config differs (see resume.py)
     run_dir: str | None = None  # the run folder (default: outputs/<date>/<time>)
+    paper: str | None = None  # the paper result this run reproduces: a key of PAPER_RESULTS
 
 
 SECTIONS = ("data", "model", "loss", "optim", "schedule", "runtime", "train")
-TOP_LEVEL = ("resume", "resume_force", "run_dir")
+TOP_LEVEL = ("resume", "resume_force", "run_dir", "paper")
+# the paper's numbers (Tables 1-2, Figure 3), keyed by what configs/experiment/paper/ set as paper
+PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.json"
+
+
+def paper_entries() -> dict:
+    """The entries of :data:`PAPER_RESULTS` (key -> {"top1": ..., "source": ..., ...})."""
+    import json
+
+    return json.loads(PAPER_RESULTS.read_text())["results"]
 
 
 def register_schema() -> None:
@@ -332,6 +342,15 @@ def to_config(cfg: DictConfig) -> Config:
             top[key] = str(value)
             if not top[key].strip():
                 raise ConfigError(f"{key} must not be empty (leave it out, or null)")
+    paper = top.get("paper")
+    if paper is not None:
+        if not isinstance(paper, str) or not paper.strip():
+            raise ConfigError(f"paper must be a key of {PAPER_RESULTS.name} (or null), got {paper!r}")
+        if paper not in paper_entries():
+            raise ConfigError(
+                f"paper={paper} is no entry of dist_icm/{PAPER_RESULTS.name}: "
+                "set a key it has (or null)"
+            )
     resume = top.get("resume")
     if resume not in (None, "auto") and Path(resume).expanduser().is_dir():
         raise ConfigError(

@@ -111,10 +111,10 @@ def _digits_test_images():
     return (x[first] - mean) / std
 
 
-def _small_cnn(path):
+def _small_cnn(path, channels=1):
     from dist_icm.models import build_model
 
-    model = build_model("small_cnn", 10, 1)
+    model = build_model("small_cnn", 10, channels)
     model.load_state_dict(torch.load(path, weights_only=True)["state"]["model"])
     return model.eval()
 
@@ -298,6 +298,14 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
     no_config = _saved_with(runs, tmp_path, "bare", lambda s: s.pop("config"))
     _expect_exit_2(capsys, [str(no_config), *out], "holds no config")
     _expect_exit_2(capsys, [good, *out, "--labels", "a", "b"], "--labels gives 2 labels for 1")
+
+    def cifar_offline(state):
+        state["config"]["data"] |= {"name": "cifar10", "root": "/run/s/data", "download": False}
+
+    offline = _saved_with(runs, tmp_path, "offline", cifar_offline)
+    elsewhere = tmp_path / "moved"  # --data-root is read instead of the run's data.root
+    _expect_exit_2(capsys, [str(offline), *out, "--data-root", str(elsewhere)],
+                   f"CIFAR-10 not found under '{elsewhere}'")  # fmt: skip
     assert not (tmp_path / "out").exists()  # nothing written for bad input
 
 
@@ -311,3 +319,35 @@ def test_bad_input_through_the_command_line(tmp_path):
         f"dist_icm: error: checkpoint {junk} is unreadable (no zip index: truncated, or not "
         "written by torch.save): delete it or pass another"
     ]
+
+
+@pytest.mark.slow
+def test_a_cifar10_jpeg_run(tmp_path, cifar10_jpeg_root):
+    # the ImageFolder path: a 3-step run on the real CIFAR-10 JPEG tree, its data given anew
+    from cli import run_train
+    from torchvision import datasets, transforms
+
+    from dist_icm.data.datasets import CIFAR10_MEAN, CIFAR10_STD
+
+    run = tmp_path / "run"
+    run_train(run, *QUICK, "experiment=cifar10_jpeg", f"data.root={cifar10_jpeg_root}",
+              "model=small_cnn", "data.global_batch=64", "train.max_steps=3")  # fmt: skip
+    out = tmp_path / "out"
+    analyze.main([str(run), "--out", str(out), "--device", "cpu",
+                  "--data-root", str(cifar10_jpeg_root)])  # fmt: skip
+    rows = read_rows(out)
+    assert [float(r["lambda"]) for r in rows] == LAMBDAS
+    assert {(r["data"], r["classes"], r["pairs"]) for r in rows} == {("imagefolder", "10", "90")}
+    # λ = 1: the first test JPEG of each class, read here with torchvision
+    tf = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    )
+    test = datasets.ImageFolder(str(cifar10_jpeg_root / "test"), transform=tf)
+    first = [test.targets.index(c) for c in range(10)]
+    x = torch.stack([test[i][0] for i in first])
+    (ckpt,) = (run / "checkpoints").glob("ckpt-*.pt")
+    model = _small_cnn(ckpt, channels=3)
+    with torch.no_grad():
+        r = torch.flatten(model.pool(model.features(x)), 1).double()
+    conf = (r * r).sum(1).mean().item()
+    assert float(rows[-1]["confidence_mean"]) == pytest.approx(conf, rel=1e-5)

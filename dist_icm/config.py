@@ -345,7 +345,9 @@ def to_config(cfg: DictConfig) -> Config:
     paper = top.get("paper")
     if paper is not None:
         if not isinstance(paper, str) or not paper.strip():
-            raise ConfigError(f"paper must be a key of {PAPER_RESULTS.name} (or null), got {paper!r}")
+            raise ConfigError(
+                f"paper must be a key of {PAPER_RESULTS.name} (or null), got {paper!r}"
+            )
         if paper not in paper_entries():
             raise ConfigError(
                 f"paper={paper} is no entry of dist_icm/{PAPER_RESULTS.name}: "

@@ -47,7 +47,10 @@ def test_draws_are_deterministic_bounded_and_vary_by_sample_epoch_and_seed():
     assert angles.min() >= -15 and angles.max() < 15
     assert angles.min() < -14.5 and angles.max() > 14.5 and abs(angles.mean()) < 0.5
     assert len(set(angles)) == 2000  # a different angle for every sample
-    for other in ([paper_draws(0, 1, i) for i in range(2000)], [paper_draws(1, 0, i) for i in range(2000)]):
+    for other in (
+        [paper_draws(0, 1, i) for i in range(2000)],
+        [paper_draws(1, 0, i) for i in range(2000)],
+    ):
         assert sum(a[3] == b[3] for a, b in zip(draws, other, strict=True)) == 0
 
 
@@ -75,7 +78,9 @@ def test_it_is_a_real_rotation(real32):
         top, left, flip, angle = paper_draws(0, 0, i)
         if abs(angle) < 5:
             continue
-        crop = torch.nn.functional.pad(real32[i][0], (4, 4, 4, 4))[:, 4 + top : 36 + top, 4 + left : 36 + left]
+        crop = torch.nn.functional.pad(real32[i][0], (4, 4, 4, 4))[
+            :, 4 + top : 36 + top, 4 + left : 36 + left
+        ]
         crop = crop.flip(-1) if flip else crop
         out = aug[i][0]
         back = tv_rotate(out, -angle, interpolation=InterpolationMode.BILINEAR)
@@ -156,8 +161,9 @@ def test_torch_and_ffcv_loaders_give_the_same_rotated_batches(ffcv_ready, tree, 
     base = dict(name="imagefolder", root=str(tree), global_batch=50, augment="cifar_rot15",
                 ffcv_write_mode="raw", ffcv_cache=str(tmp_path / "ffcv"))  # fmt: skip
     bundles = {
-        loader: build_data(DataConfig(loader=loader, **base), seed=3, micro_global=50, rank=0,
-                           world_size=1)  # fmt: skip
+        loader: build_data(
+            DataConfig(loader=loader, **base), seed=3, micro_global=50, rank=0, world_size=1
+        )  # fmt: skip
         for loader in ("torch", "ffcv")
     }
     for epoch in (0, 2):

@@ -115,7 +115,9 @@ def test_table1_right_is_methods_by_fraction(tmp_path):
 def test_figure3_is_regmixup_on_both_cifars_by_fraction(tmp_path):
     _, cells = _cells("figure3", tmp_path)
     assert {(c.data.name, c.loss.name, c.data.fraction) for c in cells} == set(
-        itertools.product(("cifar10", "cifar100"), ("regmixup", "icm_regmixup"), (1.0, 0.5, 0.25, 0.1))
+        itertools.product(
+            ("cifar10", "cifar100"), ("regmixup", "icm_regmixup"), (1.0, 0.5, 0.25, 0.1)
+        )
     )
     for c in cells:
         _paper_setup(c)
@@ -131,7 +133,13 @@ def test_table2_left_is_cifair_with_fifty_images_per_class(tmp_path):
         ("table2_left_cifair100", "cifair100", 0.1),
     ):
         _, cells = _cells(name, tmp_path)
-        assert {c.loss.name for c in cells} == {"ce", "mixup", "icm_mixup", "regmixup", "icm_regmixup"}
+        assert {c.loss.name for c in cells} == {
+            "ce",
+            "mixup",
+            "icm_mixup",
+            "regmixup",
+            "icm_regmixup",
+        }
         for c in cells:
             assert (c.data.name, c.data.fraction) == (data, fraction)
             _paper_setup(c)
@@ -176,7 +184,11 @@ def test_figure4_and_birds(tmp_path):
     assert cifar10.paper == "figure4/cifar10/mixup" and cifar10.paper in paper_entries()
     _, birds = _cells("birds", tmp_path)
     for c in birds:
-        assert (c.data.name, c.data.augment, c.model.name) == ("imagefolder", "imagenet", "cifar_resnet34")
+        assert (c.data.name, c.data.augment, c.model.name) == (
+            "imagefolder",
+            "imagenet",
+            "cifar_resnet34",
+        )
         _paper_setup(c, batch=16)
 
 
@@ -250,7 +262,9 @@ def _release(tmp: Path, name: str, rng: np.random.Generator) -> tuple[Path, dict
         arrays[f] = (images, labels)
         with open(folder / f, "wb") as fh:
             pickle.dump({"data": images, label: labels}, fh)
-    meta_name, meta_key = ("batches.meta", "label_names") if n_cls == 10 else ("meta", "fine_label_names")
+    meta_name, meta_key = (
+        ("batches.meta", "label_names") if n_cls == 10 else ("meta", "fine_label_names")
+    )
     with open(folder / meta_name, "wb") as fh:
         pickle.dump({meta_key: [f"class{i}" for i in range(n_cls)]}, fh)
     archive = tmp / CIFAIR[name]["filename"]
@@ -288,7 +302,9 @@ def test_cifair_downloads_checks_and_reads_a_release_zip(name, tmp_path, monkeyp
     root.mkdir()
     archive.rename(root / archive.name)
     train, test, spec = build_datasets(name, str(root), download=True)
-    assert (root / CIFAIR[name]["filename"]).is_file() and (root / CIFAIR[name]["base_folder"]).is_dir()
+    assert (root / CIFAIR[name]["filename"]).is_file() and (
+        root / CIFAIR[name]["base_folder"]
+    ).is_dir()
     n_cls = 10 if name == "cifair10" else 100
     assert spec.num_classes == n_cls and spec.image_size == 32 and spec.in_channels == 3
     ref = datasets.CIFAR10_MEAN if name == "cifair10" else datasets.CIFAR100_MEAN

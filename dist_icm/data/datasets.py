@@ -67,9 +67,7 @@ def _cifair_class(name: str):
     def download(self) -> None:  # torchvision's CIFAR.download, for a .zip instead of a .tar.gz
         if self._check_integrity():
             return
-        download_and_extract_archive(
-            self.url, self.root, filename=self.filename, md5=self.tgz_md5
-        )
+        download_and_extract_archive(self.url, self.root, filename=self.filename, md5=self.tgz_md5)
 
     fields = {k: v for k, v in info.items() if k != "pretty"}
     return type(f"CiFAIR{name.removeprefix('cifair')}", (base,), fields | {"download": download})

@@ -11,9 +11,10 @@ import raises the one-line :class:`~dist_icm.data.datasets.DataError` that says 
   used: they wrap ``DistributedSampler(drop_last=False)``, which interleaves the ranks and pads
   the epoch with repeated samples.
 - Augmentation: ``cifar`` = :class:`~dist_icm.data.ffcv_ops.CropFlip` (seeded per sample,
-  independent of ranks and threads); ``cifar_rot15`` = :class:`~dist_icm.data.ffcv_ops.RotCropFlip`
-  (the torch path's draws, normalised with :func:`~dist_icm.data.augment.paper_stats`); ``imagenet`` = ffcv's random-resized-crop decoder (numba's
-  unseeded generator) + flip. Training indices and test shards come from
+  independent of ranks and threads); ``cifar_rot15`` =
+  :class:`~dist_icm.data.ffcv_ops.RotCropFlip` (the torch path's draws, normalised with
+  :func:`~dist_icm.data.augment.paper_stats`); ``imagenet`` = ffcv's random-resized-crop
+  decoder (numba's unseeded generator) + flip. Training indices and test shards come from
   :mod:`dist_icm.data.bundle`, as on the torch path.
 - Output: float32 NCHW normalised images and int64 labels of shape (n,) on ``device``
   (:class:`~dist_icm.data.ffcv_ops.ToDevice`).
@@ -45,6 +46,7 @@ from ffcv.transforms import ToTensor, ToTorchImage  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
 from dist_icm import dist  # noqa: E402
+from dist_icm.data.augment import paper_stats  # noqa: E402
 from dist_icm.data.bundle import (  # noqa: E402
     DataBundle,
     augment_mode,
@@ -53,7 +55,6 @@ from dist_icm.data.bundle import (  # noqa: E402
     train_indices,
 )
 from dist_icm.data.datasets import DataError, DatasetSpec  # noqa: E402
-from dist_icm.data.augment import paper_stats  # noqa: E402
 from dist_icm.data.ffcv_ops import AugmentState, CropFlip, RotCropFlip, ToDevice  # noqa: E402
 from dist_icm.data.sampler import GlobalBatchSampler  # noqa: E402
 from dist_icm.data.subsets import class_counts  # noqa: E402

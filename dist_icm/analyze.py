@@ -28,6 +28,7 @@ the model, checkpoints of different data sets, missing data) ends with one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import sys
@@ -148,27 +149,28 @@ def score_pairs(
     captured: list[torch.Tensor] = []
     hook = fc.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
-        for start in range(0, len(k_all), batch_size):
-            sl = slice(start, start + batch_size)
-            k = torch.as_tensor(k_all[sl], device=device)
-            a = torch.as_tensor(pairs[p_all[sl], 0], device=device)
-            b = torch.as_tensor(pairs[p_all[sl], 1], device=device)
-            shape = (-1,) + (1,) * (x.dim() - 1)
-            lam = (k.to(torch.float32) / steps).view(shape)
-            rest = ((steps - k).to(torch.float32) / steps).view(shape)
-            mixed = lam * x[a] + rest * x[b]
-            captured.clear()
-            model(mixed)
-            if len(captured) != 1:
-                raise AnalysisError(
-                    f"{type(model).__name__} called its last Linear {len(captured)} times in "
-                    "one forward pass: cannot tell its representation r"
-                )
-            r = captured[0].flatten(1).to(torch.float64)
-            confidence[sl] = (r * r).sum(1).cpu().numpy()
-            dot_diff[sl] = ((r * w[a]).sum(1) - (r * w[b]).sum(1)).cpu().numpy()
-            if progress is not None:
-                progress(len(k))
+        with _full_float32():
+            for start in range(0, len(k_all), batch_size):
+                sl = slice(start, start + batch_size)
+                k = torch.as_tensor(k_all[sl], device=device)
+                a = torch.as_tensor(pairs[p_all[sl], 0], device=device)
+                b = torch.as_tensor(pairs[p_all[sl], 1], device=device)
+                shape = (-1,) + (1,) * (x.dim() - 1)
+                lam = (k.to(torch.float32) / steps).view(shape)
+                rest = ((steps - k).to(torch.float32) / steps).view(shape)
+                mixed = lam * x[a] + rest * x[b]
+                captured.clear()
+                model(mixed)
+                if len(captured) != 1:
+                    raise AnalysisError(
+                        f"{type(model).__name__} called its last Linear {len(captured)} times in "
+                        "one forward pass: cannot tell its representation r"
+                    )
+                r = captured[0].flatten(1).to(torch.float64)
+                confidence[sl] = (r * r).sum(1).cpu().numpy()
+                dot_diff[sl] = ((r * w[a]).sum(1) - (r * w[b]).sum(1)).cpu().numpy()
+                if progress is not None:
+                    progress(len(k))
     finally:
         hook.remove()
     return PairScores(
@@ -177,6 +179,18 @@ def score_pairs(
         confidence=confidence.reshape(n_lam, n_pairs),
         dot_diff=dot_diff.reshape(n_lam, n_pairs),
     )
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """No TF32 in CUDA convolutions and matrix products while scoring (each is on by default
+    for convolutions), so a GPU gives the CPU's numbers to float32 rounding."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 def first_of_each_class(targets: Sequence[int], num_classes: int) -> list[int]:

@@ -188,8 +188,10 @@ class _Linear(nn.Module):
             self.fc.weight.copy_(torch.tensor(weight))
             self.fc.bias.copy_(torch.tensor(bias))
 
+        self.drop = nn.Dropout(0.5)  # in eval mode (the analysis's) a no-op
+
     def forward(self, x):
-        return self.fc(x.flatten(1))
+        return self.fc(self.drop(x.flatten(1)))
 
 
 def test_a_linear_model_worked_out_by_hand():
@@ -198,8 +200,11 @@ def test_a_linear_model_worked_out_by_hand():
     # pair (1, 0): r = (1−λ, 2λ),    ‖r‖² = (1−λ)² + 4λ²,  r·w_1 − r·w_0 = 3λ − 1
     # mean ‖r‖² = 2.5(λ² + (1−λ)²); mean difference 3λ − 1.5; std over the two pairs 0.5
     images = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 2.0]]]])  # (C=2, 1, 1, 2)
-    model = _Linear([[1.0, 0.0], [0.0, 1.0]], [5.0, -5.0])
+    model = _Linear([[1.0, 0.0], [0.0, 1.0]], [5.0, -5.0]).train()  # dropout active
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     scores = analyze.score_pairs(model, images, batch_size=5)  # batches across λ boundaries
+    assert not model.training  # scored in eval mode, left in it
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == tf32
     lam = np.array(LAMBDAS)
     assert scores.pairs.tolist() == [[0, 1], [1, 0]]
     assert np.allclose(scores.lambdas, lam, rtol=0, atol=0)

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 import yaml
+from cli import REPO, records, run_train, summary
 from hydra import compose, initialize_config_dir
 
-from cli import REPO, records, run_train, summary
 from dist_icm.config import register_schema, to_config
 from dist_icm.loss import duplicate_share, target_groups
 

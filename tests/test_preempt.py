@@ -61,7 +61,12 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
     "world, sig",
-    [(1, signal.SIGTERM), (1, signal.SIGUSR1), (1, signal.SIGINT), (2, signal.SIGTERM)],
+    [
+        (1, signal.SIGTERM),
+        pytest.param(1, signal.SIGUSR1, marks=pytest.mark.slow),  # Slurm's: test_slurm has it
+        pytest.param(1, signal.SIGINT, marks=pytest.mark.slow),  # the same handler
+        (2, signal.SIGTERM),
+    ],
 )
 def test_a_signal_checkpoints_the_step_and_the_resumed_run_is_exact(
     tmp_path, uninterrupted, world, sig

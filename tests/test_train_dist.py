@@ -39,7 +39,10 @@ def _close(a, b, rel=1e-5):
     return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("world, batch, accum", [(2, 64, 1), (3, 48, 1), (2, 64, 2)])
+@pytest.mark.parametrize(
+    "world, batch, accum",
+    [pytest.param(2, 64, 1, marks=pytest.mark.slow), (3, 48, 1), (2, 64, 2)],  # 2-64-2 covers 1
+)
 def test_same_losses_on_one_and_several_processes(tmp_path, world, batch, accum):
     overrides = [f"data.global_batch={batch}", f"runtime.grad_accum={accum}"]
     one = _run(tmp_path / "one", 1, *overrides)

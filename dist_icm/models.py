@@ -17,6 +17,7 @@ from torch import nn
 MODEL_NAMES: tuple[str, ...] = (
     "cifar_resnet18",
     "cifar_resnet34",
+    "cifar_resnet20",
     "preact_resnet18",
     "wrn16_8",
     "small_cnn",
@@ -190,6 +191,8 @@ def _build_builtin(name: str, num_classes: int, in_channels: int) -> nn.Module:
         return CifarResNet([2, 2, 2, 2], num_classes, in_channels)
     if name == "cifar_resnet34":
         return CifarResNet([3, 4, 6, 3], num_classes, in_channels)
+    if name == "cifar_resnet20":  # He et al. (2016)'s CIFAR ResNet-20: 3 x 3 blocks, 16/32/64
+        return CifarResNet([3, 3, 3], num_classes, in_channels, (16, 16, 32, 64))
     if name == "preact_resnet18":
         return CifarResNet([2, 2, 2, 2], num_classes, in_channels, preact=True)
     if name == "wrn16_8":  # depth 16 -> (16 - 4) / 6 = 2 blocks per stage, widths 16k/32k/64k

@@ -15,6 +15,7 @@ from dist_icm.models import MODEL_NAMES, build_model, classifier
 EXPECTED_PARAMS = {
     "cifar_resnet18": 11.2e6,
     "cifar_resnet34": 21.3e6,
+    "cifar_resnet20": 0.27e6,
     "preact_resnet18": 11.2e6,
     "wrn16_8": 11.0e6,
 }

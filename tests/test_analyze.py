@@ -21,7 +21,7 @@ from cli import REPO
 from PIL import Image
 from torch import nn
 
-from dist_icm import analyze, checkpoint
+from dist_icm import analyze, checkpoint, interpolation
 
 QUICK = ["experiment=quickstart", "train.progress=false", "train.tensorboard=false"]
 LOSSES = ("mixup", "icm_mixup")
@@ -150,7 +150,7 @@ def test_pure_images_match_a_direct_computation(analysed, runs, loss):
 def test_dot_difference_is_antisymmetric_in_the_pair_order(analysed, runs):
     # the pair (b, a) at 1 − λ is the image of (a, b) at λ: same features, opposite difference
     model = _small_cnn(runs["icm_mixup"])
-    scores = analyze.score_pairs(model, _digits_test_images(), batch_size=128)
+    scores = interpolation.score_pairs(model, _digits_test_images(), batch_size=128)
     index = {tuple(p): i for i, p in enumerate(scores.pairs.tolist())}
     assert len(index) == 90 and all(a != b for a, b in index)
     swapped = [index[(b, a)] for a, b in scores.pairs.tolist()]
@@ -203,7 +203,7 @@ def test_a_linear_model_worked_out_by_hand():
     images = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 2.0]]]])  # (C=2, 1, 1, 2)
     model = _Linear([[1.0, 0.0], [0.0, 1.0]], [5.0, -5.0]).train()  # dropout active
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    scores = analyze.score_pairs(model, images, batch_size=5)  # batches across λ boundaries
+    scores = interpolation.score_pairs(model, images, batch_size=5)  # batches across λ boundaries
     assert not model.training  # scored in eval mode, left in it
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == tf32
     lam = np.array(LAMBDAS)

@@ -31,6 +31,13 @@ SUMMARY_KEYS = (
     "session_images_per_sec",
     "run_train_s",
     "run_images_per_sec",
+    # what the run was, for dist_icm.study (tests/test_scaling.py checks their values)
+    "dup_share",
+    "peak_lr",
+    "config",
+    "overrides",
+    "sweep_keys",
+    "multirun",
 )
 
 

@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         wrote.append(out / "images_per_sec_vs_processes.png")
     else:
         print(
-            f"one world size ({worlds[0]} processes): no images/s-vs-processes plot",
+            f"one world size ({worlds[0]} process{'es' if worlds[0] != 1 else ''}): "
+            "no images/s-vs-processes plot",
             file=sys.stderr,
         )
     print("wrote " + ", ".join(map(str, wrote)), file=sys.stderr)

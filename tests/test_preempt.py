@@ -65,7 +65,8 @@ def uninterrupted(tmp_path_factory):
         (1, signal.SIGTERM),
         pytest.param(1, signal.SIGUSR1, marks=pytest.mark.slow),  # Slurm's: test_slurm has it
         pytest.param(1, signal.SIGINT, marks=pytest.mark.slow),  # the same handler
-        (2, signal.SIGTERM),
+        # 2 processes stopping at one step: also test_slurm's 2-node warning-signal test
+        pytest.param(2, signal.SIGTERM, marks=pytest.mark.slow),
     ],
 )
 def test_a_signal_checkpoints_the_step_and_the_resumed_run_is_exact(

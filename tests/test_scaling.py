@@ -73,6 +73,12 @@ def test_duplicate_share_by_hand():
     assert duplicate_share(a[:0], b[:0], lam[:0]) == 0.0
 
 
+@pytest.fixture(scope="module")
+def icm_one(tmp_path_factory) -> dict:
+    """The quickstart with IC-Mixup on one process (shared by two tests)."""
+    return _arm(tmp_path_factory.mktemp("icm"), "icm_mixup")
+
+
 def _arm(tmp_path, loss: str, world: int = 1, *extra: str) -> dict:
     run = tmp_path / f"{loss}-{world}"
     run_train(run, "experiment=quickstart", f"loss={loss}", "train.epochs=1",
@@ -94,19 +100,19 @@ def test_summary_records_what_a_study_needs(tmp_path):
     json.dumps(s)  # strict JSON all through
 
 
-def test_one_lambda_per_batch_makes_most_targets_duplicates(tmp_path):
-    shared = _arm(tmp_path, "icm_mixup")["dup_share"]
+def test_one_lambda_per_batch_makes_most_targets_duplicates(tmp_path, icm_one):
+    shared = icm_one["dup_share"]
     ce = _arm(tmp_path, "ce")["dup_share"]
     assert 0.95 < ce <= 1.0  # 64 labels of 10 classes: nearly every label repeats
     assert shared > 0.4  # quickstart mixes in groups of 16 with one λ for the batch
 
 
 @pytest.mark.multiproc
-def test_duplicate_share_spans_every_rank(tmp_path):
+def test_duplicate_share_spans_every_rank(tmp_path, icm_one):
     """The share is measured over the loss's whole batch (an all-gather of every rank's
     targets): the quickstart mixes the same global batch on 1 and 2 processes, so the logged
     shares are equal; a share of one rank's half of the batch alone would differ."""
-    one = _arm(tmp_path, "icm_mixup", 1)["_records"]
+    one = icm_one["_records"]
     two = _arm(tmp_path, "icm_mixup", 2)["_records"]
     shares = [[r["train/dup_share"] for r in rs if "train/dup_share" in r] for rs in (one, two)]
     assert shares[0] == shares[1]

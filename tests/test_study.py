@@ -95,7 +95,7 @@ def test_table_holds_mean_and_std_over_seeds_of_every_cell(sweep, plain):
             assert row[heading] == expected([get(s) for s in cell], fmt), heading
     # negative control: the same runs, nothing set apart from the sweep, nothing flagged
     assert "flagged" not in rows[0] and "warning" not in plain.stderr
-    assert "one world size (1 processes): no images/s-vs-processes plot" in plain.stderr
+    assert "one world size (1 process): no images/s-vs-processes plot" in plain.stderr
 
 
 def test_csv_beside_the_runs_holds_the_same_numbers(sweep, plain):

@@ -226,7 +226,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
         job.control, is_main=rt.is_main, ckpt_every_min=cfg.train.ckpt_every_min
     )
     seen, train_time, metrics, saved, stopping = 0, 0.0, {}, step, False
-    dup_shares: list[float] = []  # this session's, one per logged step
+    dup_shares: list[float] = []  # this session's, one per logged step (their mean: summary)
     loss_sum, loss_count = torch.zeros((), device=rt.device), 0
     skipped, in_a_row = before.get("skipped", 0), 0  # non-finite steps: in all, and lately
 
@@ -268,7 +268,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                         mean = loss_sum / loss_count
                         record["train/loss"] = dist.all_reduce_mean(mean, rt.process_group).item()
                     share = duplicate_share_global(job)
-                    dup_shares.append(share)
+                    dup_shares += [] if share is None else [share]
                     record |= {"train/lr": lr, "train/images_per_sec": rate}
                     record |= {"train/dup_share": share}
                     report.log(record | {"train/skipped_steps": skipped})

@@ -125,48 +125,34 @@ class AugmentState:
 class CropFlip(Operation):
     """Seeded crop (zero padding ``pad``) and horizontal flip of HWC uint8 images."""
 
+    kernel = staticmethod(_crop_flip)  # numba: (images, out, indices, tag, seed, epoch, pad)
+
     def __init__(self, state: AugmentState, pad: int) -> None:
         super().__init__()
         self.state, self.pad = state, int(pad)
 
     def generate_code(self):
-        state, pad = self.state, self.pad
+        state, pad, kernel = self.state, self.pad, self.kernel
 
-        def crop_flip(images, dst, indices):  # runs in Python, calls the compiled kernel
-            return _crop_flip(
-                images, dst[: len(images)], indices, TAG, state.seed, state.epoch, pad
-            )
+        def augment(images, dst, indices):  # runs in Python, calls the compiled kernel
+            return kernel(images, dst[: len(images)], indices, TAG, state.seed, state.epoch, pad)
 
-        crop_flip.with_indices = True
-        return crop_flip
+        augment.with_indices = True
+        return augment
 
     def declare_state_and_memory(self, previous_state):
         query = AllocationQuery(previous_state.shape, previous_state.dtype)
         return replace(previous_state, jit_mode=False), query
 
 
-class RotCropFlip(Operation):
+class RotCropFlip(CropFlip):
     """``cifar_rot15`` on HWC uint8 images: crop (zero padding ``pad``), flip and rotation by
     the per-sample draws of :func:`dist_icm.data.augment.paper_draws`."""
 
+    kernel = staticmethod(_rot_crop_flip)
+
     def __init__(self, state: AugmentState, pad: int = 4) -> None:
-        super().__init__()
-        self.state, self.pad = state, int(pad)
-
-    def generate_code(self):
-        state, pad = self.state, self.pad
-
-        def rot_crop_flip(images, dst, indices):  # runs in Python, calls the compiled kernel
-            return _rot_crop_flip(
-                images, dst[: len(images)], indices, TAG, state.seed, state.epoch, pad
-            )
-
-        rot_crop_flip.with_indices = True
-        return rot_crop_flip
-
-    def declare_state_and_memory(self, previous_state):
-        query = AllocationQuery(previous_state.shape, previous_state.dtype)
-        return replace(previous_state, jit_mode=False), query
+        super().__init__(state, pad)
 
 
 class ToDevice(Operation):

@@ -62,9 +62,14 @@ class Job:
     fresh_model: Callable[[], torch.nn.Module]  # the architecture, new (ZeRO evaluation)
     control: dist.Group = None  # a gloo group for the stop flags (dist_icm.preempt)
     notes: list[str] = field(default_factory=list)  # start-up lines for the run's report
-    peak_lr: float | None = None  # the optimizer's peak lr, after optim.lr_scaling
     # what summary.json records of how the run was asked for (the entry point's overrides)
     labels: dict = field(default_factory=dict)
+
+    @property
+    def peak_lr(self) -> float:
+        """The optimizer's peak lr, after optim.lr_scaling (as build_optimizer sets it)."""
+        o = self.cfg.optim
+        return scaled_lr(o.lr, self.plan.global_batch, o.reference_batch, o.lr_scaling)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -117,9 +122,7 @@ def setup(cfg: Config) -> Job:
     run_dir = Path(dist.broadcast_object(cfg.run_dir or "outputs/run", group))
     parts = (cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir)
     control = dist.control_group(cfg.runtime.timeout_s)
-    peak_lr = scaled_lr(cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch,
-                        cfg.optim.lr_scaling)  # fmt: skip
-    return Job(*parts, fresh_model, control=control, notes=notes, peak_lr=peak_lr)
+    return Job(*parts, fresh_model, control=control, notes=notes)
 
 
 def evaluate(job: Job) -> dict:

@@ -83,29 +83,27 @@ def draw_lam(alpha: float, n: int, ctx: MixContext, per_sample: bool = False) ->
     return np.concatenate(draws)
 
 
-def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host array on ``device`` without waiting for it: through pinned memory, asynchronously
-    on CUDA (a plain copy from pageable memory would wait for every queued kernel)."""
-    t = torch.as_tensor(array, dtype=dtype)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def _as_tensors(x, y, perm, lam):
-    perm_t = _to_device(perm, torch.int64, x.device)
-    lam_t = _to_device(lam, torch.float32, x.device)
+def _as_tensors(x, y, perm: np.ndarray, lam: np.ndarray):
+    """(perm, lam, a, b) on x's device. perm (int64) and lam (float32) travel in one copy of one
+    host buffer, pinned and asynchronous on CUDA: a copy from pageable memory would wait for
+    every queued kernel, and each copy costs the host a launch."""
+    n, cuda = perm.shape[0], x.device.type == "cuda"
+    host = torch.empty(12 * n, dtype=torch.uint8, pin_memory=cuda)
+    host[: 8 * n].view(torch.int64).copy_(torch.as_tensor(perm, dtype=torch.int64))
+    host[8 * n :].view(torch.float32).copy_(torch.as_tensor(lam, dtype=torch.float32))
+    both = host.to(x.device, non_blocking=cuda)
+    perm_t, lam_t = both[: 8 * n].view(torch.int64), both[8 * n :].view(torch.float32)
     return perm_t, lam_t, y, y[perm_t]
 
 
 def mixup(x, y, *, alpha: float, ctx: MixContext, per_sample: bool = False) -> Mixed:
-    """Mixup: x̃ = λ x + (1 - λ) x[partner]."""
+    """Mixup: x̃ = λ x + (1 - λ) x[partner], as one ``lerp`` (x[partner] + λ (x - x[partner]))."""
     if y.dtype != torch.int64 or y.shape != (x.shape[0],):
         raise ValueError("labels must be an int64 tensor with one entry per input")
     n = x.shape[0]
     perm, lam, a, b = _as_tensors(x, y, partners(n, ctx), draw_lam(alpha, n, ctx, per_sample))
     w = lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-    return Mixed(w * x + (1 - w) * x[perm], a, b, lam)
+    return Mixed(x[perm].lerp_(x, w), a, b, lam)
 
 
 def cutmix_box(lam: float, height: int, width: int, rng: np.random.Generator):

@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from dist_icm import dist
-from dist_icm.tiled import dense_mixing, lse_stats, tile_scores
+from dist_icm.tiled import dense_mixing, dense_stats, lse_stats, tile_scores
 
 AXES = ("class", "pair", "both")
 GATHERS = ("triples", "scores")
@@ -273,30 +273,36 @@ def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile) -
         )
     else:
         ga, gb, gl = a, b, lam
-    own = dist.rank(process_group) * n + torch.arange(n, device=x.device)
+    first = dist.rank(process_group) * n  # this rank's mixed classes are first ... first + n - 1
     if method == "auto":
         method = "matmul" if num_classes <= DENSE_MAX_CLASSES else "gather"
     dense = method == "matmul"
     groups = target_groups(ga, gb, gl) if dedup else None
 
     # this rank's images against all N mixed classes: rows of S̃ and its columns' partial sums
-    rows, cols, pos_rows, pos_cols = _stats(
-        x, ga, gb, gl, None if groups is None else (groups[own], groups), tile, dense
-    )
-    diag = x.gather(1, a[:, None]).squeeze(1) * lam + x.gather(1, b[:, None]).squeeze(1) * (1 - lam)
-    loss = x.new_zeros(())
+    if dense and not tile and groups is None:  # the default: fewest kernels, S̃ kept
+        rows, cols, diag = dense_stats(x, mixing_matrix(ga, gb, gl, num_classes), first)
+        pos_rows = pos_cols = None
+    else:
+        own = first + torch.arange(n, device=x.device)
+        keys = None if groups is None else (groups[own], groups)
+        rows, cols, pos_rows, pos_cols = _stats(x, ga, gb, gl, keys, tile, dense)
+        diag = x.gather(1, a[:, None]).squeeze(1) * lam
+        diag = diag + x.gather(1, b[:, None]).squeeze(1) * (1 - lam)
+    loss = None
     if axis in ("class", "both"):
-        loss = loss + (rows - (diag if groups is None else pos_rows)).mean()
+        loss = (rows - (diag if groups is None else pos_rows)).mean()
     if axis in ("pair", "both"):
         if world == 1:
             col_lse, pos_lse = cols, pos_cols
         elif gather == "scores":  # every image against this rank's n mixed classes
-            keys = None if groups is None else (groups, groups[own])
+            keys = None if groups is None else (groups, groups[first : first + n])
             _, col_lse, _, pos_lse = _stats(
                 dist.all_gather(x, process_group), a, b, lam, keys, tile, dense
             )
         else:
             col_lse = _owners_lse(cols, process_group)
             pos_lse = None if groups is None else _owners_lse(pos_cols, process_group)
-        loss = loss + (col_lse - (diag if groups is None else pos_lse)).mean()
+        pair = (col_lse - (diag if groups is None else pos_lse)).mean()
+        loss = pair if loss is None else loss + pair
     return loss

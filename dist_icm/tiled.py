@@ -29,12 +29,10 @@ import torch
 
 
 def dense_mixing(a, b, lam, num_classes: int, like: torch.Tensor):
-    """The dense Ỹ slice (k x C) of mixed classes (a, b, lam)."""
+    """The dense Ỹ slice (k x C) of mixed classes (a, b, lam): 4 kernels (a == b adds up to 1)."""
     y = torch.zeros(a.shape[0], num_classes, dtype=like.dtype, device=like.device)
-    rows = torch.arange(a.shape[0], device=like.device)
-    y.index_put_((rows, a), lam, accumulate=True)
-    y.index_put_((rows, b), 1 - lam, accumulate=True)
-    return y
+    y.scatter_(1, a[:, None], lam[:, None])
+    return y.scatter_add_(1, b[:, None], (1 - lam)[:, None])
 
 
 def tile_scores(x, a, b, lam, y):
@@ -54,6 +52,54 @@ def masked_lse(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     some = total > 0
     out = shift.squeeze(dim) + torch.where(some, total, torch.ones_like(total)).log()
     return torch.where(some, out, torch.full_like(out, float("-inf")))
+
+
+def _lse(s: torch.Tensor, dim: int) -> torch.Tensor:
+    """``s.logsumexp(dim)`` as torch computes it (the maximum as shift, 0 where it is infinite),
+    in 7 kernels instead of 9."""
+    shift = s.amax(dim, keepdim=True).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return (s - shift).exp_().sum(dim).log_().add_(shift.squeeze(dim))
+
+
+class _DenseLSE(torch.autograd.Function):
+    """(rows, cols, diag) of S̃ = X Yᵀ, untiled, with a hand-written backward. The same math as
+    autograd through ``(x @ y.T).logsumexp`` with S̃ kept, in about half the kernels: the
+    trainer's ICM step on a GPU is a chain of small kernels, and each one costs a launch."""
+
+    @staticmethod
+    def forward(ctx, x, y, offset):
+        s = x @ y.T
+        rows, cols = _lse(s, 1), _lse(s, 0)
+        ctx.offset = offset
+        ctx.save_for_backward(s, y, rows, cols)
+        return rows, cols, s.diagonal(offset).clone()
+
+    @staticmethod
+    def backward(ctx, g_rows, g_cols, g_diag):
+        s, y, rows, cols = ctx.saved_tensors
+        ds = None
+        if g_rows is not None:  # d rows_i / d S̃_ij: the softmax of row i
+            ds = (s - rows[:, None]).exp_().mul_(g_rows[:, None])
+        if g_cols is not None:
+            q = (s - cols[None, :]).exp_().mul_(g_cols[None, :])
+            ds = q if ds is None else ds.add_(q)
+        ds = torch.zeros_like(s) if ds is None else ds
+        if g_diag is not None:
+            ds.diagonal(ctx.offset).add_(g_diag)
+        return ds @ y, None, None
+
+
+def dense_stats(x: torch.Tensor, y: torch.Tensor, offset: int = 0):
+    """Row and column logsumexps of S̃ = X Yᵀ (m x k) and its entries S̃[i, offset + i], the
+    positives' scores when X's images own the mixed classes ``offset ... offset + m - 1``.
+
+    Untiled (S̃ is kept for the backward pass) and from the dense Ỹ slice ``y`` (k x C); only
+    X receives a gradient. ``lse_stats`` covers tiles, gathers and positives.
+    """
+    if not 0 <= offset <= y.shape[0] - x.shape[0]:
+        m, k = x.shape[0], y.shape[0]
+        raise ValueError(f"offset {offset} leaves no full diagonal in an {m} x {k} S̃")
+    return _DenseLSE.apply(x, y, offset)
 
 
 def _spans(size: int, tile: int):

@@ -10,8 +10,8 @@ import itertools
 import pytest
 import torch
 
-from dist_icm.loss import icm_loss
-from dist_icm.tiled import lse_stats
+from dist_icm.loss import icm_loss, mixing_matrix
+from dist_icm.tiled import _lse, dense_stats, lse_stats
 
 C = 5
 
@@ -120,3 +120,39 @@ def test_an_unknown_method_fails_clearly():
     x, a, b, lam = _problem(4)
     with pytest.raises(ValueError, match="unknown method 'foo'"):
         icm_loss(x, a, b, lam, method="foo")
+
+
+@pytest.mark.parametrize("offset", [0, 4, 9])
+@pytest.mark.parametrize("outputs", [(0,), (1,), (2,), (0, 1, 2), (0, 2)])
+def test_dense_stats_hand_backward_equals_autograd(offset, outputs):
+    """The untiled default path: ``dense_stats``'s hand-written backward against autograd
+    through the plain formulas, float64, for every subset of its outputs that gets a gradient
+    (an unused output sends back None), and gradcheck at a small size."""
+    x, a, b, lam = _problem(13)
+    y = mixing_matrix(a, b, lam, C)  # N = 13 mixed classes
+    x = x[:4].clone().requires_grad_()  # m = 4 images owning classes offset ... offset + 3
+    weights = [torch.randn(n, dtype=torch.float64) for n in (4, 13, 4)]
+    s = x @ y.T
+    ref = (s.logsumexp(1), s.logsumexp(0), s.diagonal(offset))
+    got = dense_stats(x, y, offset)
+    for r, o in zip(ref, got, strict=True):
+        assert torch.allclose(o, r, rtol=1e-12, atol=0)
+    ref_grad = torch.autograd.grad(sum((weights[k] * ref[k]).sum() for k in outputs), x)[0]
+    grad = torch.autograd.grad(sum((weights[k] * got[k]).sum() for k in outputs), x)[0]
+    assert _rel(grad, ref_grad) <= 1e-12
+    assert torch.autograd.gradcheck(lambda t: dense_stats(t, y, offset), (x,))
+
+
+def test_dense_stats_rejects_an_offset_without_a_full_diagonal():
+    x, a, b, lam = _problem(5)
+    with pytest.raises(ValueError, match="no full diagonal"):
+        dense_stats(x, mixing_matrix(a, b, lam, C), 1)
+
+
+def test_dense_stats_logsumexp_is_torch_logsumexp_with_infinite_scores():
+    """Its logsumexp gives what ``torch.logsumexp`` gives where scores are infinite (inf for a
+    row holding +inf, -inf for a row of -inf, not NaN), and the same bits elsewhere."""
+    s = torch.randn(4, 6, dtype=torch.float64) * 5
+    s[1, 2], s[2, :] = float("inf"), float("-inf")
+    for dim in (0, 1):
+        torch.testing.assert_close(_lse(s, dim), s.logsumexp(dim), rtol=0, atol=0)

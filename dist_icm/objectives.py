@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_icm import dist
+from dist_icm.graphs import GraphedLoss
 from dist_icm.loss import AXES, GATHERS, icm_loss
 from dist_icm.mixing import MixContext, Mixed, cutmix, mixup, remix_lam
 
@@ -35,6 +36,7 @@ class ObjectiveConfig:
     gather: str = "triples"  # ICM only
     dedup: bool = False  # ICM only
     tile: int = 0  # ICM only: 0 holds the (n x N) score block; T > 0 walks it in T x T tiles
+    cuda_graph: bool = True  # ICM only: replay the loss from CUDA graphs where exact (graphs.py)
     regmix_weight: float = 1.0  # RegMixup: weight of the mixed term
     tau: float = 0.5  # Remix
     kappa: float = 3.0  # Remix
@@ -108,6 +110,10 @@ class Objective:
             raise ValueError("Remix needs the training set's class counts")
         self.cfg, self.class_counts, self.group = cfg, class_counts, process_group
         self.validate = validate  # icm_loss's value checks (off in the trainer's hot path)
+        self.loss_fn = self._icm_loss
+        if cfg.icm and cfg.cuda_graph and not validate:  # validation reads values back
+            world = dist.size(process_group)
+            self.loss_fn = GraphedLoss(self._icm_loss, world=world, dedup=cfg.dedup)
         # the last call's targets (a, b, lam), detached and on the device, for whoever
         # measures them between steps (the trainer's duplicate share); ce: (y, y, 1)
         self.last_targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -126,11 +132,14 @@ class Objective:
     def mixed_loss(self, logits: torch.Tensor, mixed: Mixed) -> torch.Tensor:
         if not self.cfg.icm:
             return soft_ce(logits, mixed)
+        return self.loss_fn(logits, mixed.a, mixed.b, mixed.lam)
+
+    def _icm_loss(self, logits, a, b, lam) -> torch.Tensor:
         return icm_loss(
             logits,
-            mixed.a,
-            mixed.b,
-            mixed.lam,
+            a,
+            b,
+            lam,
             axis=self.cfg.axis,
             process_group=self.group,
             gather=self.cfg.gather,

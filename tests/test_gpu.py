@@ -1,4 +1,5 @@
-"""GPU checks: the loss on CUDA against float64 on the CPU, and a bf16 training run.
+"""GPU checks: the loss on CUDA against float64 on the CPU, the CUDA-graphed loss against the
+eager one, and a bf16 training run.
 
 Marked ``gpu``: skipped without a CUDA device (conftest.py); run them on a GPU machine with
 ``python -m pytest -m gpu``.
@@ -11,7 +12,10 @@ import sys
 import pytest
 import torch
 
+from dist_icm import graphs
 from dist_icm.loss import icm_loss
+from dist_icm.mixing import MixContext
+from dist_icm.objectives import Objective, ObjectiveConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -102,3 +106,48 @@ def test_tiled_loss_extra_memory_is_a_tenth_of_untiled_at_16k():
         torch.cuda.synchronize()
         extra[tile] = torch.cuda.max_memory_allocated() - base
     assert extra[1024] <= extra[0] / 10, extra
+
+
+def _objective_steps(cfg_kw, steps, n=256, c=10, dtype=torch.bfloat16, graph=True):
+    """(loss, logits' gradient) of ``steps`` steps of the ICM objective's loss on fresh logits
+    and fresh mixing triples each step (so the graphs' input buffers must be refilled)."""
+    obj = Objective(ObjectiveConfig(name="icm_mixup", cuda_graph=graph, **cfg_kw), validate=False)
+    out = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        logits = (torch.randn(n, c, generator=g) * 3).to("cuda", dtype).requires_grad_()
+        y = torch.randint(0, c, (n,), generator=g).cuda()
+        mixed = obj.mix(torch.randn(n, 3, 4, 4, generator=g).cuda(), y, MixContext(0, step))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = obj.mixed_loss(logits, mixed)
+        loss.backward()
+        out.append((loss, logits.grad))
+    return obj, out
+
+
+@pytest.mark.parametrize("axis", ["both", "class", "pair"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_loss_is_the_eager_loss_bit_for_bit(axis, dtype):
+    """CUDA graphs replay the eager kernels: every step's loss and gradient are identical, and
+    a loss or a leaf's gradient kept from an earlier step is not overwritten by later replays."""
+    obj, graphed = _objective_steps({"axis": axis}, 4, dtype=dtype)
+    assert obj.loss_fn.captured == 1
+    _, eager = _objective_steps({"axis": axis}, 4, dtype=dtype, graph=False)
+    for (gl, gg), (el, eg) in zip(graphed, eager, strict=True):
+        assert torch.equal(gl, el) and torch.equal(gg, eg)
+    assert len({loss.item() for loss, _ in graphed}) == 4
+    assert len({grad.sum().item() for _, grad in graphed}) == 4
+
+
+@pytest.mark.parametrize("why", ["dedup", "too_big", "no_grad"])
+def test_graphed_loss_runs_eagerly_where_graphs_do_not_fit(why, monkeypatch):
+    cfg = {"dedup": True} if why == "dedup" else {}
+    if why == "too_big":
+        monkeypatch.setattr(graphs, "MAX_ENTRIES", 255 * 255)
+    obj = Objective(ObjectiveConfig(name="icm_mixup", **cfg), validate=False)
+    logits = torch.randn(256, 10, device="cuda", requires_grad=why != "no_grad")
+    y = torch.randint(0, 10, (256,), device="cuda")
+    mixed = obj.mix(torch.randn(256, 3, 4, 4, device="cuda"), y, MixContext(0, 0))
+    loss = obj.mixed_loss(logits, mixed)
+    assert obj.loss_fn.captured == 0
+    assert torch.equal(loss, obj._icm_loss(logits, mixed.a, mixed.b, mixed.lam))

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dist_icm import graphs
+from dist_icm.graphs import GraphedLoss
 from dist_icm.loss import icm_loss
 from dist_icm.mixing import MixContext, Mixed, mixup, remix_lam
 from dist_icm.objectives import OBJECTIVES, Objective, ObjectiveConfig, soft_ce
@@ -81,3 +83,31 @@ def test_bad_configs_fail_clearly():
         ObjectiveConfig(alpha=-1.0)
     with pytest.raises(ValueError, match="class counts"):
         Objective(ObjectiveConfig(name="remix"))
+
+
+def test_cuda_graph_option_is_the_eager_loss_off_cuda():
+    """``loss.cuda_graph`` (default on) changes nothing where graphs cannot run: on the CPU the
+    objective's loss is the eager one and nothing is captured (the CUDA side: test_gpu.py)."""
+    x, y = torch.randn(16, 3, 4, 4), torch.randint(0, 5, (16,))
+    obj = Objective(ObjectiveConfig(name="icm_mixup"), validate=False)
+    assert isinstance(obj.loss_fn, GraphedLoss)
+    mixed = obj.mix(x, y, MixContext(seed=0, step=0))
+    logits = torch.randn(16, 5, requires_grad=True)
+    loss = obj.mixed_loss(logits, mixed)
+    assert obj.loss_fn.captured == 0
+    assert torch.equal(loss, icm_loss(logits, mixed.a, mixed.b, mixed.lam))
+    checked = Objective(ObjectiveConfig(name="icm_mixup"))  # validate=True: never graphed
+    assert not isinstance(checked.loss_fn, GraphedLoss)
+
+
+def test_graphed_loss_hands_back_a_gradient_of_its_own():
+    """The gradient leaving a graphed loss is a copy, not a buffer the next replay overwrites:
+    the identity in front of the graphs passes a clone back (checked on the CPU here; the
+    replays themselves in test_gpu.py)."""
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+    arriving = []  # where the gradient arriving at the identity lives (a leaf could keep it)
+    out = graphs._OwnGradient.apply(x)
+    out.register_hook(lambda g: arriving.append(g.data_ptr()))
+    (out * w).sum().backward()
+    assert torch.equal(x.grad, w)
+    assert x.grad.data_ptr() != arriving[0]

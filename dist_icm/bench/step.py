@@ -4,7 +4,9 @@ Same model, same batch, same optimizer (SGD, momentum 0.9, weight decay 5e-4), o
 
 * ``ce``: ``cross_entropy(model(x), y)``, backward, optimizer step;
 * ``icm``: the trainer's objective (``icm_mixup``: Mixup of the batch with its seeded λ and
-  pairing, the model, ``icm_loss`` with ``validate=False``), backward, optimizer step.
+  pairing, the model, ``icm_loss`` with ``validate=False``), backward, optimizer step; on CUDA
+  its loss replays CUDA graphs (``dist_icm.graphs``), and ``icm_eager`` (CUDA only) is the same
+  step without them (``icm_eager_over_ce``).
 
 The two alternate in blocks of ``--steps`` back-to-back steps (``--repeats`` blocks each, after
 ``--warmup`` steps of each), so machine noise hits both alike and, as in training, the host
@@ -72,6 +74,9 @@ def bench_step(
         "ce": None,
         "icm": Objective(ObjectiveConfig(name="icm_mixup"), validate=False),
     }
+    if device.startswith("cuda"):  # the same loss without CUDA graphs (graphs.py), alongside
+        eager = ObjectiveConfig(name="icm_mixup", cuda_graph=False)
+        objectives["icm_eager"] = Objective(eager, validate=False)
     models, optims = {}, {}
     for k in objectives:
         torch.manual_seed(0)
@@ -137,6 +142,14 @@ def bench_step(
         "icm_images_per_s": round(batch / med["icm"], 1),
         "icm_over_ce": round(med["icm"] / med["ce"], 4),
         "compile": compile_model,
+        **(
+            {
+                "icm_eager_s": round(med["icm_eager"], 4),
+                "icm_eager_over_ce": round(med["icm_eager"] / med["ce"], 4),
+            }
+            if "icm_eager" in med
+            else {}
+        ),
         "eval_images_per_s": round(batch / eval_s, 1),
         # model compute only (no data loading): train + test images per epoch, at these rates
         "epoch_s": round(epoch_s, 2),

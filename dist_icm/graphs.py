@@ -1,0 +1,94 @@
+"""The ICM loss's forward and backward as two CUDA graphs, for a training step bound by its host.
+
+A ResNet-18 step at batch 512 in bf16 on an H200 spends about as long queueing its kernels as the
+GPU spends running them, so every kernel the loss adds costs its launch in step time. The eager
+loss is ~40 small kernels forward and backward (~1 ms of host time there); replayed from CUDA
+graphs it is a few copies and two launches (~0.15 ms, what plain cross-entropy's costs).
+``python -m dist_icm.bench step`` measures the whole step.
+
+A graph replays the very kernels it captured, so the loss and its gradient are bit for bit the
+eager ones (``tests/test_gpu.py``). It is used only where that holds and pays:
+
+* on CUDA, with one process (no collectives inside the capture), for logits that need a
+  gradient, without ``dedup`` (its grouping reads a size back from the device);
+* when the (n x N) score block has at most ``MAX_ENTRIES`` entries: a graph's intermediates
+  stay allocated between steps (its private memory pool), and a larger block's kernels are no
+  longer small anyway.
+
+Anything else runs the eager loss. One graph pair is captured per input shape and dtype, at the
+first call with it (a few warm-up runs, then the capture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+MAX_ENTRIES = 2**24  # n·N: 3 float32 blocks of 64 MiB held by the graph's pool at this size
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def usable(logits: torch.Tensor, world: int, dedup: bool) -> bool:
+    """Whether ``GraphedLoss`` replays graphs for these logits (else it runs the loss eagerly)."""
+    n = logits.shape[0]
+    return (
+        logits.is_cuda
+        and world == 1
+        and not dedup
+        and logits.requires_grad
+        and torch.is_grad_enabled()
+        and n * n <= MAX_ENTRIES
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+class _OwnGradient(torch.autograd.Function):
+    """The identity, whose backward hands on a copy of the gradient: the graph's gradient
+    buffer is overwritten by the next replay, and a leaf's ``.grad`` would otherwise keep it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
+
+
+class GraphedLoss:
+    """``loss_fn(logits, a, b, lam) -> scalar``, replayed from CUDA graphs where ``usable``.
+
+    ``loss_fn`` must be a pure function of its four tensors (no host reads, no collectives).
+    The loss it returns and the gradient it sends back are fresh tensors (copies of the graphs'
+    output buffers), so keeping them across steps is safe. Like every graphed callable, a
+    call's backward must run before the next call's forward (the trainer's micro-steps do),
+    since both replay into the same buffers.
+    """
+
+    def __init__(self, loss_fn: LossFn, *, world: int = 1, dedup: bool = False) -> None:
+        self.loss_fn, self.world, self.dedup = loss_fn, world, dedup
+        self._graphs: dict[tuple, Callable] = {}
+
+    def __call__(self, logits, a, b, lam) -> torch.Tensor:
+        if not usable(logits, self.world, self.dedup):
+            return self.loss_fn(logits, a, b, lam)
+        key = (logits.shape, logits.dtype, logits.device, a.dtype, b.dtype, lam.dtype)
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            graphed = self._graphs[key] = self._capture(logits, a, b, lam)
+        return graphed(_OwnGradient.apply(logits), a, b, lam).clone()
+
+    def _capture(self, logits, a, b, lam) -> Callable:
+        # the samples become the graphs' input buffers: copies, not the caller's tensors
+        samples = (logits.detach().clone().requires_grad_(), a.clone(), b.clone(), lam.clone())
+        # capture outside the caller's autocast (make_graphed_callables refuses its weight
+        # cache); the loss runs its own math in float32 with autocast off anyway
+        with torch.autocast(logits.device.type, enabled=False):
+            return torch.cuda.make_graphed_callables(self.loss_fn, samples)
+
+    @property
+    def captured(self) -> int:
+        """How many input shapes have graphs."""
+        return len(self._graphs)

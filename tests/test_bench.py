@@ -67,9 +67,13 @@ def test_step_bench_reports_icm_over_ce():
         "--device",
         "cpu",
     )
-    rates = out["ce_images_per_s"] / out["icm_images_per_s"]  # the times are rounded to 0.1 ms
-    assert out["icm_over_ce"] == pytest.approx(rates, rel=1e-3)
+    # rates are rounded to 0.1 image/s: at the few dozen images/s of a loaded 2-core machine, 1e-3
+    rates = out["ce_images_per_s"] / out["icm_images_per_s"]
+    assert out["icm_over_ce"] == pytest.approx(rates, rel=1e-2)
     assert out["steps"] == 2 and out["repeats"] == 1 and out["eval_images_per_s"] > 0
+    assert set(out["queue"]) == {"ce", "icm"}  # icm_eager only on CUDA
+    for form in out["queue"].values():  # on the CPU, queueing a step is running it
+        assert 0 < form["host_ms"] <= form["step_ms"]
 
 
 def test_data_bench_names_a_bad_root_in_one_line(tmp_path):

@@ -8,11 +8,13 @@ Same model, same batch, same optimizer (SGD, momentum 0.9, weight decay 5e-4), o
   its loss replays CUDA graphs (``dist_icm.graphs``), and ``icm_eager`` (CUDA only) is the same
   step without them (``icm_eager_over_ce``).
 
-The two alternate in blocks of ``--steps`` back-to-back steps (``--repeats`` blocks each, after
+The forms alternate in blocks of ``--steps`` back-to-back steps (``--repeats`` blocks each, after
 ``--warmup`` steps of each), so machine noise hits both alike and, as in training, the host
 queues a step's kernels while the device still runs the previous one; ``icm_over_ce`` is the
-ratio of the median times per step. ``--precision bf16`` runs the
-model under autocast (the loss itself always runs in float32); ``--channels-last`` stores
+ratio of the median times per step. ``queue`` then times single steps from an idle device:
+the host's time to queue one (``host_ms``) against the whole step (``step_ms``), which tells
+a host-bound step (on a GPU, the two are close) from a device-bound one. ``--precision bf16``
+runs the model under autocast (the loss itself always runs in float32); ``--channels-last`` stores
 images and weights channels-last; ``--compile`` wraps the model in ``torch.compile``. It also
 times a forward-only evaluation pass and projects the wall time of ``--epochs`` epochs over
 50,000 training and 10,000 test images (CIFAR) from these rates: model compute only, with
@@ -47,6 +49,24 @@ def time_block(run, first: int, count: int, device: str) -> float:
         run(i)
     _sync(device)
     return (time.perf_counter() - start) / count
+
+
+def queue_time(run, first: int, count: int, device: str) -> dict:
+    """Milliseconds to queue one step from an idle device (host) and to finish it (step), the
+    medians of ``count`` steps synced one by one: where queueing takes as long as the step,
+    the host bounds it and every launch it adds costs step time."""
+    host, total = [], []
+    for i in range(first, first + count):
+        _sync(device)
+        start = time.perf_counter()
+        run(i)
+        host.append(time.perf_counter() - start)
+        _sync(device)
+        total.append(time.perf_counter() - start)
+    return {
+        "host_ms": round(statistics.median(host) * 1e3, 3),
+        "step_ms": round(statistics.median(total) * 1e3, 3),
+    }
 
 
 def bench_step(
@@ -108,6 +128,7 @@ def bench_step(
         for k in objectives:
             times[k].append(block(k, warmup + r * steps, steps))
     med = {k: statistics.median(t) for k, t in times.items()}
+    host = {k: queue_time(lambda i, k=k: step(k, i), warmup, steps, device) for k in objectives}
 
     def evaluate() -> float:  # forward only, as the trainer's evaluation
         _sync(device)
@@ -142,6 +163,7 @@ def bench_step(
         "icm_images_per_s": round(batch / med["icm"], 1),
         "icm_over_ce": round(med["icm"] / med["ce"], 4),
         "compile": compile_model,
+        "queue": host,  # per form: host time to queue one step vs the step, synced alone
         **(
             {
                 "icm_eager_s": round(med["icm_eager"], 4),

@@ -29,6 +29,9 @@ is exactly the single-process gradient on the whole batch. Two ways to get there
   gradient is reduce-scattered back to the owners, 4·C more) and the rank computes its column
   block S Ỹ_rᵀ (N x n) in full.
 
+Untiled with the dense Ỹ and without dedup (the default), the rank's block of S̃, its row and
+column logsumexps and its positives' scores come from one autograd function with a
+hand-written backward (``dist_icm.tiled.dense_stats``): the same math in about half the kernels.
 ``tile=T`` computes the same statistics in T x T tiles (``dist_icm.tiled``), recomputing them in
 the backward pass, so no (n x N) block is ever held. Counted bytes per collective:
 ``dist.count_bytes`` and ``python -m dist_icm.bench comm``.

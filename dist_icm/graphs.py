@@ -7,10 +7,13 @@ graphs it is a few copies and two launches (~0.15 ms, what plain cross-entropy's
 ``python -m dist_icm.bench step`` measures the whole step.
 
 A graph replays the very kernels it captured, so the loss and its gradient are bit for bit the
-eager ones (``tests/test_gpu.py``). It is used only where that holds and pays:
+eager ones (``tests/test_gpu.py``). It is used only where that holds, was tested and pays:
 
 * on CUDA, with one process (no collectives inside the capture), for logits that need a
-  gradient, without ``dedup`` (its grouping reads a size back from the device);
+  gradient;
+* for the default loss: untiled, S̃ from the dense Ỹ (up to ``DENSE_MAX_CLASSES`` classes; the
+  gather form's backward adds up with atomics, in no fixed order), without ``dedup`` (its
+  grouping reads a size back from the device);
 * when the (n x N) score block has at most ``MAX_ENTRIES`` entries: a graph's intermediates
   stay allocated between steps (its private memory pool), and a larger block's kernels are no
   longer small anyway.
@@ -25,22 +28,33 @@ from collections.abc import Callable
 
 import torch
 
+from dist_icm.loss import DENSE_MAX_CLASSES
+
 MAX_ENTRIES = 2**24  # n·N: 3 float32 blocks of 64 MiB held by the graph's pool at this size
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def usable(logits: torch.Tensor, world: int, dedup: bool) -> bool:
+def eligible(*, world: int, dedup: bool, tile: int, rows: int, classes: int) -> bool:
+    """Whether a loss of this configuration and size is one that graphs replay (see above)."""
+    return (
+        world == 1
+        and not dedup
+        and tile == 0
+        and classes <= DENSE_MAX_CLASSES
+        and rows * rows * world <= MAX_ENTRIES
+    )
+
+
+def usable(logits: torch.Tensor, *, world: int, dedup: bool, tile: int) -> bool:
     """Whether ``GraphedLoss`` replays graphs for these logits (else it runs the loss eagerly)."""
-    n = logits.shape[0]
+    rows, classes = logits.shape
     return (
         logits.is_cuda
-        and world == 1
-        and not dedup
         and logits.requires_grad
         and torch.is_grad_enabled()
-        and n * n <= MAX_ENTRIES
         and not torch.cuda.is_current_stream_capturing()
+        and eligible(world=world, dedup=dedup, tile=tile, rows=rows, classes=classes)
     )
 
 
@@ -67,12 +81,13 @@ class GraphedLoss:
     since both replay into the same buffers.
     """
 
-    def __init__(self, loss_fn: LossFn, *, world: int = 1, dedup: bool = False) -> None:
-        self.loss_fn, self.world, self.dedup = loss_fn, world, dedup
+    def __init__(self, loss_fn: LossFn, *, world: int = 1, dedup: bool = False, tile: int = 0):
+        self.loss_fn = loss_fn
+        self.config = {"world": world, "dedup": dedup, "tile": tile}
         self._graphs: dict[tuple, Callable] = {}
 
     def __call__(self, logits, a, b, lam) -> torch.Tensor:
-        if not usable(logits, self.world, self.dedup):
+        if not usable(logits, **self.config):
             return self.loss_fn(logits, a, b, lam)
         key = (logits.shape, logits.dtype, logits.device, a.dtype, b.dtype, lam.dtype)
         graphed = self._graphs.get(key)

@@ -113,7 +113,7 @@ class Objective:
         self.loss_fn = self._icm_loss
         if cfg.icm and cfg.cuda_graph and not validate:  # validation reads values back
             world = dist.size(process_group)
-            self.loss_fn = GraphedLoss(self._icm_loss, world=world, dedup=cfg.dedup)
+            self.loss_fn = GraphedLoss(self._icm_loss, world=world, dedup=cfg.dedup, tile=cfg.tile)
         # the last call's targets (a, b, lam), detached and on the device, for whoever
         # measures them between steps (the trainer's duplicate share); ce: (y, y, 1)
         self.last_targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -111,3 +111,20 @@ def test_graphed_loss_hands_back_a_gradient_of_its_own():
     (out * w).sum().backward()
     assert torch.equal(x.grad, w)
     assert x.grad.data_ptr() != arriving[0]
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({}, True),  # the default ICM loss on one process: the configuration the gpu tests check
+        ({"world": 2}, False),  # collectives are not captured
+        ({"dedup": True}, False),  # its grouping reads a size back from the device
+        ({"tile": 256}, False),
+        ({"classes": 901}, False),  # the gather form: its backward adds up with atomics
+        ({"rows": 4097}, False),  # more than 2^24 entries of S̃ would stay allocated
+        ({"rows": 4096}, True),
+    ],
+)
+def test_graphs_only_for_the_configurations_they_replay_exactly(change, expected):
+    config = {"world": 1, "dedup": False, "tile": 0, "rows": 512, "classes": 10} | change
+    assert graphs.eligible(**config) is expected

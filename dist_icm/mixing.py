@@ -97,13 +97,13 @@ def _as_tensors(x, y, perm: np.ndarray, lam: np.ndarray):
 
 
 def mixup(x, y, *, alpha: float, ctx: MixContext, per_sample: bool = False) -> Mixed:
-    """Mixup: x̃ = λ x + (1 - λ) x[partner], as one ``lerp`` (x[partner] + λ (x - x[partner]))."""
+    """Mixup: x̃ = λ x + (1 - λ) x[partner]."""
     if y.dtype != torch.int64 or y.shape != (x.shape[0],):
         raise ValueError("labels must be an int64 tensor with one entry per input")
     n = x.shape[0]
     perm, lam, a, b = _as_tensors(x, y, partners(n, ctx), draw_lam(alpha, n, ctx, per_sample))
     w = lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-    return Mixed(x[perm].lerp_(x, w), a, b, lam)
+    return Mixed(w * x + (1 - w) * x[perm], a, b, lam)
 
 
 def cutmix_box(lam: float, height: int, width: int, rng: np.random.Generator):

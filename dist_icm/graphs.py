@@ -11,9 +11,9 @@ eager ones (``tests/test_gpu.py``). It is used only where that holds, was tested
 
 * on CUDA, with one process (no collectives inside the capture), for logits that need a
   gradient;
-* for the default loss: untiled, S̃ from the dense Ỹ (up to ``DENSE_MAX_CLASSES`` classes; the
-  gather form's backward adds up with atomics, in no fixed order), without ``dedup`` (its
-  grouping reads a size back from the device);
+* for the default loss (``dist_icm.loss.uses_dense_stats``): untiled, S̃ from the dense Ỹ (up
+  to 900 classes; the gather form's backward adds up with atomics, in no fixed order), without
+  ``dedup`` (its grouping reads a size back from the device);
 * when the (n x N) score block has at most ``MAX_ENTRIES`` entries: a graph's intermediates
   stay allocated between steps (its private memory pool), and a larger block's kernels are no
   longer small anyway.
@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from dist_icm.loss import DENSE_MAX_CLASSES
+from dist_icm.loss import uses_dense_stats
 
 MAX_ENTRIES = 2**24  # n·N: 3 float32 blocks of 64 MiB held by the graph's pool at this size
 
@@ -39,9 +39,7 @@ def eligible(*, world: int, dedup: bool, tile: int, rows: int, classes: int) -> 
     """Whether a loss of this configuration and size is one that graphs replay (see above)."""
     return (
         world == 1
-        and not dedup
-        and tile == 0
-        and classes <= DENSE_MAX_CLASSES
+        and uses_dense_stats(classes, tile=tile, dedup=dedup)
         and rows * rows * world <= MAX_ENTRIES
     )
 

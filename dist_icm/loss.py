@@ -64,6 +64,21 @@ METHODS = ("auto", "matmul", "gather")
 DENSE_MAX_CLASSES = 900
 
 
+def _form(method: str, num_classes: int) -> str:
+    """``method`` with "auto" resolved: "matmul" up to ``DENSE_MAX_CLASSES`` classes, else
+    "gather" (any other value is passed on, for the caller to reject)."""
+    if method == "auto":
+        return "matmul" if num_classes <= DENSE_MAX_CLASSES else "gather"
+    return method
+
+
+def uses_dense_stats(num_classes: int, *, method="auto", tile: int = 0, dedup=False) -> bool:
+    """Whether the loss forms this rank's block of S̃ with ``dense_stats`` (one autograd function
+    with a hand-written backward): untiled, from the dense Ỹ, without dedup. The default, and
+    the path ``dist_icm.graphs`` replays."""
+    return _form(method, num_classes) == "matmul" and not tile and not dedup
+
+
 def mixing_matrix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, num_classes: int):
     """Dense Ỹ (N x C): row j is lam_j * e_{a_j} + (1 - lam_j) * e_{b_j}."""
     return dense_mixing(a, b, lam, num_classes, lam)
@@ -82,8 +97,7 @@ def mixed_scores(
     ``DENSE_MAX_CLASSES`` classes, gathers above).
     """
     num_classes = logits.shape[1]
-    if method == "auto":
-        method = "matmul" if num_classes <= DENSE_MAX_CLASSES else "gather"
+    method = _form(method, num_classes)
     if method in ("matmul", "gather"):
         dense = method == "matmul"
         return tile_scores(
@@ -277,13 +291,11 @@ def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile) -
     else:
         ga, gb, gl = a, b, lam
     first = dist.rank(process_group) * n  # this rank's mixed classes are first ... first + n - 1
-    if method == "auto":
-        method = "matmul" if num_classes <= DENSE_MAX_CLASSES else "gather"
-    dense = method == "matmul"
+    dense = _form(method, num_classes) == "matmul"
     groups = target_groups(ga, gb, gl) if dedup else None
 
     # this rank's images against all N mixed classes: rows of S̃ and its columns' partial sums
-    if dense and not tile and groups is None:  # the default: fewest kernels, S̃ kept
+    if uses_dense_stats(num_classes, method=method, tile=tile, dedup=dedup):  # fewest kernels
         rows, cols, diag = dense_stats(x, mixing_matrix(ga, gb, gl, num_classes), first)
         pos_rows = pos_cols = None
     else:

@@ -271,7 +271,8 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                         mean = loss_sum / loss_count
                         record["train/loss"] = dist.all_reduce_mean(mean, rt.process_group).item()
                     share = duplicate_share_global(job)
-                    dup_shares += [] if share is None else [share]
+                    if share is not None:
+                        dup_shares.append(share)
                     record |= {"train/lr": lr, "train/images_per_sec": rate}
                     record |= {"train/dup_share": share}
                     report.log(record | {"train/skipped_steps": skipped})

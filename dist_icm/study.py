@@ -5,8 +5,8 @@ run. Runs are grouped into rows of method x global batch x processes (the method
 ``loss.name``, plus ``+dedup`` / ``+per_sample``); each row holds mean ± std over its runs (the
 seeds; sample std, none for n=1) of the metrics (:mod:`dist_icm.study_table`, which also writes
 the outputs) and of the duplicate share. The markdown table goes to stdout, ``study.csv`` and
-the plots to ``--out`` (default: the runs' common
-folder, e.g. the sweep folder; the working folder when they share none).
+the plots to ``--out`` (default: the runs' common folder, e.g. the sweep folder; the working
+folder when they share none).
 
 Wall time is ``session_wall_s`` (start to summary, evaluation included); a resumed run's last
 session is only part of it, so there it is ``run_train_s`` (training time over every session)

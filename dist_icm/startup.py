@@ -18,7 +18,13 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from dist_icm.config import unknown_key_message
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# Hydra's config groups: the copy an installed wheel holds (dist_icm/configs), else the
+# checkout's configs/ beside the package (a source tree, an editable install)
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = next(
+    (d for d in (_HERE / "configs", _HERE.parent / "configs") if (d / "train.yaml").is_file()),
+    _HERE.parent / "configs",
+)
 
 
 def hydra_error_message(error: BaseException, overrides: list[str] | tuple = ()) -> str:

@@ -107,7 +107,7 @@ class RuntimeConfig:
     precision: str = "no"
     grad_accum: int = 1  # micro-steps per optimizer step; the ICM score matrix spans one
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC images and conv weights (runtime.py); false: NCHW
     threads: int | None = None  # torch intra-op threads per process
     zero_stage: int = 0  # 0: DDP; 1, 2, 3: DeepSpeed ZeRO through Accelerate (runtime.py)
     timeout_s: float = 600.0  # a collective waiting longer (a peer died or hangs) fails the run

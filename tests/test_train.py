@@ -141,7 +141,7 @@ def test_resume_continues_exactly(tmp_path):
         ),
         (["loss=icm_remix", "data.long_tail=0.1", "data.global_batch=32"], "SGD"),
         (["loss=mixup", "optim=lars", "schedule=linear_scaling", "train.epochs=200"], "Lars"),
-        (["runtime=channels_last", "loss=ce", "optim=lamb"], "Lamb"),
+        (["runtime.channels_last=false", "loss=ce", "optim=lamb"], "Lamb"),
     ],
     ids=["accum-cutmix", "regmixup-scores-dedup-fraction", "remix-longtail", "lars", "ce-lamb"],
 )
@@ -219,3 +219,25 @@ def test_unreadable_checkpoint_stops_at_start(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     out = train(tmp_path / "run", f"resume={bad}", check=False)
     assert out.returncode == 2 and "unreadable" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("nhwc", [True, False])
+def test_channels_last_is_the_default_and_can_be_turned_off(nhwc):
+    from hydra import compose, initialize_config_dir
+
+    from dist_icm import trainer
+    from dist_icm.config import register_schema, to_config
+    from dist_icm.startup import CONFIG_DIR
+
+    register_schema()
+    overrides = [*QUICK, "model=cifar_resnet18", "data.global_batch=16"]
+    overrides += [] if nhwc else ["runtime.channels_last=false"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        job = trainer.setup(to_config(compose("train", overrides=overrides)))
+    convs = [p for p in job.model.parameters() if p.ndim == 4]
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)
+    x = job.rt.to_device(torch.randn(8, 3, 32, 32))
+    assert x.is_contiguous(memory_format=fmt) and not x.is_contiguous(
+        memory_format=torch.contiguous_format if nhwc else torch.channels_last
+    )

@@ -39,12 +39,14 @@ def _close(a, b, rel=1e-5):
     return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b, strict=True))
 
 
+# 2-64-2 covers 2-64-1; it also runs NCHW (runtime.channels_last=false), the others NHWC
 @pytest.mark.parametrize(
-    "world, batch, accum",
-    [pytest.param(2, 64, 1, marks=pytest.mark.slow), (3, 48, 1), (2, 64, 2)],  # 2-64-2 covers 1
+    "world, batch, accum, nhwc",
+    [pytest.param(2, 64, 1, True, marks=pytest.mark.slow), (3, 48, 1, True), (2, 64, 2, False)],
 )
-def test_same_losses_on_one_and_several_processes(tmp_path, world, batch, accum):
+def test_same_losses_on_one_and_several_processes(tmp_path, world, batch, accum, nhwc):
     overrides = [f"data.global_batch={batch}", f"runtime.grad_accum={accum}"]
+    overrides += [f"runtime.channels_last={str(nhwc).lower()}"]
     one = _run(tmp_path / "one", 1, *overrides)
     cwd = tmp_path / "cwd"  # where the launcher runs: relative paths of any rank land here
     cwd.mkdir()

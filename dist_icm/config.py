@@ -107,7 +107,8 @@ class RuntimeConfig:
     precision: str = "no"
     grad_accum: int = 1  # micro-steps per optimizer step; the ICM score matrix spans one
     compile: bool = False
-    channels_last: bool = True  # NHWC images and conv weights (runtime.py); false: NCHW
+    # NHWC images and conv weights (runtime.py); false: NCHW; null: NHWC except under DeepSpeed
+    channels_last: bool | None = None
     threads: int | None = None  # torch intra-op threads per process
     zero_stage: int = 0  # 0: DDP; 1, 2, 3: DeepSpeed ZeRO through Accelerate (runtime.py)
     timeout_s: float = 600.0  # a collective waiting longer (a peer died or hangs) fails the run
@@ -124,6 +125,17 @@ class RuntimeConfig:
             )
         if not self.timeout_s > 0:
             raise ConfigError(f"runtime.timeout_s must be > 0, got {self.timeout_s}")
+        if self.channels_last and self.zero_stage:
+            raise ConfigError(
+                "runtime.channels_last=true does not work under DeepSpeed ZeRO (its engine "
+                "broadcasts and flattens weights as contiguous memory): leave it null or false"
+            )
+
+    @property
+    def nhwc(self) -> bool:
+        """Whether images and conv weights are channels-last: ``channels_last``, where null
+        NHWC except under DeepSpeed ZeRO."""
+        return self.channels_last if self.channels_last is not None else self.zero_stage == 0
 
 
 @dataclass

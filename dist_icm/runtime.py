@@ -156,7 +156,7 @@ class Runtime:
         engine sized by the batch ``plan`` and clipping at ``grad_clip``, compile)."""
         if model_cfg.sync_bn and self.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if self.cfg.channels_last:
+        if self.cfg.nhwc:
             model = model.to(memory_format=torch.channels_last)
         if self.cfg.zero_stage:
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
@@ -184,7 +184,7 @@ class Runtime:
         x = x.to(self.device, non_blocking=True)
         if self.engine is not None and self.cfg.precision != "no" and x.is_floating_point():
             x = x.to(torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16)
-        if self.cfg.channels_last and x.ndim == 4:
+        if self.cfg.nhwc and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

@@ -91,7 +91,7 @@ def setup(cfg: Config) -> Job:
             rank=rt.rank,
             world_size=rt.world_size,
             device=rt.device,
-            channels_last=cfg.runtime.channels_last,
+            channels_last=cfg.runtime.nhwc,
         )
 
     data = dist.rank_zero_first(data, group)

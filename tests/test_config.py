@@ -67,12 +67,18 @@ def test_defaults_are_the_paper_where_it_speaks():
         ("model.bn_group=0", "model.bn_group must be >= 1"),
         ("model.bn_group=8,model.sync_bn=true", "exclude each other"),
         ("resume_force=maybe", "resume_force"),
+        ("runtime=deepspeed_zero2,runtime.channels_last=true", "does not work under DeepSpeed"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, match):
     with pytest.raises(ConfigError, match=match) as info:
         _compose(*override.split(","))
     assert "\n" not in str(info.value)
+
+
+def test_channels_last_by_default_except_under_deepspeed():
+    assert _compose().runtime.nhwc and not _compose("runtime.channels_last=false").runtime.nhwc
+    assert not _compose("runtime=deepspeed_zero3").runtime.nhwc  # its engine needs contiguous
 
 
 def test_global_batch_plan():

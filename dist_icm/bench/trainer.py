@@ -49,7 +49,7 @@ def _bare(job):
     cfg, device = job.cfg, job.rt.device
     streams.seed_torch("init", cfg.train.seed)
     model = job.fresh_model().to(device)
-    fmt = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if cfg.runtime.nhwc else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(
         model.parameters(),

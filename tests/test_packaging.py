@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from cli import REPO, run_train
 
@@ -23,7 +23,7 @@ def _build_wheel(out) -> zipfile.ZipFile:
     try:  # the setuptools here builds it (no download) when it is recent enough
         if int(version("setuptools").split(".")[0]) >= 64:
             cmd.insert(4, "--no-build-isolation")
-    except Exception:  # noqa: BLE001 - no setuptools here: pip fetches one from the registry
+    except PackageNotFoundError:  # no setuptools here: pip fetches one from the registry
         pass
     built = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]

@@ -124,6 +124,8 @@ def local_cluster(folder: Path):
             time.sleep(0.3)
         yield env
     finally:
+        if procs:
+            _drain(env)
         for proc in reversed(procs):
             proc.terminate()
         for proc in reversed(procs):
@@ -133,6 +135,26 @@ def local_cluster(folder: Path):
                 proc.kill()
                 proc.wait()
         logs.close()
+
+
+def _drain(env: dict, timeout: float = 60) -> None:
+    """Let the queue empty before the daemons stop, cancelling what is left after ``timeout``:
+    a job's ``srun`` can outlive the result its caller waited for (submitit's), and with the
+    daemons gone it would wait for them forever."""
+
+    def queued() -> list[str]:
+        out = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True,
+                             text=True)  # fmt: skip
+        return out.stdout.split() if out.returncode == 0 else []
+
+    deadline = time.monotonic() + timeout
+    while (jobs := queued()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if jobs:
+        subprocess.run(["scancel", *jobs], env=env, capture_output=True)
+        deadline = time.monotonic() + 15
+        while queued() and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 def wait_for(job: str, env: dict, timeout: float = 300) -> str:

@@ -136,7 +136,8 @@ def test_graphed_loss_is_the_eager_loss_bit_for_bit(axis, dtype):
     for (gl, gg), (el, eg) in zip(graphed, eager, strict=True):
         assert torch.equal(gl, el) and torch.equal(gg, eg)
     assert len({loss.item() for loss, _ in graphed}) == 4
-    assert len({grad.sum().item() for _, grad in graphed}) == 4
+    # distinct gradients (their plain sums are all 0 up to rounding, as rows of Ỹ sum to 1)
+    assert len({grad.float().square().sum().item() for _, grad in graphed}) == 4
 
 
 @pytest.mark.parametrize("why", ["dedup", "too_big", "no_grad"])

@@ -113,6 +113,34 @@ def test_graphed_loss_hands_back_a_gradient_of_its_own():
     assert x.grad.data_ptr() != arriving[0]
 
 
+def test_graphed_loss_runs_eagerly_after_a_failed_capture(monkeypatch):
+    """A capture that raises (as one did once on an H200, see graphs.py) warns once and leaves
+    that shape to the eager loss instead of ending the run. The failure is injected here: the
+    CPU cannot capture; the replays themselves are in test_gpu.py."""
+    calls = []
+
+    def fail(fn, samples):
+        calls.append(samples[0].shape)
+        raise torch.AcceleratorError("CUDA error: operation failed due to a previous error")
+
+    monkeypatch.setattr(graphs, "usable", lambda logits, **config: True)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fail)
+    obj = Objective(ObjectiveConfig(name="icm_mixup"), validate=False)
+    x, y = torch.randn(16, 3, 4, 4), torch.randint(0, 5, (16,))
+    for step in range(3):
+        mixed = obj.mix(x, y, MixContext(seed=0, step=step))
+        logits = torch.randn(16, 5, requires_grad=True)
+        if step == 0:
+            with pytest.warns(RuntimeWarning, match="CUDA graphs failed .* eager loss"):
+                loss = obj.mixed_loss(logits, mixed)
+        else:
+            loss = obj.mixed_loss(logits, mixed)
+        assert torch.equal(loss, icm_loss(logits, mixed.a, mixed.b, mixed.lam))
+        loss.backward()
+        assert logits.grad is not None
+    assert calls == [(16, 5)] and obj.loss_fn.captured == 0  # tried once, not every step
+
+
 @pytest.mark.parametrize(
     "change,expected",
     [

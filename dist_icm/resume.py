@@ -13,8 +13,9 @@
   instead of training different weights until a collective hangs.
 * **The same run.** A checkpoint holds its config. Resuming with other values of the keys that
   define what a step is and what the weights are (:data:`GUARDED`: the data and its subset, the
-  global batch and accumulation, the seed, the model, the loss and its mixing groups) is refused
-  with one line naming them; ``resume_force=true`` continues anyway. The world size is free to
+  global batch and accumulation, the seed, the model, the loss and its mixing groups, but not
+  ``loss.cuda_graph``: :data:`UNGUARDED`) is refused with one line naming them;
+  ``resume_force=true`` continues anyway. The world size and the memory layout are free to
   change: the global batch is the invariant.
 * **Said once, in one line.** A newest checkpoint that does not load (torn by a crash, overwritten)
   is skipped for the one before, with one line per skipped file in the run's report. A save that
@@ -50,6 +51,9 @@ GUARDED = (
     "model",
     "loss",
 )
+# inside a guarded section, but the same step either way: the loss replayed from CUDA graphs
+# is the eager loss bit for bit (graphs.py), so a run may switch it off (or on) and resume
+UNGUARDED = ("loss.cuda_graph",)
 
 
 @dataclass
@@ -129,7 +133,8 @@ def changed_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]
     saved_flat, current_flat = _flatten(saved), _flatten(current)
     changed = []
     for key in sorted(set(saved_flat) | set(current_flat)):
-        if any(key == g or key.startswith(g + ".") for g in GUARDED):
+        guarded = any(key == g or key.startswith(g + ".") for g in GUARDED)
+        if guarded and key not in UNGUARDED:
             old, new = saved_flat.get(key), current_flat.get(key)
             if old != new:
                 changed.append((key, old, new))

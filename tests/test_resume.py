@@ -101,6 +101,8 @@ def test_changed_keys_name_what_defines_a_step():
     same = {**saved, "train": {"seed": 0, "epochs": 30}, "runtime": {"grad_accum": 1, "threads": 2}}
     same["data"] = {**saved["data"], "root": "/b", "num_workers": 4}
     assert changed_keys(saved, same) == []  # epochs, paths and workers are free to change
+    eager = {**same, "loss": {**saved["loss"], "cuda_graph": False}}
+    assert changed_keys({**saved, "loss": {**saved["loss"], "cuda_graph": True}}, eager) == []
     other = {**same, "loss": {"name": "icm_mixup", "group_size": 8}}
     other["data"] = {**same["data"], "global_batch": 128}
     assert [k for k, _, _ in changed_keys(saved, other)] == ["data.global_batch", "loss.group_size"]
@@ -123,6 +125,17 @@ def test_a_changed_config_is_refused_unless_forced(tmp_path):
         run, *QUICK, "train.max_steps=6", "resume=auto", "data.global_batch=32", "resume_force=true"
     )
     assert "resume_force=true: resuming step 3" in forced.stderr
+
+
+def test_a_run_resumes_across_memory_layouts(tmp_path):
+    """``runtime.channels_last`` defines no step: a run saved in NCHW (the default before NHWC)
+    resumes under the NHWC default, its weights loaded into channels-last tensors."""
+    run = tmp_path / "run"
+    run_train(run, *QUICK, "train.max_steps=3", "runtime.channels_last=false")
+    run_train(run, *QUICK, "train.max_steps=6", "resume=auto")
+    done = summary(run)
+    assert done["resumed_at_step"] == 3 and done["steps"] == 6
+    assert done["config"]["runtime"]["channels_last"] is None  # the default: NHWC here
 
 
 def test_resume_auto_in_a_fresh_folder_says_so(tmp_path):

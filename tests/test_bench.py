@@ -71,6 +71,7 @@ def test_step_bench_reports_icm_over_ce():
     rates = out["ce_images_per_s"] / out["icm_images_per_s"]
     assert out["icm_over_ce"] == pytest.approx(rates, rel=1e-2)
     assert out["steps"] == 2 and out["repeats"] == 1 and out["eval_images_per_s"] > 0
+    assert out["channels_last"] is True  # the trainer's default layout
     assert set(out["queue"]) == {"ce", "icm"}  # icm_eager only on CUDA
     for form in out["queue"].values():  # on the CPU, queueing a step is running it
         assert 0 < form["host_ms"] <= form["step_ms"]

@@ -91,7 +91,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("fp32", "bf16", "fp16"),
         help="autocast dtype of the model (fp32: none)",
     )
-    s.add_argument("--channels-last", action="store_true", help="channels-last images/weights")
+    s.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels-last (NHWC) images and weights, the trainer's default (--no-channels-last: "
+        "NCHW)",
+    )
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--epochs", type=int, default=200, help="epochs of the wall-time projection")
 

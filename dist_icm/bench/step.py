@@ -14,11 +14,11 @@ queues a step's kernels while the device still runs the previous one; ``icm_over
 ratio of the median times per step. ``queue`` then times single steps from an idle device:
 the host's time to queue one (``host_ms``) against the whole step (``step_ms``), which tells
 a host-bound step (on a GPU, the two are close) from a device-bound one. ``--precision bf16``
-runs the model under autocast (the loss itself always runs in float32); ``--channels-last`` stores
-images and weights channels-last; ``--compile`` wraps the model in ``torch.compile``. It also
-times a forward-only evaluation pass and projects the wall time of ``--epochs`` epochs over
-50,000 training and 10,000 test images (CIFAR) from these rates: model compute only, with
-the data loader assumed to keep up (``bench data`` measures loaders).
+runs the model under autocast (the loss itself always runs in float32); images and weights are
+channels-last as in the trainer (``--no-channels-last``: NCHW); ``--compile`` wraps the model in
+``torch.compile``. It also times a forward-only evaluation pass and projects the wall time of
+``--epochs`` epochs over 50,000 training and 10,000 test images (CIFAR) from these rates: model
+compute only, with the data loader assumed to keep up (``bench data`` measures loaders).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class Run:
 def _config_from(saved: dict, where: str) -> Config:
     from omegaconf import OmegaConf
 
-    from dist_icm.config import to_config
+    from dist_icm.compose import to_config
 
     try:
         return to_config(OmegaConf.create(saved))

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from dist_icm.config import unknown_key_message
+from dist_icm.compose import unknown_key_message
 
 # Hydra's config groups: the copy an installed wheel holds (dist_icm/configs), else the
 # checkout's configs/ beside the package (a source tree, an editable install)

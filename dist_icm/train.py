@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dist_icm import dist
 from dist_icm.checkpoint import CheckpointError
-from dist_icm.config import Config, ConfigError, register_schema, to_config
+from dist_icm.compose import register_schema, to_config
+from dist_icm.config import Config, ConfigError
 from dist_icm.data.datasets import DataError
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted
 from dist_icm.resume import find_checkpoint

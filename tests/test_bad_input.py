@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from cli import REPO, run_train
 
-from dist_icm.config import SECTIONS, Config, ConfigError, register_schema, to_config
+from dist_icm.compose import SECTIONS, register_schema, to_config
+from dist_icm.config import Config, ConfigError
 
 README = REPO / "README.md"
 QUICK = ("experiment=quickstart", "train.max_steps=1", "train.progress=false")

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dist_icm.config import Config, ConfigError, plan_batches, register_schema, to_config
+from dist_icm.compose import register_schema, to_config
+from dist_icm.config import Config, ConfigError, plan_batches
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ["data", "model", "loss", "optim", "schedule", "runtime", "train"]

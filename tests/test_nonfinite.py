@@ -27,7 +27,7 @@ def _job(overrides):
     from hydra import compose, initialize_config_dir
 
     from dist_icm import trainer
-    from dist_icm.config import register_schema, to_config
+    from dist_icm.compose import register_schema, to_config
 
     register_schema()
     configs = Path(__file__).resolve().parents[1] / "configs"

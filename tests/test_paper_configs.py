@@ -19,14 +19,8 @@ from cli import run_train
 from cli import summary as read_summary
 from hydra import compose, initialize_config_dir
 
-from dist_icm.config import (
-    PAPER_RESULTS,
-    Config,
-    ConfigError,
-    paper_entries,
-    register_schema,
-    to_config,
-)
+from dist_icm.compose import PAPER_RESULTS, paper_entries, register_schema, to_config
+from dist_icm.config import Config, ConfigError
 from dist_icm.data import datasets
 from dist_icm.data.datasets import CIFAIR, DataError, build_datasets
 

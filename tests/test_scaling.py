@@ -12,7 +12,7 @@ import yaml
 from cli import REPO, records, run_train, summary
 from hydra import compose, initialize_config_dir
 
-from dist_icm.config import register_schema, to_config
+from dist_icm.compose import register_schema, to_config
 from dist_icm.loss import duplicate_share, target_groups
 
 SCALING = REPO / "configs" / "experiment" / "scaling.yaml"

@@ -226,7 +226,7 @@ def test_channels_last_is_the_default_and_can_be_turned_off(nhwc):
     from hydra import compose, initialize_config_dir
 
     from dist_icm import trainer
-    from dist_icm.config import register_schema, to_config
+    from dist_icm.compose import register_schema, to_config
     from dist_icm.startup import CONFIG_DIR
 
     register_schema()

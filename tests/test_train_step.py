@@ -38,7 +38,7 @@ def _step_worker(rank, world, run_dir):
     from hydra import compose, initialize_config_dir
 
     from dist_icm import streams, trainer
-    from dist_icm.config import register_schema, to_config
+    from dist_icm.compose import register_schema, to_config
     from dist_icm.objectives import Objective, ObjectiveConfig
 
     register_schema()

@@ -30,7 +30,7 @@ def _job(root: str, overrides: list[str], run_dir: str):
     from hydra import compose, initialize_config_dir
 
     from dist_icm import trainer
-    from dist_icm.config import register_schema, to_config
+    from dist_icm.compose import register_schema, to_config
 
     register_schema()
     base = ["experiment=cifar10_jpeg", f"data.root={root}", "data.num_workers=0"]

@@ -177,7 +177,7 @@ class Config:
     resume: str | None = None  # None | "auto" (newest valid checkpoint in the run dir) | a path
     resume_force: bool = False  # resume even where the checkpoint's config differs (see resume.py)
     run_dir: str | None = None  # the run folder (default: outputs/<date>/<time>)
-    paper: str | None = None  # the paper result this run reproduces: a key of PAPER_RESULTS
+    paper: str | None = None  # the paper result this run reproduces: a key of paper_results.json
 
 
 @dataclass(frozen=True)

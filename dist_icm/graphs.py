@@ -108,7 +108,7 @@ class GraphedLoss:
             with torch.autocast(logits.device.type, enabled=False):
                 return torch.cuda.make_graphed_callables(self.loss_fn, samples)
         except RuntimeError as err:  # torch.AcceleratorError included
-            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
             warnings.warn(
                 f"capturing the ICM loss as CUDA graphs failed ({why}); logits of shape "
                 f"{tuple(logits.shape)} run the eager loss (the same math, more launches)",

@@ -3,7 +3,8 @@
 ``run_train(run_dir, *overrides, world=N)`` starts ``python -m dist_icm.train`` (one process) or
 ``accelerate launch`` with ``launch/accelerate/cpu.yaml`` (N processes, gloo) with
 ``hydra.run.dir=run_dir`` (unless it is None), from ``cwd`` (default: the repository);
-``check=True`` fails with the job's stderr when it does not exit 0.
+``check=True`` fails with the job's stderr when it does not exit 0. ``setup_job(overrides)``
+builds the trainer's job in this process instead, from the same configs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ def run_train(
     if check and out.returncode != 0:
         raise AssertionError(f"train failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return out
+
+
+def setup_job(overrides: list[str]):
+    """The trainer's :class:`~dist_icm.trainer.Job` for ``overrides``, built in this process
+    (Hydra's compose API over the repository's configs, then ``trainer.setup``)."""
+    from hydra import compose, initialize_config_dir
+
+    from dist_icm import trainer
+    from dist_icm.compose import register_schema, to_config
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = to_config(compose("train", overrides=overrides))
+    return trainer.setup(cfg)
 
 
 def records(run_dir: Path) -> list[dict]:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from cli import run_train
+from cli import run_train, setup_job
 from multiproc import run_launched
 
 from dist_icm.checkpoint import list_checkpoints, load
@@ -22,18 +22,7 @@ ARGS = ["experiment=quickstart", "train.progress=false", "train.tensorboard=fals
 
 
 def _job(overrides):
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    from dist_icm import trainer
-    from dist_icm.compose import register_schema, to_config
-
-    register_schema()
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        cfg = to_config(compose("train", overrides=overrides))
-    job = trainer.setup(cfg)
+    job = setup_job(overrides)
     job.data.sampler.set_epoch(0)
     job.data.train.set_epoch(0)
     return job

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import losses, records, run_train
+from cli import losses, records, run_train, setup_job
 
 QUICK = ["experiment=quickstart", "train.progress=false", "train.tensorboard=false"]
 
@@ -223,17 +223,9 @@ def test_unreadable_checkpoint_stops_at_start(tmp_path):
 
 @pytest.mark.parametrize("nhwc", [True, False])
 def test_channels_last_is_the_default_and_can_be_turned_off(nhwc):
-    from hydra import compose, initialize_config_dir
-
-    from dist_icm import trainer
-    from dist_icm.compose import register_schema, to_config
-    from dist_icm.startup import CONFIG_DIR
-
-    register_schema()
     overrides = [*QUICK, "model=cifar_resnet18", "data.global_batch=16"]
     overrides += [] if nhwc else ["runtime.channels_last=false"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        job = trainer.setup(to_config(compose("train", overrides=overrides)))
+    job = setup_job(overrides)
     convs = [p for p in job.model.parameters() if p.ndim == 4]
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)

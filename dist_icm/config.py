@@ -103,6 +103,9 @@ class RuntimeConfig:
     compile: bool = False
     # NHWC images and conv weights (runtime.py); false: NCHW; null: NHWC except under DeepSpeed
     channels_last: bool | None = None
+    # the model's training forward and backward replayed from CUDA graphs where they apply
+    # (graphs.GraphedModel): CUDA, one process, no DeepSpeed, no compile, no dropout
+    cuda_graph: bool = True
     threads: int | None = None  # torch intra-op threads per process
     zero_stage: int = 0  # 0: DDP; 1, 2, 3: DeepSpeed ZeRO through Accelerate (runtime.py)
     timeout_s: float = 600.0  # a collective waiting longer (a peer died or hangs) fails the run

@@ -1,4 +1,5 @@
-"""The ICM loss's forward and backward as two CUDA graphs, for a training step bound by its host.
+"""The training step's model and ICM loss, each replayed from a pair of CUDA graphs (forward and
+backward), for a step bound by its host.
 
 A ResNet-18 step at batch 512 in bf16 on an H200 spends about as long queueing its kernels as the
 GPU spends running them, so every kernel the loss adds costs its launch in step time. The eager
@@ -23,6 +24,10 @@ first call with it (a few warm-up runs, then the capture). A capture that fails 
 shape to the eager loss, with a warning, instead of ending the run: on an H200, one of the GPU
 tests' captures once failed (``cudaErrorStreamCaptureInvalidated``; the same test passed in two
 other runs) and the next capture in that process succeeded.
+
+``GraphedModel`` does the same for the model's training forward and backward (the bulk of the
+step's ~400 launches; ``runtime.cuda_graph``): on CUDA, one process, in training mode, for a model
+without dropout, and for the shape of the first batch it sees (any other runs eagerly).
 """
 
 from __future__ import annotations
@@ -121,3 +126,87 @@ class GraphedLoss:
     def captured(self) -> int:
         """How many input shapes have graphs."""
         return sum(g is not None for g in self._graphs.values())
+
+
+def autocast_state() -> tuple[bool, torch.dtype]:
+    """Whether CUDA autocast is on here, and its dtype."""
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+
+class _Region(torch.nn.Module):
+    """The model under the caller's autocast state, entered inside the capture and without the
+    weight cache (``make_graphed_callables`` refuses a cache that could outlive the capture)."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.enabled, self.dtype = model, enabled, dtype
+
+    def forward(self, x):
+        # An autocast region inside the model (Accelerate's forward wrapper) caches its weight
+        # casts for as long as any autocast context is open around it, here the whole capture:
+        # the captured forward would read the warm-up runs' casts (no cast kernel in the graph),
+        # freed afterwards. Tried on an H200: the trainer's loss stuck at 2 ln 64 from step 2.
+        torch.clear_autocast_cache()
+        try:
+            with torch.autocast(
+                "cuda", dtype=self.dtype, enabled=self.enabled, cache_enabled=False
+            ):
+                return self.model(x)
+        finally:
+            torch.clear_autocast_cache()
+
+
+class GraphedModel:
+    """``model(x)`` for the training step, its forward and backward replayed from CUDA graphs
+    where ``usable``; anything else (evaluation, another shape) calls the model itself.
+
+    The graphs replay the kernels they captured: the step's loss, gradients and BatchNorm
+    statistics are bit for bit the eager ones (``tests/test_gpu.py``). The capture's warm-up
+    runs update the BatchNorm statistics, which are put back afterwards. The parameters and
+    buffers must stay the same tensors (``load_state_dict`` copies into them; moving the model
+    would not). The output is the graph's buffer, valid until the next call's forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, world: int = 1) -> None:
+        self.model, self.world = model, world
+        self.random = any(
+            isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
+        )
+        self._key: tuple | None = None
+        self._graphed: torch.nn.Module | None = None
+
+    def usable(self, x: torch.Tensor) -> bool:
+        """Whether this call replays graphs (its shape aside: see ``__call__``)."""
+        return (
+            x.is_cuda
+            and self.world == 1
+            and not self.random
+            and self.model.training
+            and torch.is_grad_enabled()
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.usable(x):
+            return self.model(x)
+        key = (x.shape, x.stride(), x.dtype, x.device, autocast_state())
+        if self._graphed is None:
+            self._graphed, self._key = self._capture(x, *key[-1]), key
+        if key != self._key:  # one graph pair: the training batch's
+            return self.model(x)
+        return self._graphed(x)
+
+    def _capture(self, x: torch.Tensor, enabled: bool, dtype: torch.dtype) -> torch.nn.Module:
+        region = _Region(self.model, enabled, dtype)
+        saved = [b.detach().clone() for b in self.model.buffers()]
+        try:
+            with torch.autocast("cuda", enabled=False):
+                return torch.cuda.make_graphed_callables(region, (x.detach().clone(),))
+        finally:  # the warm-up runs' BatchNorm updates undone
+            with torch.no_grad():
+                for b, s in zip(self.model.buffers(), saved, strict=True):
+                    b.copy_(s)
+
+    @property
+    def captured(self) -> bool:
+        return self._graphed is not None

@@ -32,6 +32,7 @@ from dist_icm import dist, preempt, resume, streams
 from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
 from dist_icm.data.bundle import DataBundle
 from dist_icm.data.pipeline import build_data
+from dist_icm.graphs import GraphedModel
 from dist_icm.loss import duplicate_share
 from dist_icm.metrics import evaluate_sums, finalize
 from dist_icm.mixing import MixContext
@@ -64,6 +65,8 @@ class Job:
     notes: list[str] = field(default_factory=list)  # start-up lines for the run's report
     # what summary.json records of how the run was asked for (the entry point's overrides)
     labels: dict = field(default_factory=dict)
+    # the training step's model call: the model, or its CUDA graphs (runtime.cuda_graph)
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def peak_lr(self) -> float:
@@ -122,7 +125,10 @@ def setup(cfg: Config) -> Job:
     run_dir = Path(dist.broadcast_object(cfg.run_dir or "outputs/run", group))
     parts = (cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir)
     control = dist.control_group(cfg.runtime.timeout_s)
-    return Job(*parts, fresh_model, control=control, notes=notes)
+    r = cfg.runtime
+    graphs = r.cuda_graph and rt.device.type == "cuda" and not (r.zero_stage or r.compile)
+    forward = GraphedModel(model, world=rt.world_size) if graphs else model
+    return Job(*parts, fresh_model, control=control, notes=notes, forward=forward)
 
 
 def evaluate(job: Job) -> dict:
@@ -156,7 +162,8 @@ def train_step(job: Job, batches, step: int) -> tuple[torch.Tensor, str | None]:
         x, y = rt.to_device(x), y.to(rt.device, non_blocking=True)
         ctx = MixContext(cfg.train.seed, step * accum + m, group_size, first_group)
         with rt.no_sync(job.model, skip=m < accum - 1):
-            loss, _ = job.objective(job.model, x, y, ctx)
+            forward = job.model if job.forward is None else job.forward
+            loss, _ = job.objective(forward, x, y, ctx)
             rt.backward(loss, last=m == accum - 1, accum=accum)
         total += loss.detach() / accum
     applied, why = rt.step(job.model, job.optimizer, cfg.optim.grad_clip)
@@ -320,6 +327,8 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
         "steps": step,
         "global_batch": job.plan.global_batch,
         "world_size": rt.world_size,
+        # whether this session's training steps replayed the model from CUDA graphs
+        "cuda_graphs": bool(getattr(job.forward, "captured", False)),
         "skipped_steps": skipped,  # non-finite steps skipped, over the whole run
         "dup_share": sum(dup_shares) / len(dup_shares) if dup_shares else None,
         "peak_lr": job.peak_lr,

@@ -68,6 +68,7 @@ def test_defaults_are_the_paper_where_it_speaks():
         ("model.bn_group=0", "model.bn_group must be >= 1"),
         ("model.bn_group=8,model.sync_bn=true", "exclude each other"),
         ("resume_force=maybe", "resume_force"),
+        ("runtime.cuda_graph=maybe", "cuda_graph"),
         ("runtime=deepspeed_zero2,runtime.channels_last=true", "does not work under DeepSpeed"),
     ],
 )

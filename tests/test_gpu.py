@@ -1,5 +1,5 @@
-"""GPU checks: the loss on CUDA against float64 on the CPU, the CUDA-graphed loss against the
-eager one, and a bf16 training run.
+"""GPU checks: the loss on CUDA against float64 on the CPU, the CUDA-graphed loss and model
+against the eager ones, and bf16 training runs.
 
 Marked ``gpu``: skipped without a CUDA device (conftest.py); run them on a GPU machine with
 ``python -m pytest -m gpu``.
@@ -11,10 +11,12 @@ import sys
 
 import pytest
 import torch
+from cli import losses, run_train, summary
 
 from dist_icm import graphs
 from dist_icm.loss import icm_loss
 from dist_icm.mixing import MixContext
+from dist_icm.models import build_model
 from dist_icm.objectives import Objective, ObjectiveConfig
 
 pytestmark = pytest.mark.gpu
@@ -152,3 +154,75 @@ def test_graphed_loss_runs_eagerly_where_graphs_do_not_fit(why, monkeypatch):
     loss = obj.mixed_loss(logits, mixed)
     assert obj.loss_fn.captured == 0
     assert torch.equal(loss, obj._icm_loss(logits, mixed.a, mixed.b, mixed.lam))
+
+
+def y_of(g: torch.Generator, n: int) -> torch.Tensor:
+    return torch.randint(0, 10, (n,), generator=g).cuda()
+
+
+def _resnet_steps(graphed: bool, steps: int = 4, n: int = 64):
+    """``steps`` bf16 ICM steps of a channels-last ResNet-18 (BatchNorm), its model called
+    through ``GraphedModel`` or itself: (the call, the losses, the final state dict)."""
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet18", 10, 3).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    obj = Objective(ObjectiveConfig(name="icm_mixup"), validate=False)
+    call = graphs.GraphedModel(model) if graphed else model
+    out = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(n, 3, 32, 32, generator=g).cuda()
+        x, y = x.contiguous(memory_format=torch.channels_last), y_of(g, n)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = obj(call, x, y, MixContext(0, step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    return call, out, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_graphed_model_trains_bit_for_bit_like_the_model():
+    """Losses, weights and BatchNorm statistics after 4 steps: identical (the capture's warm-up
+    runs leave no trace in the statistics)."""
+    call, graphed, g_state = _resnet_steps(graphed=True)
+    assert call.captured
+    _, eager, e_state = _resnet_steps(graphed=False)
+    assert graphed == eager and len(set(eager)) == 4
+    assert all(torch.equal(g_state[k], e_state[k]) for k in e_state)
+    _, _, shorter = _resnet_steps(graphed=False, steps=3)  # the comparison can fail
+    assert not all(torch.equal(shorter[k], e_state[k]) for k in e_state)
+
+
+def test_graphed_model_calls_the_model_itself_where_graphs_do_not_apply():
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet18", 10, 3).cuda()
+    call = graphs.GraphedModel(model)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    model.eval()
+    evaluated = call(x).detach()  # evaluation: not captured (no autograd graph kept alive)
+    assert not call.captured
+    model.train()
+    trained = call(x)
+    assert call.captured and not torch.equal(trained, evaluated)  # batch vs running statistics
+    assert call(torch.randn(4, 3, 32, 32, device="cuda")).shape == (4, 10)  # another shape
+    with torch.no_grad():
+        assert torch.equal(call(x), model(x))  # no gradient: the model itself
+    drop = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(3072, 10))
+    dropout = graphs.GraphedModel(drop.cuda())
+    dropout(x).sum().backward()  # random masks: not captured
+    assert dropout.random and not dropout.captured
+
+
+@pytest.mark.parametrize("model", ["small_cnn", "cifar_resnet18"])  # GroupNorm, BatchNorm
+def test_trainer_with_cuda_graphs_logs_the_losses_of_the_eager_model(tmp_path, model):
+    runs = {}
+    for flag in ("true", "false"):
+        run = tmp_path / flag
+        run_train(run, "experiment=quickstart", "runtime=bf16", "runtime.device=cuda",
+                  f"model={model}", "train.max_steps=10", "train.log_every=1",
+                  "train.progress=false", f"runtime.cuda_graph={flag}")  # fmt: skip
+        runs[flag] = (losses(run), summary(run))
+    (graphed, on), (eager, off) = runs["true"], runs["false"]
+    assert on["cuda_graphs"] and not off["cuda_graphs"]
+    assert len(graphed) == 10 and graphed == eager and on["top1"] == off["top1"]

@@ -24,6 +24,7 @@ SUMMARY_KEYS = (
     "steps",
     "global_batch",
     "world_size",
+    "cuda_graphs",
     "skipped_steps",
     "resumed_at_step",
     "session_wall_s",
@@ -55,6 +56,7 @@ def test_short_run_writes_its_run_dir(tmp_path):
     summary = _strict_json(run / "summary.json")
     assert set(summary) == set(SUMMARY_KEYS)
     assert summary["steps"] == 12 and summary["world_size"] == 1
+    assert summary["cuda_graphs"] is False  # on the CPU (tests/test_gpu.py: True on CUDA)
     assert summary["global_batch"] == 64 and 0 <= summary["ece"] <= 1
     assert summary["resumed_at_step"] is None
     assert summary["run_train_s"] == summary["session_train_s"] > 0

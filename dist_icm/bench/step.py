@@ -4,9 +4,11 @@ Same model, same batch, same optimizer (SGD, momentum 0.9, weight decay 5e-4), o
 
 * ``ce``: ``cross_entropy(model(x), y)``, backward, optimizer step;
 * ``icm``: the trainer's objective (``icm_mixup``: Mixup of the batch with its seeded λ and
-  pairing, the model, ``icm_loss`` with ``validate=False``), backward, optimizer step; on CUDA
-  its loss replays CUDA graphs (``dist_icm.graphs``), and ``icm_eager`` (CUDA only) is the same
-  step without them (``icm_eager_over_ce``).
+  pairing, the model, ``icm_loss`` with ``validate=False``), backward, optimizer step.
+
+On CUDA both replay the model's forward and backward from CUDA graphs, and the ICM loss's too,
+as the trainer does (``dist_icm.graphs``; not with ``--compile``); ``ce_eager`` and
+``icm_eager`` are the same two steps without any graphs (``icm_eager_over_ce_eager``).
 
 The forms alternate in blocks of ``--steps`` back-to-back steps (``--repeats`` blocks each, after
 ``--warmup`` steps of each), so machine noise hits both alike and, as in training, the host
@@ -29,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dist_icm.graphs import GraphedModel
 from dist_icm.mixing import MixContext
 from dist_icm.models import build_model
 from dist_icm.objectives import Objective, ObjectiveConfig
@@ -90,13 +93,12 @@ def bench_step(
     y = torch.randint(0, classes, (batch,), generator=gen).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
-    objectives = {
-        "ce": None,
-        "icm": Objective(ObjectiveConfig(name="icm_mixup"), validate=False),
-    }
-    if device.startswith("cuda"):  # the same loss without CUDA graphs (graphs.py), alongside
+    icm = ObjectiveConfig(name="icm_mixup")
+    objectives = {"ce": None, "icm": Objective(icm, validate=False)}
+    cuda = device.startswith("cuda")
+    if cuda:  # the same two steps without CUDA graphs (graphs.py), alongside
         eager = ObjectiveConfig(name="icm_mixup", cuda_graph=False)
-        objectives["icm_eager"] = Objective(eager, validate=False)
+        objectives.update(ce_eager=None, icm_eager=Objective(eager, validate=False))
     models, optims = {}, {}
     for k in objectives:
         torch.manual_seed(0)
@@ -105,7 +107,10 @@ def bench_step(
             models[k].parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4
         )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    calls = {k: torch.compile(m) if compile_model else m for k, m in models.items()}
+    calls = {
+        k: torch.compile(m) if compile_model else m if k.endswith("_eager") else GraphedModel(m)
+        for k, m in models.items()
+    }
 
     def step(k: str, i: int) -> None:
         model, opt = calls[k], optims[k]
@@ -137,7 +142,7 @@ def bench_step(
             torch.no_grad(),
             torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None),
         ):
-            calls["icm"](x)
+            calls["icm"](x)  # no gradient: GraphedModel calls the model itself
         _sync(device)
         return time.perf_counter() - start
 
@@ -163,13 +168,16 @@ def bench_step(
         "icm_images_per_s": round(batch / med["icm"], 1),
         "icm_over_ce": round(med["icm"] / med["ce"], 4),
         "compile": compile_model,
+        "cuda_graphs": cuda and not compile_model,
         "queue": host,  # per form: host time to queue one step vs the step, synced alone
         **(
             {
+                "ce_eager_s": round(med["ce_eager"], 4),
                 "icm_eager_s": round(med["icm_eager"], 4),
-                "icm_eager_over_ce": round(med["icm_eager"] / med["ce"], 4),
+                "icm_eager_over_ce_eager": round(med["icm_eager"] / med["ce_eager"], 4),
+                "ce_eager_over_ce": round(med["ce_eager"] / med["ce"], 4),  # graphs' speed-up
             }
-            if "icm_eager" in med
+            if cuda
             else {}
         ),
         "eval_images_per_s": round(batch / eval_s, 1),

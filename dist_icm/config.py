@@ -104,7 +104,8 @@ class RuntimeConfig:
     # NHWC images and conv weights (runtime.py); false: NCHW; null: NHWC except under DeepSpeed
     channels_last: bool | None = None
     # the model's training forward and backward replayed from CUDA graphs where they apply
-    # (graphs.GraphedModel): CUDA, one process, no DeepSpeed, no compile, no dropout
+    # (graphs.GraphedModel): CUDA, one process, no DeepSpeed, no compile, no dropout; with
+    # grad_accum > 1, the first micro-step of each step (the others run the model itself)
     cuda_graph: bool = True
     threads: int | None = None  # torch intra-op threads per process
     zero_stage: int = 0  # 0: DDP; 1, 2, 3: DeepSpeed ZeRO through Accelerate (runtime.py)

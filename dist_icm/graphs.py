@@ -165,6 +165,12 @@ class GraphedModel:
     runs update the BatchNorm statistics, which are put back afterwards. The parameters and
     buffers must stay the same tensors (``load_state_dict`` copies into them; moving the model
     would not). The output is the graph's buffer, valid until the next call's forward.
+
+    The backward hands autograd the graph's own gradient buffers, and autograd keeps such a
+    buffer as a parameter's ``.grad`` where that is None; the next replay overwrites it. So the
+    graphs replay only while every ``.grad`` is None (``zero_grad(set_to_none=True)`` before the
+    step): with gradient accumulation, the first micro-step of each step. A failed capture
+    warns once and leaves the model to run itself, as ``GraphedLoss`` does.
     """
 
     def __init__(self, model: torch.nn.Module, *, world: int = 1) -> None:
@@ -172,8 +178,10 @@ class GraphedModel:
         self.random = any(
             isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
         )
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self._key: tuple | None = None
         self._graphed: torch.nn.Module | None = None
+        self.failed = False  # the capture raised: the model runs itself from then on
 
     def usable(self, x: torch.Tensor) -> bool:
         """Whether this call replays graphs (its shape aside: see ``__call__``)."""
@@ -184,6 +192,8 @@ class GraphedModel:
             and self.model.training
             and torch.is_grad_enabled()
             and not torch.cuda.is_current_stream_capturing()
+            and not self.failed
+            and all(p.grad is None for p in self.params)  # see the class's docstring
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,16 +202,26 @@ class GraphedModel:
         key = (x.shape, x.stride(), x.dtype, x.device, autocast_state())
         if self._graphed is None:
             self._graphed, self._key = self._capture(x, *key[-1]), key
-        if key != self._key:  # one graph pair: the training batch's
+            self.failed = self._graphed is None
+        if self.failed or key != self._key:  # one graph pair: the training batch's
             return self.model(x)
         return self._graphed(x)
 
-    def _capture(self, x: torch.Tensor, enabled: bool, dtype: torch.dtype) -> torch.nn.Module:
+    def _capture(self, x: torch.Tensor, enabled: bool, dtype: torch.dtype):
         region = _Region(self.model, enabled, dtype)
         saved = [b.detach().clone() for b in self.model.buffers()]
         try:
             with torch.autocast("cuda", enabled=False):
                 return torch.cuda.make_graphed_callables(region, (x.detach().clone(),))
+        except RuntimeError as err:  # torch.AcceleratorError included
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            warnings.warn(
+                f"capturing the model as CUDA graphs failed ({why}); it runs eagerly (the same "
+                "math, more launches)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
         finally:  # the warm-up runs' BatchNorm updates undone
             with torch.no_grad():
                 for b, s in zip(self.model.buffers(), saved, strict=True):

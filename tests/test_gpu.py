@@ -160,22 +160,38 @@ def y_of(g: torch.Generator, n: int) -> torch.Tensor:
     return torch.randint(0, 10, (n,), generator=g).cuda()
 
 
-def _resnet_steps(graphed: bool, steps: int = 4, n: int = 64):
-    """``steps`` bf16 ICM steps of a channels-last ResNet-18 (BatchNorm), its model called
-    through ``GraphedModel`` or itself: (the call, the losses, the final state dict)."""
+class _Unguarded(graphs.GraphedModel):
+    """GraphedModel without its check that every .grad is None (the negative control)."""
+
+    def usable(self, x):
+        grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        try:
+            return super().usable(x)
+        finally:
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g
+
+
+def _resnet_steps(graphed, steps: int = 4, n: int = 64, micro: int = 1):
+    """``steps`` bf16 ICM steps (``micro`` accumulated micro-steps each) of a channels-last
+    ResNet-18 (BatchNorm), its model called through ``graphed`` (a GraphedModel class) or
+    itself (False): (the call, the losses, the final state dict)."""
     torch.manual_seed(0)
     model = build_model("cifar_resnet18", 10, 3).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     obj = Objective(ObjectiveConfig(name="icm_mixup"), validate=False)
-    call = graphs.GraphedModel(model) if graphed else model
+    call = (graphs.GraphedModel if graphed is True else graphed)(model) if graphed else model
     out = []
     for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        x = torch.randn(n, 3, 32, 32, generator=g).cuda()
-        x, y = x.contiguous(memory_format=torch.channels_last), y_of(g, n)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = obj(call, x, y, MixContext(0, step))
-        loss.backward()
+        for m in range(micro):
+            g = torch.Generator().manual_seed(step * micro + m)
+            x = torch.randn(n, 3, 32, 32, generator=g).cuda()
+            x, y = x.contiguous(memory_format=torch.channels_last), y_of(g, n)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = obj(call, x, y, MixContext(0, step * micro + m))
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         out.append(loss.item())
@@ -192,6 +208,33 @@ def test_graphed_model_trains_bit_for_bit_like_the_model():
     assert all(torch.equal(g_state[k], e_state[k]) for k in e_state)
     _, _, shorter = _resnet_steps(graphed=False, steps=3)  # the comparison can fail
     assert not all(torch.equal(shorter[k], e_state[k]) for k in e_state)
+
+
+def test_graphed_model_accumulates_gradients_like_the_model():
+    """With 2 micro-steps a step, the first replays the graphs and the second runs the model
+    itself (a replay would overwrite the first's gradient, which autograd keeps in the graph's
+    buffer): the same weights bit for bit. Without that check they differ."""
+    call, _, g_state = _resnet_steps(graphed=True, steps=3, micro=2)
+    assert call.captured
+    _, _, e_state = _resnet_steps(graphed=False, steps=3, micro=2)
+    assert all(torch.equal(g_state[k], e_state[k]) for k in e_state)
+    _, _, unguarded = _resnet_steps(graphed=_Unguarded, steps=3, micro=2)
+    assert not all(torch.equal(unguarded[k], e_state[k]) for k in e_state)
+
+
+def test_graphed_model_runs_the_model_where_the_capture_fails(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected capture failure")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fail)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 3).cuda()
+    call = graphs.GraphedModel(model)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    with pytest.warns(RuntimeWarning, match="injected capture failure"):
+        out = call(x)
+    assert call.failed and not call.captured
+    assert torch.equal(out, model(x)) and torch.equal(call(x), model(x))  # no second try
 
 
 def test_graphed_model_calls_the_model_itself_where_graphs_do_not_apply():
@@ -214,14 +257,18 @@ def test_graphed_model_calls_the_model_itself_where_graphs_do_not_apply():
     assert dropout.random and not dropout.captured
 
 
-@pytest.mark.parametrize("model", ["small_cnn", "cifar_resnet18"])  # GroupNorm, BatchNorm
-def test_trainer_with_cuda_graphs_logs_the_losses_of_the_eager_model(tmp_path, model):
+# GroupNorm, BatchNorm, BatchNorm with 2 accumulated micro-steps
+@pytest.mark.parametrize(
+    "model,accum", [("small_cnn", 1), ("cifar_resnet18", 1), ("cifar_resnet18", 2)]
+)
+def test_trainer_with_cuda_graphs_logs_the_losses_of_the_eager_model(tmp_path, model, accum):
     runs = {}
     for flag in ("true", "false"):
         run = tmp_path / flag
         run_train(run, "experiment=quickstart", "runtime=bf16", "runtime.device=cuda",
                   f"model={model}", "train.max_steps=10", "train.log_every=1",
-                  "train.progress=false", f"runtime.cuda_graph={flag}")  # fmt: skip
+                  f"runtime.grad_accum={accum}", "train.progress=false",
+                  f"runtime.cuda_graph={flag}")  # fmt: skip
         runs[flag] = (losses(run), summary(run))
     (graphed, on), (eager, off) = runs["true"], runs["false"]
     assert on["cuda_graphs"] and not off["cuda_graphs"]

@@ -27,7 +27,10 @@ other runs) and the next capture in that process succeeded.
 
 ``GraphedModel`` does the same for the model's training forward and backward (the bulk of the
 step's ~400 launches; ``runtime.cuda_graph``): on CUDA, one process, in training mode, for a model
-without dropout, and for the shape of the first batch it sees (any other runs eagerly).
+without dropout, for the shape of the first batch it sees, and while every parameter's gradient
+is None (the first micro-step of an accumulating step); anything else runs the model itself.
+With both, the ICM step in ``bench step`` queues in 3.7-4.8 ms on that H200, against 9-10 ms of
+GPU work.
 """
 
 from __future__ import annotations

@@ -128,14 +128,18 @@ def test_a_changed_config_is_refused_unless_forced(tmp_path):
 
 
 def test_a_run_resumes_across_memory_layouts(tmp_path):
-    """``runtime.channels_last`` defines no step: a run saved in NCHW (the default before NHWC)
-    resumes under the NHWC default, its weights loaded into channels-last tensors."""
+    """``runtime.channels_last`` and ``runtime.cuda_graph`` define no step: a run saved in NCHW
+    (the default before NHWC) without the model's graphs resumes under the defaults, its
+    weights loaded into channels-last tensors."""
     run = tmp_path / "run"
-    run_train(run, *QUICK, "train.max_steps=3", "runtime.channels_last=false")
+    run_train(
+        run, *QUICK, "train.max_steps=3", "runtime.channels_last=false", "runtime.cuda_graph=false"
+    )
     run_train(run, *QUICK, "train.max_steps=6", "resume=auto")
     done = summary(run)
     assert done["resumed_at_step"] == 3 and done["steps"] == 6
     assert done["config"]["runtime"]["channels_last"] is None  # the default: NHWC here
+    assert done["config"]["runtime"]["cuda_graph"] is True
 
 
 def test_resume_auto_in_a_fresh_folder_says_so(tmp_path):

@@ -6,7 +6,9 @@ loading is not counted; ``bench data`` measures it):
 
 * ``trainer``: ``dist_icm.trainer.train_step`` on the job ``trainer.setup`` builds from the
   config (``experiment=cifar10_jpeg`` with the model, batch and runtime overrides given);
-* ``bare``: ``mixup`` -> ``model`` -> ``icm_loss`` -> ``backward`` -> ``SGD.step``, no wrapper.
+* ``bare``: ``mixup`` -> ``model`` -> ``icm_loss`` -> ``backward`` -> ``SGD.step``, no wrapper
+  and, on CUDA, no CUDA graphs (pass ``runtime.cuda_graph=false loss.cuda_graph=false`` to
+  compare like with like there).
 
 They alternate in blocks of back-to-back steps; ``trainer_over_bare`` is the ratio of the median
 times per step. ``--profile`` adds each one's top operators by self CPU time (torch.profiler)

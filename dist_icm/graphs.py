@@ -56,6 +56,13 @@ def eligible(*, world: int, dedup: bool, tile: int, rows: int, classes: int) -> 
     )
 
 
+def model_eligible(*, device: str, world: int, zero_stage: int, compile: bool) -> bool:
+    """Whether the trainer calls its model through ``GraphedModel``: on CUDA and one process
+    (DDP's backward hooks run collectives, which are not captured), not under DeepSpeed ZeRO (its
+    engine owns the parameters' gradients) and not compiled (neither tried with graphs)."""
+    return device == "cuda" and world == 1 and not zero_stage and not compile
+
+
 def usable(logits: torch.Tensor, *, world: int, dedup: bool, tile: int) -> bool:
     """Whether ``GraphedLoss`` replays graphs for these logits (else it runs the loss eagerly)."""
     rows, classes = logits.shape
@@ -176,8 +183,8 @@ class GraphedModel:
     warns once and leaves the model to run itself, as ``GraphedLoss`` does.
     """
 
-    def __init__(self, model: torch.nn.Module, *, world: int = 1) -> None:
-        self.model, self.world = model, world
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
         self.random = any(
             isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
         )
@@ -190,7 +197,6 @@ class GraphedModel:
         """Whether this call replays graphs (its shape aside: see ``__call__``)."""
         return (
             x.is_cuda
-            and self.world == 1
             and not self.random
             and self.model.training
             and torch.is_grad_enabled()

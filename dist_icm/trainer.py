@@ -32,7 +32,7 @@ from dist_icm import dist, preempt, resume, streams
 from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
 from dist_icm.data.bundle import DataBundle
 from dist_icm.data.pipeline import build_data
-from dist_icm.graphs import GraphedModel
+from dist_icm.graphs import GraphedModel, model_eligible
 from dist_icm.loss import duplicate_share
 from dist_icm.metrics import evaluate_sums, finalize
 from dist_icm.mixing import MixContext
@@ -126,8 +126,9 @@ def setup(cfg: Config) -> Job:
     parts = (cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir)
     control = dist.control_group(cfg.runtime.timeout_s)
     r = cfg.runtime
-    graphs = r.cuda_graph and rt.device.type == "cuda" and not (r.zero_stage or r.compile)
-    forward = GraphedModel(model, world=rt.world_size) if graphs else model
+    where = {"device": rt.device.type, "world": rt.world_size, "zero_stage": r.zero_stage}
+    graphs = r.cuda_graph and model_eligible(**where, compile=r.compile)
+    forward = GraphedModel(model) if graphs else model
     return Job(*parts, fresh_model, control=control, notes=notes, forward=forward)
 
 

@@ -156,3 +156,18 @@ def test_graphed_loss_runs_eagerly_after_a_failed_capture(monkeypatch):
 def test_graphs_only_for_the_configurations_they_replay_exactly(change, expected):
     config = {"world": 1, "dedup": False, "tile": 0, "rows": 512, "classes": 10} | change
     assert graphs.eligible(**config) is expected
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({}, True),  # one GPU: what the gpu tests check
+        ({"device": "cpu"}, False),
+        ({"world": 2}, False),  # DDP's gradient hooks are collectives
+        ({"zero_stage": 2}, False),
+        ({"compile": True}, False),
+    ],
+)
+def test_the_model_is_graphed_only_on_one_gpu_without_zero_or_compile(change, expected):
+    where = {"device": "cuda", "world": 1, "zero_stage": 0, "compile": False} | change
+    assert graphs.model_eligible(**where) is expected

@@ -168,7 +168,8 @@ def bench_step(
         "icm_images_per_s": round(batch / med["icm"], 1),
         "icm_over_ce": round(med["icm"] / med["ce"], 4),
         "compile": compile_model,
-        "cuda_graphs": cuda and not compile_model,
+        # whether both forms' model calls did replay graphs (a capture may fail and fall back)
+        "cuda_graphs": all(getattr(calls[k], "captured", False) for k in ("ce", "icm")),
         "queue": host,  # per form: host time to queue one step vs the step, synced alone
         **(
             {

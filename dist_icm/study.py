@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from dist_icm.compose import PAPER_RESULTS
 from dist_icm.study_table import CSV_KEYS, METRICS, markdown, plot, write_csv
 
 NEEDED = (
@@ -44,7 +45,6 @@ NEEDED += ["resumed_at_step", "config"]
 IGNORED = {"run_dir", "resume", "resume_force", "data.root", "data.ffcv_cache"}
 METHOD_KEYS = ("loss.name", "loss.dedup", "loss.per_sample")
 BATCH_KEY, SEED_KEY = "data.global_batch", "train.seed"
-PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
 
 
 class StudyError(Exception):

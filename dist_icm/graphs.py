@@ -75,6 +75,16 @@ def usable(logits: torch.Tensor, *, world: int, dedup: bool, tile: int) -> bool:
     )
 
 
+def _warn_failed(what: str, err: Exception, instead: str) -> None:
+    """One warning for a capture that raised: its first line, and what runs instead."""
+    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    warnings.warn(
+        f"capturing {what} as CUDA graphs failed ({why}); {instead} (the same math, more launches)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 class _OwnGradient(torch.autograd.Function):
     """The identity, whose backward hands on a copy of the gradient: the graph's gradient
     buffer is overwritten by the next replay, and a leaf's ``.grad`` would otherwise keep it."""
@@ -123,12 +133,8 @@ class GraphedLoss:
             with torch.autocast(logits.device.type, enabled=False):
                 return torch.cuda.make_graphed_callables(self.loss_fn, samples)
         except RuntimeError as err:  # torch.AcceleratorError included
-            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            warnings.warn(
-                f"capturing the ICM loss as CUDA graphs failed ({why}); logits of shape "
-                f"{tuple(logits.shape)} run the eager loss (the same math, more launches)",
-                RuntimeWarning,
-                stacklevel=3,
+            _warn_failed(
+                "the ICM loss", err, f"logits of shape {tuple(logits.shape)} run the eager loss"
             )
             return None
 
@@ -223,13 +229,7 @@ class GraphedModel:
             with torch.autocast("cuda", enabled=False):
                 return torch.cuda.make_graphed_callables(region, (x.detach().clone(),))
         except RuntimeError as err:  # torch.AcceleratorError included
-            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            warnings.warn(
-                f"capturing the model as CUDA graphs failed ({why}); it runs eagerly (the same "
-                "math, more launches)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _warn_failed("the model", err, "it runs eagerly")
             return None
         finally:  # the warm-up runs' BatchNorm updates undone
             with torch.no_grad():

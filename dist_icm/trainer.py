@@ -61,12 +61,12 @@ class Job:
     total_steps: int
     run_dir: Path
     fresh_model: Callable[[], torch.nn.Module]  # the architecture, new (ZeRO evaluation)
+    # the training step's model call: the model, or its CUDA graphs (runtime.cuda_graph)
+    forward: Callable[[torch.Tensor], torch.Tensor]
     control: dist.Group = None  # a gloo group for the stop flags (dist_icm.preempt)
     notes: list[str] = field(default_factory=list)  # start-up lines for the run's report
     # what summary.json records of how the run was asked for (the entry point's overrides)
     labels: dict = field(default_factory=dict)
-    # the training step's model call: the model, or its CUDA graphs (runtime.cuda_graph)
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def peak_lr(self) -> float:
@@ -129,7 +129,7 @@ def setup(cfg: Config) -> Job:
     where = {"device": rt.device.type, "world": rt.world_size, "zero_stage": r.zero_stage}
     graphs = r.cuda_graph and model_eligible(**where, compile=r.compile)
     forward = GraphedModel(model) if graphs else model
-    return Job(*parts, fresh_model, control=control, notes=notes, forward=forward)
+    return Job(*parts, fresh_model, forward, control=control, notes=notes)
 
 
 def evaluate(job: Job) -> dict:
@@ -163,8 +163,7 @@ def train_step(job: Job, batches, step: int) -> tuple[torch.Tensor, str | None]:
         x, y = rt.to_device(x), y.to(rt.device, non_blocking=True)
         ctx = MixContext(cfg.train.seed, step * accum + m, group_size, first_group)
         with rt.no_sync(job.model, skip=m < accum - 1):
-            forward = job.model if job.forward is None else job.forward
-            loss, _ = job.objective(forward, x, y, ctx)
+            loss, _ = job.objective(job.forward, x, y, ctx)
             rt.backward(loss, last=m == accum - 1, accum=accum)
         total += loss.detach() / accum
     applied, why = rt.step(job.model, job.optimizer, cfg.optim.grad_clip)

@@ -11,7 +11,6 @@ Weights are initialised from the global torch RNG: call ``torch.manual_seed(s)``
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 MODEL_NAMES: tuple[str, ...] = (
@@ -219,6 +218,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         model = _build_builtin(name, num_classes, in_channels)
         _init_weights(model)
         return model
+    import torchvision  # here, not at the top: importing it takes ~2 s (it loads torch._dynamo)
+
     if name in torchvision.models.list_models(module=torchvision.models):
         if in_channels != 3:
             raise ValueError(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,58 @@ def test_digits_split_shapes_and_determinism() -> None:
     assert torch.equal(train.images, again.images) and torch.equal(train.targets, again.targets)
     other, _, _ = build_datasets("digits", None, seed=1)
     assert not torch.equal(train.targets, other.targets)
+
+
+def _sklearn_digits(seed: int):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train, test = train_test_split(
+        np.arange(len(digits.target)), test_size=0.25, stratify=digits.target, random_state=seed
+    )
+    x = torch.from_numpy((digits.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+    return x[train], torch.from_numpy(digits.target)[train], x[test]
+
+
+def _digits_from(cache: Path, seed: int = 3, block_sklearn: bool = False):
+    """``build_datasets("digits")`` in a fresh process with ``DIST_ICM_CACHE=cache``, where
+    ``block_sklearn`` makes importing scikit-learn fail: the train images, or the error."""
+    block = "import sys; sys.modules['sklearn'] = None; " if block_sklearn else ""
+    code = (
+        f"{block}import torch; from dist_icm.data import build_datasets; "
+        f"train, _, _ = build_datasets('digits', None, seed={seed}); "
+        f"torch.save((train.images, train.targets), {str(cache / 'out.pt')!r})"
+    )
+    env = {**os.environ, "DIST_ICM_CACHE": str(cache)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return torch.load(cache / "out.pt") if out.returncode == 0 else out.stderr
+
+
+def test_digits_come_from_the_cache_once_made_and_equal_scikit_learn_s(tmp_path: Path) -> None:
+    images, labels, test_images = _sklearn_digits(seed=3)
+    # a cold cache needs scikit-learn (negative control: with it blocked, the build fails)
+    assert "ModuleNotFoundError" in _digits_from(tmp_path, block_sklearn=True)
+    first = _digits_from(tmp_path)  # made by scikit-learn, and cached
+    (path,) = (tmp_path / "digits").iterdir()
+    assert "seed-3" in path.name and path.suffix == ".npz"
+    cached = _digits_from(tmp_path, block_sklearn=True)  # from the cache alone
+    for got in (first, cached):
+        assert torch.equal(got[0], images) and torch.equal(got[1], labels)
+    # an unreadable cache file is made again, and the data are scikit-learn's
+    path.write_bytes(b"not a zip")
+    monkey = pytest.MonkeyPatch()
+    with monkey.context() as m:
+        m.setenv("DIST_ICM_CACHE", str(tmp_path))
+        train, test, _ = build_datasets("digits", None, seed=3)
+        assert torch.equal(train.images, images) and torch.equal(test.images, test_images)
+        assert np.load(path)["train"].shape == (1347,)
+        # a cache folder that cannot be written: the data still come, nothing is cached
+        blocker = tmp_path / "a_file"
+        blocker.write_text("")
+        m.setenv("DIST_ICM_CACHE", str(blocker))
+        train, _, _ = build_datasets("digits", None, seed=3)
+        assert torch.equal(train.images, images)
 
 
 def test_cifar10_without_internet_raises_clear_error(tmp_path: Path) -> None:

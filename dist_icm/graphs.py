@@ -41,14 +41,19 @@ from collections.abc import Callable
 import torch
 
 from dist_icm.loss import uses_dense_stats
+from dist_icm.tiled import resolve_tile
 
 MAX_ENTRIES = 2**24  # n·N: 3 float32 blocks of 64 MiB held by the graph's pool at this size
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def eligible(*, world: int, dedup: bool, tile: int, rows: int, classes: int) -> bool:
-    """Whether a loss of this configuration and size is one that graphs replay (see above)."""
+def eligible(
+    *, world: int, dedup: bool, tile: int | str, rows: int, classes: int, itemsize: int = 4
+) -> bool:
+    """Whether a loss of this configuration and size is one that graphs replay (see above);
+    ``itemsize``: of the loss's floats (float32, or float64 for float64 logits)."""
+    tile = resolve_tile(tile, rows, rows * world, itemsize)
     return (
         world == 1
         and uses_dense_stats(classes, tile=tile, dedup=dedup)
@@ -63,15 +68,18 @@ def model_eligible(*, device: str, world: int, zero_stage: int, compile: bool) -
     return device == "cuda" and world == 1 and not zero_stage and not compile
 
 
-def usable(logits: torch.Tensor, *, world: int, dedup: bool, tile: int) -> bool:
+def usable(logits: torch.Tensor, *, world: int, dedup: bool, tile: int | str) -> bool:
     """Whether ``GraphedLoss`` replays graphs for these logits (else it runs the loss eagerly)."""
     rows, classes = logits.shape
+    itemsize = 8 if logits.dtype == torch.float64 else 4  # the loss's own dtype
     return (
         logits.is_cuda
         and logits.requires_grad
         and torch.is_grad_enabled()
         and not torch.cuda.is_current_stream_capturing()
-        and eligible(world=world, dedup=dedup, tile=tile, rows=rows, classes=classes)
+        and eligible(
+            world=world, dedup=dedup, tile=tile, rows=rows, classes=classes, itemsize=itemsize
+        )
     )
 
 
@@ -108,7 +116,9 @@ class GraphedLoss:
     since both replay into the same buffers.
     """
 
-    def __init__(self, loss_fn: LossFn, *, world: int = 1, dedup: bool = False, tile: int = 0):
+    def __init__(
+        self, loss_fn: LossFn, *, world: int = 1, dedup: bool = False, tile: int | str = 0
+    ):
         self.loss_fn = loss_fn
         self.config = {"world": world, "dedup": dedup, "tile": tile}
         self._graphs: dict[tuple, Callable | None] = {}  # None: the capture failed

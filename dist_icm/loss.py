@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 
 from dist_icm import dist
-from dist_icm.tiled import dense_mixing, dense_stats, lse_stats, tile_scores
+from dist_icm.tiled import dense_mixing, dense_stats, lse_stats, resolve_tile, tile_scores
 
 AXES = ("class", "pair", "both")
 GATHERS = ("triples", "scores")
@@ -235,7 +235,7 @@ def icm_loss(
     gather: str = "triples",
     dedup: bool = False,
     method: str = "auto",
-    tile: int = 0,
+    tile: int | str = 0,
     validate: bool = True,
 ) -> torch.Tensor:
     """Infinite Class Mixup loss of this process's rows; see the module docstring.
@@ -253,7 +253,9 @@ def icm_loss(
         method: how S̃ is formed, "matmul", "gather" or "auto" (see ``mixed_scores``).
         tile: 0 forms this rank's block of S̃ whole; T > 0 walks it in T x T tiles and
             recomputes them in the backward pass (``dist_icm.tiled``), so memory no longer
-            grows with n·N. Same loss and gradients up to float rounding.
+            grows with n·N. Same loss and gradients up to float rounding. "auto": whole while
+            the (n x N) block's ~3 copies fit in 2 GiB, else tiles of 4096
+            (``dist_icm.tiled.resolve_tile``).
         validate: also check values (class indices in range, lam in [0, 1]: one host sync
             each) and, with a group, that every rank holds the same n (one small all-gather),
             so that a bad batch raises the same error on every rank instead of leaving the
@@ -268,8 +270,8 @@ def icm_loss(
             mean; with ``validate`` and a group, on every rank alike.
     """
     _check_local(logits, a, b, lam, axis, gather, method)
-    if not isinstance(tile, int) or tile < 0:
-        raise ValueError(f"tile must be an int >= 0 (0: untiled), got {tile!r}")
+    if tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 0):
+        raise ValueError(f"tile must be an int >= 0 (0: untiled) or 'auto', got {tile!r}")
     n = logits.shape[0]
     if validate:
         _validate(logits, a, b, lam, process_group)
@@ -283,6 +285,7 @@ def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile) -
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     lam = lam.to(x.dtype)
     world, n, num_classes = dist.size(process_group), x.shape[0], x.shape[1]
+    tile = resolve_tile(tile, n, world * n, x.element_size())  # the same on every rank
     if world > 1:
         wire = _pack_triples(a, b, lam, num_classes)
         ga, gb, gl = _unpack_triples(

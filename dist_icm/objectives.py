@@ -12,6 +12,7 @@ soft-label cross-entropy by the Infinite Class Mixup loss over the global batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ class ObjectiveConfig:
     axis: str = "both"  # ICM only
     gather: str = "triples"  # ICM only
     dedup: bool = False  # ICM only
-    tile: int = 0  # ICM only: 0 holds the (n x N) score block; T > 0 walks it in T x T tiles
+    # ICM only: 0 holds the (n x N) score block; T > 0 walks it in T x T tiles; "auto": 0 while
+    # the block fits a budget, else tiles (dist_icm.tiled.resolve_tile). Any: an int or a str
+    tile: Any = 0
     cuda_graph: bool = True  # ICM only: replay the loss from CUDA graphs where exact (graphs.py)
     regmix_weight: float = 1.0  # RegMixup: weight of the mixed term
     tau: float = 0.5  # Remix
@@ -46,8 +49,11 @@ class ObjectiveConfig:
             raise ValueError(
                 f"unknown loss {self.name!r} (loss.name): use one of {', '.join(OBJECTIVES)}"
             )
-        if not isinstance(self.tile, int) or self.tile < 0:
-            raise ValueError(f"loss.tile must be an int >= 0 (0: untiled), got {self.tile!r}")
+        tile = self.tile
+        if tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 0):
+            raise ValueError(
+                f"loss.tile must be an int >= 0 (0: untiled) or auto, got {self.tile!r}"
+            )
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"loss.alpha must be > 0 (null: the method's), got {self.alpha}")
         if self.axis not in AXES:

@@ -49,6 +49,9 @@ def test_defaults_are_the_paper_where_it_speaks():
     assert tuple(cfg.schedule.milestones) == (50, 100, 150) and cfg.schedule.gamma == 0.2
     assert cfg.schedule.epochs == cfg.train.epochs == 200 and cfg.data.global_batch == 128
     assert cfg.loss.mix_alpha == 0.2 and _compose("loss=regmixup").loss.mix_alpha == 20.0
+    assert (
+        _compose("loss.tile=auto").loss.tile == "auto" and _compose("loss.tile=64").loss.tile == 64
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,6 +59,7 @@ def test_defaults_are_the_paper_where_it_speaks():
     [
         ("loss.alpha=-1", "alpha must be > 0"),
         ("loss.tile=-2", "loss.tile must be an int >= 0"),
+        ("loss.tile=big", r"loss.tile must be an int >= 0 \(0: untiled\) or auto, got 'big'"),
         ("loss.name=mixupp", "unknown loss"),
         ("data.global_batch=0", "global_batch must be >= 1"),
         ("data.fraction=1.5", "fraction must lie in"),

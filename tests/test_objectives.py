@@ -148,6 +148,7 @@ def test_graphed_loss_runs_eagerly_after_a_failed_capture(monkeypatch):
         ({"world": 2}, False),  # collectives are not captured
         ({"dedup": True}, False),  # its grouping reads a size back from the device
         ({"tile": 256}, False),
+        ({"tile": "auto"}, True),  # 3 x 512 x 512 floats: untiled
         ({"classes": 901}, False),  # the gather form: its backward adds up with atomics
         ({"rows": 4097}, False),  # more than 2^24 entries of S̃ would stay allocated
         ({"rows": 4096}, True),

@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 
+from dist_icm import tiled
 from dist_icm.loss import icm_loss, mixing_matrix
 from dist_icm.tiled import _lse, dense_stats, lse_stats
 
@@ -98,8 +99,45 @@ def test_bf16_logits_and_autocast_match_float32_bit_for_bit():
 
 def test_bad_tile_fails_clearly():
     x, a, b, lam = _problem(4)
-    with pytest.raises(ValueError, match="tile must be an int >= 0"):
-        icm_loss(x, a, b, lam, tile=-1)
+    for bad in (-1, "big", 2.0, True):
+        with pytest.raises(ValueError, match="tile must be an int >= 0"):
+            icm_loss(x, a, b, lam, tile=bad)
+
+
+def test_auto_tile_is_untiled_while_three_blocks_fit_the_budget():
+    # 3 x 13,377^2 float32 = 2,147,329,548 bytes <= 2 GiB; one row more passes it
+    assert tiled.resolve_tile("auto", 13_377, 13_377, 4) == 0
+    assert tiled.resolve_tile("auto", 13_377, 13_378, 4) == tiled.AUTO_TILE == 4096
+    assert tiled.resolve_tile("auto", 9_459, 9_459, 8) == 0  # float64: half the entries
+    assert tiled.resolve_tile("auto", 9_460, 9_459, 8) == 4096
+    assert tiled.resolve_tile("auto", 1_024, 65_536, 4) == 0  # n x N on one of 64 ranks
+    assert tiled.resolve_tile(0, 10**6, 10**6, 4) == 0 and tiled.resolve_tile(64, 8, 8, 4) == 64
+
+
+def test_auto_tile_is_the_loss_it_resolves_to(monkeypatch):
+    """Within the budget "auto" is the untiled loss bit for bit; past it (a budget of 1 MiB
+    here), the tiled loss bit for bit, which keeps no (n x N) block for the backward pass."""
+    x, a, b, lam = _problem(256, dtype=torch.float32)
+    assert all(
+        torch.equal(got, ref)
+        for got, ref in zip(
+            _loss_and_grad(x, a, b, lam, tile="auto"), _loss_and_grad(x, a, b, lam), strict=True
+        )
+    )
+    monkeypatch.setattr(tiled, "AUTO_BUDGET", 2**20)  # 3 x 256^2 x 4 bytes = 0.75 MiB fits
+    assert tiled.resolve_tile("auto", 256, 256, 4) == 0
+    monkeypatch.setattr(tiled, "AUTO_BUDGET", 2**19)
+    monkeypatch.setattr(tiled, "AUTO_TILE", 32)
+    ref = _loss_and_grad(x, a, b, lam, tile=32)
+    assert not torch.equal(ref[1], _loss_and_grad(x, a, b, lam)[1])  # the forms do differ
+    got = _loss_and_grad(x, a, b, lam, tile="auto")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel()) or t, lambda t: t
+    ):
+        icm_loss(x.requires_grad_(), a, b, lam, tile="auto")
+    assert max(saved) < 256 * C + 1
 
 
 def test_tiled_memory_does_not_hold_the_score_matrix():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import socket
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +204,7 @@ def _digits_arrays(seed: int) -> tuple[np.ndarray, ...]:
         np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=seed
     )
     arrays = {"images": images, "labels": labels, "train": train, "test": test}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # nodes share
     try:  # written whole, then renamed: a reader never sees half a file
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:

@@ -50,7 +50,14 @@ from __future__ import annotations
 import torch
 
 from dist_icm import dist
-from dist_icm.tiled import dense_mixing, dense_stats, lse_stats, resolve_tile, tile_scores
+from dist_icm.tiled import (
+    dense_mixing,
+    dense_stats,
+    is_tile,
+    lse_stats,
+    resolve_tile,
+    tile_scores,
+)
 
 AXES = ("class", "pair", "both")
 GATHERS = ("triples", "scores")
@@ -270,7 +277,7 @@ def icm_loss(
             mean; with ``validate`` and a group, on every rank alike.
     """
     _check_local(logits, a, b, lam, axis, gather, method)
-    if tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 0):
+    if not is_tile(tile):
         raise ValueError(f"tile must be an int >= 0 (0: untiled) or 'auto', got {tile!r}")
     n = logits.shape[0]
     if validate:

@@ -218,7 +218,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         model = _build_builtin(name, num_classes, in_channels)
         _init_weights(model)
         return model
-    import torchvision  # here, not at the top: importing it takes ~2 s (it loads torch._dynamo)
+    import torchvision  # only for its own models: it costs a fresh process ~2 s to import
 
     if name in torchvision.models.list_models(module=torchvision.models):
         if in_channels != 3:

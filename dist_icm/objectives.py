@@ -21,6 +21,7 @@ from dist_icm import dist
 from dist_icm.graphs import GraphedLoss
 from dist_icm.loss import AXES, GATHERS, icm_loss
 from dist_icm.mixing import MixContext, Mixed, cutmix, mixup, remix_lam
+from dist_icm.tiled import is_tile
 
 METHODS = ("ce", "mixup", "cutmix", "regmixup", "remix")
 OBJECTIVES = METHODS + tuple(f"icm_{m}" for m in METHODS[1:])
@@ -49,8 +50,7 @@ class ObjectiveConfig:
             raise ValueError(
                 f"unknown loss {self.name!r} (loss.name): use one of {', '.join(OBJECTIVES)}"
             )
-        tile = self.tile
-        if tile != "auto" and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 0):
+        if not is_tile(self.tile):
             raise ValueError(
                 f"loss.tile must be an int >= 0 (0: untiled) or auto, got {self.tile!r}"
             )

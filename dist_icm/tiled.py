@@ -113,6 +113,13 @@ AUTO_BUDGET = 2 * 2**30
 AUTO_TILE = 4096
 
 
+def is_tile(value) -> bool:
+    """Whether ``value`` is a valid ``tile``: an int >= 0 (0: untiled) or ``"auto"``."""
+    if value == "auto":
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def resolve_tile(tile: int | str, rows: int, cols: int, itemsize: int) -> int:
     """The tile edge for an (rows x cols) block of S̃ of ``itemsize``-byte floats: ``tile``
     itself, or for ``"auto"`` 0 (untiled, the faster) within :data:`AUTO_BUDGET`, else

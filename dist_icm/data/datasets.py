@@ -184,7 +184,7 @@ def _digits_arrays(seed: int) -> tuple[np.ndarray, ...]:
 
     They come from scikit-learn once and from the cache folder afterwards (``digits/``, keyed by
     scikit-learn's version and the seed): importing scikit-learn takes about 1.7 s here, in every
-    process of a run, a quarter of a short quickstart run's start. An unreadable cache file is
+    process of a run, a fifth of a 2-step quickstart run's 8.5 s. An unreadable cache file is
     made again; a cache folder that cannot be written is left alone.
     """
     version = importlib.metadata.version("scikit-learn")

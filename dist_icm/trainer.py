@@ -43,6 +43,7 @@ from dist_icm.optim import build_optimizer
 from dist_icm.report import Report
 from dist_icm.runtime import Runtime
 from dist_icm.schedule import lambda_for, plot_schedule, scaled_lr
+from dist_icm.tiled import resolve_tile
 
 
 @dataclass
@@ -113,6 +114,10 @@ def setup(cfg: Config) -> Job:
     notes = []
     if cfg.model.bn_group is not None and not count_batch_norms(model):
         notes.append(f"model.bn_group={cfg.model.bn_group}: {cfg.model.name} has no BatchNorm")
+    if cfg.loss.icm and cfg.loss.tile == "auto":  # what it picks for a micro-step's S̃ block
+        n, big = plan.per_device, plan.micro_global
+        tile = resolve_tile("auto", n, big, 4)
+        notes.append(f"loss.tile=auto: {f'tiles of {tile}' if tile else 'untiled'} ({n} x {big})")
     optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(spe, cfg.schedule))
     model, optimizer = rt.prepare(model, optimizer, cfg.model, plan, grad_clip=cfg.optim.grad_clip)

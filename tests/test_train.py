@@ -8,6 +8,8 @@ import pytest
 import torch
 from cli import losses, records, run_train, setup_job
 
+from dist_icm import tiled
+
 QUICK = ["experiment=quickstart", "train.progress=false", "train.tensorboard=false"]
 
 
@@ -235,3 +237,13 @@ def test_channels_last_is_the_default_and_can_be_turned_off(nhwc):
     assert x.is_contiguous(memory_format=fmt) and not x.is_contiguous(
         memory_format=torch.contiguous_format if nhwc else torch.channels_last
     )
+
+
+def test_the_run_says_what_loss_tile_auto_picks(monkeypatch, tmp_path):
+    """The start-up note names the form ``loss.tile=auto`` resolves to for a micro-step's block
+    of S̃, from the same rule the loss applies (here past a budget made small)."""
+    overrides = [*QUICK, "loss.tile=auto", "data.global_batch=128", f"run_dir={tmp_path}"]
+    assert "loss.tile=auto: untiled (128 x 128)" in setup_job(overrides).notes
+    assert not any("loss.tile" in note for note in setup_job(overrides[:-3]).notes)  # tile 0
+    monkeypatch.setattr(tiled, "AUTO_BUDGET", 3 * 128 * 128 * 4 - 1)
+    assert "loss.tile=auto: tiles of 4096 (128 x 128)" in setup_job(overrides).notes

@@ -187,7 +187,10 @@ def _digits_arrays(seed: int) -> tuple[np.ndarray, ...]:
     process of a run, a fifth of a 2-step quickstart run's 8.5 s. An unreadable cache file is
     made again; a cache folder that cannot be written is left alone.
     """
-    version = importlib.metadata.version("scikit-learn")
+    try:
+        version = importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:  # the import below says so in its words
+        version = "unknown"
     path = cache_root() / "digits" / f"sklearn-{version}-seed-{seed}.npz"
     try:
         with np.load(path) as saved:

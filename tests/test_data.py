@@ -85,7 +85,9 @@ def _digits_from(cache: Path, seed: int = 3, block_sklearn: bool = False):
     return torch.load(cache / "out.pt") if out.returncode == 0 else out.stderr
 
 
-def test_digits_come_from_the_cache_once_made_and_equal_scikit_learn_s(tmp_path: Path) -> None:
+def test_digits_come_from_the_cache_once_made_and_equal_scikit_learn_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     images, labels, test_images = _sklearn_digits(seed=3)
     # a cold cache needs scikit-learn (negative control: with it blocked, the build fails)
     assert "ModuleNotFoundError" in _digits_from(tmp_path, block_sklearn=True)
@@ -97,18 +99,16 @@ def test_digits_come_from_the_cache_once_made_and_equal_scikit_learn_s(tmp_path:
         assert torch.equal(got[0], images) and torch.equal(got[1], labels)
     # an unreadable cache file is made again, and the data are scikit-learn's
     path.write_bytes(b"not a zip")
-    monkey = pytest.MonkeyPatch()
-    with monkey.context() as m:
-        m.setenv("DIST_ICM_CACHE", str(tmp_path))
-        train, test, _ = build_datasets("digits", None, seed=3)
-        assert torch.equal(train.images, images) and torch.equal(test.images, test_images)
-        assert np.load(path)["train"].shape == (1347,)
-        # a cache folder that cannot be written: the data still come, nothing is cached
-        blocker = tmp_path / "a_file"
-        blocker.write_text("")
-        m.setenv("DIST_ICM_CACHE", str(blocker))
-        train, _, _ = build_datasets("digits", None, seed=3)
-        assert torch.equal(train.images, images)
+    monkeypatch.setenv("DIST_ICM_CACHE", str(tmp_path))
+    train, test, _ = build_datasets("digits", None, seed=3)
+    assert torch.equal(train.images, images) and torch.equal(test.images, test_images)
+    assert np.load(path)["train"].shape == (1347,)
+    # a cache folder that cannot be written: the data still come, nothing is cached
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("DIST_ICM_CACHE", str(blocker))
+    train, _, _ = build_datasets("digits", None, seed=3)
+    assert torch.equal(train.images, images)
 
 
 def test_cifar10_without_internet_raises_clear_error(tmp_path: Path) -> None:

@@ -14,10 +14,11 @@ eager ones (``tests/test_gpu.py``). It is used only where that holds, was tested
   gradient;
 * for the default loss (``dist_icm.loss.uses_dense_stats``): untiled, S̃ from the dense Ỹ (up
   to 900 classes; the gather form's backward adds up with atomics, in no fixed order), without
-  ``dedup`` (its grouping reads a size back from the device);
-* when the (n x N) score block has at most ``MAX_ENTRIES`` entries: a graph's intermediates
-  stay allocated between steps (its private memory pool), and a larger block's kernels are no
-  longer small anyway.
+  ``dedup`` (its grouping reads a size back from the device), when the (n x N) score block has
+  at most ``MAX_ENTRIES`` entries: a graph's intermediates stay allocated between steps (its
+  private memory pool), and a larger block's kernels are no longer small anyway;
+* for the fused loss (``loss.fused``, ``dist_icm.loss.uses_fused``) at any size: its two
+  Triton kernels hold no (n x N) block and add up in a fixed order.
 
 Anything else runs the eager loss. One graph pair is captured per input shape and dtype, at the
 first call with it (a few warm-up runs, then the capture). A capture that fails leaves that
@@ -40,7 +41,7 @@ from collections.abc import Callable
 
 import torch
 
-from dist_icm.loss import uses_dense_stats
+from dist_icm.loss import uses_dense_stats, uses_fused
 from dist_icm.tiled import resolve_tile
 
 MAX_ENTRIES = 2**24  # n·N: 3 float32 blocks of 64 MiB held by the graph's pool at this size
@@ -49,16 +50,24 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 
 
 def eligible(
-    *, world: int, dedup: bool, tile: int | str, rows: int, classes: int, itemsize: int = 4
+    *,
+    world: int,
+    dedup: bool,
+    tile: int | str,
+    rows: int,
+    classes: int,
+    itemsize: int = 4,
+    fused: bool = False,
 ) -> bool:
     """Whether a loss of this configuration and size is one that graphs replay (see above);
     ``itemsize``: of the loss's floats (float32, or float64 for float64 logits)."""
     tile = resolve_tile(tile, rows, rows * world, itemsize)
-    return (
-        world == 1
-        and uses_dense_stats(classes, tile=tile, dedup=dedup)
-        and rows * rows * world <= MAX_ENTRIES
-    )
+    dtype = torch.float64 if itemsize == 8 else torch.float32
+    if world != 1:
+        return False
+    if uses_fused(dtype, fused=fused, tile=tile, dedup=dedup):
+        return True
+    return uses_dense_stats(classes, tile=tile, dedup=dedup) and rows * rows <= MAX_ENTRIES
 
 
 def model_eligible(*, device: str, world: int, zero_stage: int, compile: bool) -> bool:
@@ -68,7 +77,9 @@ def model_eligible(*, device: str, world: int, zero_stage: int, compile: bool) -
     return device == "cuda" and world == 1 and not zero_stage and not compile
 
 
-def usable(logits: torch.Tensor, *, world: int, dedup: bool, tile: int | str) -> bool:
+def usable(
+    logits: torch.Tensor, *, world: int, dedup: bool, tile: int | str, fused: bool = False
+) -> bool:
     """Whether ``GraphedLoss`` replays graphs for these logits (else it runs the loss eagerly)."""
     rows, classes = logits.shape
     itemsize = 8 if logits.dtype == torch.float64 else 4  # the loss's own dtype
@@ -78,7 +89,13 @@ def usable(logits: torch.Tensor, *, world: int, dedup: bool, tile: int | str) ->
         and torch.is_grad_enabled()
         and not torch.cuda.is_current_stream_capturing()
         and eligible(
-            world=world, dedup=dedup, tile=tile, rows=rows, classes=classes, itemsize=itemsize
+            world=world,
+            dedup=dedup,
+            tile=tile,
+            rows=rows,
+            classes=classes,
+            itemsize=itemsize,
+            fused=fused,
         )
     )
 
@@ -117,10 +134,16 @@ class GraphedLoss:
     """
 
     def __init__(
-        self, loss_fn: LossFn, *, world: int = 1, dedup: bool = False, tile: int | str = 0
+        self,
+        loss_fn: LossFn,
+        *,
+        world: int = 1,
+        dedup: bool = False,
+        tile: int | str = 0,
+        fused: bool = False,
     ):
         self.loss_fn = loss_fn
-        self.config = {"world": world, "dedup": dedup, "tile": tile}
+        self.config = {"world": world, "dedup": dedup, "tile": tile, "fused": fused}
         self._graphs: dict[tuple, Callable | None] = {}  # None: the capture failed
 
     def __call__(self, logits, a, b, lam) -> torch.Tensor:

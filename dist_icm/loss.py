@@ -50,6 +50,7 @@ from __future__ import annotations
 import torch
 
 from dist_icm import dist
+from dist_icm.fused import fused_stats
 from dist_icm.tiled import (
     dense_mixing,
     dense_stats,
@@ -77,6 +78,12 @@ def _form(method: str, num_classes: int) -> str:
     if method == "auto":
         return "matmul" if num_classes <= DENSE_MAX_CLASSES else "gather"
     return method
+
+
+def uses_fused(dtype: torch.dtype, *, fused: bool, tile: int = 0, dedup=False) -> bool:
+    """Whether the loss takes its statistics from ``dist_icm.fused`` (``fused=True``, untiled,
+    without dedup, float32 loss math)."""
+    return fused and not tile and not dedup and dtype == torch.float32
 
 
 def uses_dense_stats(num_classes: int, *, method="auto", tile: int = 0, dedup=False) -> bool:
@@ -243,6 +250,7 @@ def icm_loss(
     dedup: bool = False,
     method: str = "auto",
     tile: int | str = 0,
+    fused: bool = False,
     validate: bool = True,
 ) -> torch.Tensor:
     """Infinite Class Mixup loss of this process's rows; see the module docstring.
@@ -263,6 +271,9 @@ def icm_loss(
             grows with n·N. Same loss and gradients up to float rounding. "auto": whole while
             the (n x N) block's ~3 copies fit in 2 GiB, else tiles of 4096
             (``dist_icm.tiled.resolve_tile``).
+        fused: take S̃'s statistics from two Triton kernels (``dist_icm.fused``: one launch
+            forward, one backward, no (n x N) block held) where the loss is untiled, without
+            dedup, in float32; elsewhere it has no effect. CUDA, or Triton's interpreter.
         validate: also check values (class indices in range, lam in [0, 1]: one host sync
             each) and, with a group, that every rank holds the same n (one small all-gather),
             so that a bad batch raises the same error on every rank instead of leaving the
@@ -285,10 +296,10 @@ def icm_loss(
     if n == 0:
         raise ValueError("icm_loss got an empty batch (n = 0): the loss has no rows to average")
     with torch.autocast(logits.device.type, enabled=False):
-        return _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile)
+        return _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile, fused)
 
 
-def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile) -> torch.Tensor:
+def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile, fused):
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     lam = lam.to(x.dtype)
     world, n, num_classes = dist.size(process_group), x.shape[0], x.shape[1]
@@ -305,9 +316,11 @@ def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile) -
     groups = target_groups(ga, gb, gl) if dedup else None
 
     # this rank's images against all N mixed classes: rows of S̃ and its columns' partial sums
-    if uses_dense_stats(num_classes, method=method, tile=tile, dedup=dedup):  # fewest kernels
+    pos_rows = pos_cols = None
+    if uses_fused(x.dtype, fused=fused, tile=tile, dedup=dedup):  # fewest kernels: 2
+        rows, cols, diag = fused_stats(x, ga, gb, gl, first)
+    elif uses_dense_stats(num_classes, method=method, tile=tile, dedup=dedup):  # next fewest
         rows, cols, diag = dense_stats(x, mixing_matrix(ga, gb, gl, num_classes), first)
-        pos_rows = pos_cols = None
     else:
         own = first + torch.arange(n, device=x.device)
         keys = None if groups is None else (groups[own], groups)

@@ -41,6 +41,7 @@ class ObjectiveConfig:
     # the block fits a budget, else tiles (dist_icm.tiled.resolve_tile). Any: an int or a str
     tile: Any = 0
     cuda_graph: bool = True  # ICM only: replay the loss from CUDA graphs where exact (graphs.py)
+    fused: bool = False  # ICM only: S̃'s statistics from two Triton kernels (dist_icm.fused)
     regmix_weight: float = 1.0  # RegMixup: weight of the mixed term
     tau: float = 0.5  # Remix
     kappa: float = 3.0  # Remix
@@ -119,7 +120,9 @@ class Objective:
         self.loss_fn = self._icm_loss
         if cfg.icm and cfg.cuda_graph and not validate:  # validation reads values back
             world = dist.size(process_group)
-            self.loss_fn = GraphedLoss(self._icm_loss, world=world, dedup=cfg.dedup, tile=cfg.tile)
+            self.loss_fn = GraphedLoss(
+                self._icm_loss, world=world, dedup=cfg.dedup, tile=cfg.tile, fused=cfg.fused
+            )
         # the last call's targets (a, b, lam), detached and on the device, for whoever
         # measures them between steps (the trainer's duplicate share); ce: (y, y, 1)
         self.last_targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -151,6 +154,7 @@ class Objective:
             gather=self.cfg.gather,
             dedup=self.cfg.dedup,
             tile=self.cfg.tile,
+            fused=self.cfg.fused,
             validate=self.validate,
         )
 

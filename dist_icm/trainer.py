@@ -32,6 +32,7 @@ from dist_icm import dist, preempt, resume, streams
 from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
 from dist_icm.data.bundle import DataBundle
 from dist_icm.data.pipeline import build_data
+from dist_icm.fused import unavailable as fused_unavailable
 from dist_icm.graphs import GraphedModel, model_eligible
 from dist_icm.loss import duplicate_share
 from dist_icm.metrics import evaluate_sums, finalize
@@ -84,6 +85,8 @@ def setup(cfg: Config) -> Job:
     """Runtime, data, model, optimizer, schedule and objective, validated against each other."""
     rt = Runtime(cfg.runtime)
     rt.check(cfg.model)
+    if cfg.loss.icm and cfg.loss.fused and (why := fused_unavailable(rt.device)):
+        raise ConfigError(why)
     plan = plan_batches(cfg, rt.world_size)
     group = rt.process_group
 

@@ -156,6 +156,53 @@ def test_graphed_loss_runs_eagerly_where_graphs_do_not_fit(why, monkeypatch):
     assert torch.equal(loss, obj._icm_loss(logits, mixed.a, mixed.b, mixed.lam))
 
 
+@pytest.mark.parametrize("c", [10, 100, 1000])
+def test_fused_stats_on_cuda_equal_the_float64_torch_form(c):
+    """The compiled kernels (``loss.fused``): rows, columns, diagonal and the gradient against
+    ``dense_stats`` in float64 on the CPU, at a rank's offset in a larger S̃."""
+    from dist_icm.fused import fused_stats
+    from dist_icm.loss import mixing_matrix
+    from dist_icm.tiled import dense_stats
+
+    x, a, b, lam = _problem_cuda(1000, c)
+    x, a, b, lam = x[:300], a, b, lam  # 300 images owning mixed classes 500 ... 799 of 1000
+    weights = [torch.randn(k, device="cuda") for k in (300, 1000, 300)]
+    xf = x.detach().clone().requires_grad_()
+    got = fused_stats(xf, a, b, lam, 500)
+    sum((w * t).sum() for w, t in zip(weights, got, strict=True)).backward()
+    x64 = x.detach().cpu().double().requires_grad_()
+    ref = dense_stats(x64, mixing_matrix(a.cpu(), b.cpu(), lam.cpu().double(), c), 500)
+    sum((w.cpu().double() * t).sum() for w, t in zip(weights, ref, strict=True)).backward()
+    for o, r in [*zip(got, ref, strict=True), (xf.grad, x64.grad)]:
+        assert (o.detach().cpu().double() - r.detach()).norm() <= 1e-5 * r.detach().norm()
+
+
+@pytest.mark.parametrize("c", [10, 1000])
+def test_graphed_fused_loss_is_the_eager_fused_loss_bit_for_bit(c):
+    """The fused loss replays from CUDA graphs at 1000 classes too (the torch form does not):
+    every step's loss and gradient are the eager fused ones, which track the torch form's."""
+    cfg = {"fused": True}
+    obj, graphed = _objective_steps(cfg, 4, c=c)
+    assert obj.loss_fn.captured == 1
+    _, eager = _objective_steps(cfg, 4, c=c, graph=False)
+    _, torch_form = _objective_steps({}, 4, c=c, graph=False)
+    for (gl, gg), (el, eg), (tl, tg) in zip(graphed, eager, torch_form, strict=True):
+        assert torch.equal(gl, el) and torch.equal(gg, eg)
+        assert abs(gl.item() - tl.item()) <= 1e-5 * abs(tl.item())
+        assert (gg.float() - tg.float()).norm() <= 1e-2 * tg.float().norm()  # bf16 gradients
+
+
+def test_trainer_with_the_fused_loss_tracks_the_torch_loss(tmp_path):
+    runs = {}
+    for flag in ("true", "false"):
+        run_train(tmp_path / flag, "experiment=quickstart", "runtime=bf16", "runtime.device=cuda",
+                  "train.max_steps=10", "train.log_every=1", "train.progress=false",
+                  f"loss.fused={flag}")  # fmt: skip
+        runs[flag] = losses(tmp_path / flag)
+    assert sorted(runs["true"]) == sorted(runs["false"]) == list(range(1, 11))
+    assert all(abs(runs["true"][s] - v) <= 1e-3 * v for s, v in runs["false"].items())
+
+
 def y_of(g: torch.Generator, n: int) -> torch.Tensor:
     return torch.randint(0, 10, (n,), generator=g).cuda()
 

@@ -3,7 +3,9 @@ global batch N (one process, n = N), in three forms side by side:
 
 * ``dense``: S̃ = S Ỹᵀ whole, as a matmul with a dense (N x C) Ỹ (``method=matmul``, tile 0);
 * ``gather``: S̃ whole, as two column gathers (``method=gather``, tile 0);
-* ``tiled``: T x T tiles, recomputed in the backward (``tile=T``, matmul tiles).
+* ``tiled``: T x T tiles, recomputed in the backward (``tile=T``, matmul tiles);
+* ``fused``: on CUDA, S̃'s statistics from the Triton kernels of ``dist_icm.fused``
+  (``fused=True``; not for float64, which they do not compute).
 
 Every repeat runs the forms one after the other, so machine noise hits them alike; times are
 medians. Extra peak memory is what one forward + backward adds on top of its inputs: on CUDA
@@ -21,6 +23,7 @@ import time
 
 import torch
 
+from dist_icm.fused import unavailable
 from dist_icm.loss import icm_loss
 
 FORMS = {"dense": {"method": "matmul"}, "gather": {"method": "gather"}, "tiled": {}}
@@ -65,6 +68,7 @@ def bench_loss(
     max_untiled: int,
 ) -> dict:
     gen = torch.Generator().manual_seed(0)
+    fused = device.startswith("cuda") and dtype != "float64" and unavailable(device) is None
     rows = []
     for c in classes:
         for n in sizes:
@@ -74,6 +78,8 @@ def bench_loss(
             lam = torch.rand(n, generator=gen).to(device)
             forms = {k: v for k, v in FORMS.items() if k == "tiled" or n <= max_untiled}
             kws = {k: {**v, "tile": tile if k == "tiled" else 0} for k, v in forms.items()}
+            if fused:
+                kws["fused"] = {"fused": True}
             runs: dict[str, list] = {k: [] for k in kws}
             for kw in kws.values():  # warm-up (and first-touch of the allocator)
                 _run(logits, a, b, lam, kw)
@@ -89,6 +95,8 @@ def bench_loss(
                 row["tiled_over_dense_mib"] = round(
                     row["tiled_mib"] / max(row["dense_mib"], 0.1), 4
                 )
+            if "dense" in runs and "fused" in runs:
+                row["fused_over_dense_s"] = round(row["fused_s"] / row["dense_s"], 3)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)  # progress
     return {

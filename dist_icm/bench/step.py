@@ -8,7 +8,8 @@ Same model, same batch, same optimizer (SGD, momentum 0.9, weight decay 5e-4), o
 
 On CUDA both replay the model's forward and backward from CUDA graphs, and the ICM loss's too,
 as the trainer does (``dist_icm.graphs``; not with ``--compile``); ``ce_eager`` and
-``icm_eager`` are the same two steps without any graphs (``icm_eager_over_ce_eager``).
+``icm_eager`` are the same two steps without any graphs (``icm_eager_over_ce_eager``), and
+``icm_fused`` is the ICM step with ``loss.fused`` (``icm_fused_over_ce``; where Triton is there).
 
 The forms alternate in blocks of ``--steps`` back-to-back steps (``--repeats`` blocks each, after
 ``--warmup`` steps of each), so machine noise hits both alike and, as in training, the host
@@ -31,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dist_icm.fused import unavailable
 from dist_icm.graphs import GraphedModel
 from dist_icm.mixing import MixContext
 from dist_icm.models import build_model
@@ -99,6 +101,9 @@ def bench_step(
     if cuda:  # the same two steps without CUDA graphs (graphs.py), alongside
         eager = ObjectiveConfig(name="icm_mixup", cuda_graph=False)
         objectives.update(ce_eager=None, icm_eager=Objective(eager, validate=False))
+        if unavailable(device) is None:  # the Triton kernels of dist_icm.fused
+            fused = ObjectiveConfig(name="icm_mixup", fused=True)
+            objectives["icm_fused"] = Objective(fused, validate=False)
     models, optims = {}, {}
     for k in objectives:
         torch.manual_seed(0)
@@ -179,6 +184,14 @@ def bench_step(
                 "ce_eager_over_ce": round(med["ce_eager"] / med["ce"], 4),  # graphs' speed-up
             }
             if cuda
+            else {}
+        ),
+        **(
+            {
+                "icm_fused_s": round(med["icm_fused"], 4),
+                "icm_fused_over_ce": round(med["icm_fused"] / med["ce"], 4),
+            }
+            if "icm_fused" in med
             else {}
         ),
         "eval_images_per_s": round(batch / eval_s, 1),

@@ -68,45 +68,55 @@ if triton is not None:
         return tl.where(ok_j[None, :], s, float("-inf")), ok_j
 
     @triton.jit
+    def _row_stats(x_ptr, a_ptr, b_ptr, lam_ptr, rows_ptr, diag_ptr, ri, m, k, C, offset, BN):
+        """Rows ri: the logsumexp along each row (a running maximum and sum), and its own score."""
+        top = tl.full(ri.shape, float("-inf"), tl.float32)
+        total = tl.zeros(ri.shape, tl.float32)
+        for j0 in range(0, k, BN):
+            s, _ = _tile(x_ptr, a_ptr, b_ptr, lam_ptr, ri, j0 + tl.arange(0, BN), m, k, C)
+            new = tl.maximum(top, tl.max(s, 1))
+            total = total * tl.exp(top - new) + tl.sum(tl.exp(s - new[:, None]), 1)
+            top = new
+        ok = ri < m
+        tl.store(rows_ptr + ri, top + tl.log(total), mask=ok)
+        own = offset + ri
+        a = tl.load(a_ptr + own, mask=ok, other=0)
+        b = tl.load(b_ptr + own, mask=ok, other=0)
+        lam = tl.load(lam_ptr + own, mask=ok, other=0.0)
+        xa = tl.load(x_ptr + ri.to(tl.int64) * C + a, mask=ok, other=0.0)
+        xb = tl.load(x_ptr + ri.to(tl.int64) * C + b, mask=ok, other=0.0)
+        tl.store(diag_ptr + ri, lam * xa + (1.0 - lam) * xb, mask=ok)
+
+    @triton.jit
+    def _col_stats(x_ptr, a_ptr, b_ptr, lam_ptr, cols_ptr, rj, m, k, C, BM):
+        """Columns rj: the logsumexp down each column."""
+        # columns beyond k repeat the last (not stored): an all -inf column would give nan
+        safe = tl.minimum(rj, k - 1)
+        top = tl.full(rj.shape, float("-inf"), tl.float32)
+        total = tl.zeros(rj.shape, tl.float32)
+        for i0 in range(0, m, BM):
+            ri = i0 + tl.arange(0, BM)
+            s, _ = _tile(x_ptr, a_ptr, b_ptr, lam_ptr, ri, safe, m, k, C)
+            s = tl.where((ri < m)[:, None], s, float("-inf"))
+            new = tl.maximum(top, tl.max(s, 0))
+            total = total * tl.exp(top - new) + tl.sum(tl.exp(s - new[None, :]), 0)
+            top = new
+        tl.store(cols_ptr + rj, top + tl.log(total), mask=rj < k)
+
+    @triton.jit
     def _forward(
         x_ptr, a_ptr, b_ptr, lam_ptr, rows_ptr, cols_ptr, diag_ptr,
         m, k, C, offset, row_programs,
         BM: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
+        """Programs 0 ... row_programs - 1 take BM rows each, the rest BN columns each."""
         pid = tl.program_id(0)
-        if pid < row_programs:  # rows pid*BM ...: logsumexp along the row, and the own score
+        if pid < row_programs:
             ri = pid * BM + tl.arange(0, BM)
-            top = tl.full((BM,), float("-inf"), tl.float32)
-            total = tl.zeros((BM,), tl.float32)
-            for j0 in range(0, k, BN):
-                s, _ = _tile(x_ptr, a_ptr, b_ptr, lam_ptr, ri, j0 + tl.arange(0, BN), m, k, C)
-                new = tl.maximum(top, tl.max(s, 1))
-                total = total * tl.exp(top - new) + tl.sum(tl.exp(s - new[:, None]), 1)
-                top = new
-            tl.store(rows_ptr + ri, top + tl.log(total), mask=ri < m)
-            own = offset + ri
-            ok = ri < m
-            a = tl.load(a_ptr + own, mask=ok, other=0)
-            b = tl.load(b_ptr + own, mask=ok, other=0)
-            lam = tl.load(lam_ptr + own, mask=ok, other=0.0)
-            xa = tl.load(x_ptr + ri.to(tl.int64) * C + a, mask=ok, other=0.0)
-            xb = tl.load(x_ptr + ri.to(tl.int64) * C + b, mask=ok, other=0.0)
-            tl.store(diag_ptr + ri, lam * xa + (1.0 - lam) * xb, mask=ok)
-        else:  # columns (pid - row_programs)*BN ...: logsumexp down the column
+            _row_stats(x_ptr, a_ptr, b_ptr, lam_ptr, rows_ptr, diag_ptr, ri, m, k, C, offset, BN)
+        else:
             rj = (pid - row_programs) * BN + tl.arange(0, BN)
-            # columns beyond k repeat the last (not stored): an all -inf column would give nan
-            rj = tl.minimum(rj, k - 1)
-            top = tl.full((BN,), float("-inf"), tl.float32)
-            total = tl.zeros((BN,), tl.float32)
-            for i0 in range(0, m, BM):
-                ri = i0 + tl.arange(0, BM)
-                s, _ = _tile(x_ptr, a_ptr, b_ptr, lam_ptr, ri, rj, m, k, C)
-                s = tl.where((ri < m)[:, None], s, float("-inf"))
-                new = tl.maximum(top, tl.max(s, 0))
-                total = total * tl.exp(top - new) + tl.sum(tl.exp(s - new[None, :]), 0)
-                top = new
-            out = (pid - row_programs) * BN + tl.arange(0, BN)
-            tl.store(cols_ptr + out, top + tl.log(total), mask=out < k)
+            _col_stats(x_ptr, a_ptr, b_ptr, lam_ptr, cols_ptr, rj, m, k, C, BM)
 
     @triton.jit
     def _mixing(a_ptr, b_ptr, lam_ptr, rj, ok_j, rc):

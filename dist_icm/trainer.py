@@ -121,6 +121,8 @@ def setup(cfg: Config) -> Job:
         n, big = plan.per_device, plan.micro_global
         tile = resolve_tile("auto", n, big, 4)
         notes.append(f"loss.tile=auto: {f'tiles of {tile}' if tile else 'untiled'} ({n} x {big})")
+    if cfg.loss.icm and cfg.loss.fused and rt.device.type != "cuda":
+        notes.append("loss.fused=true off CUDA: Triton's interpreter runs the kernels (slow)")
     optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(spe, cfg.schedule))
     model, optimizer = rt.prepare(model, optimizer, cfg.model, plan, grad_clip=cfg.optim.grad_clip)

@@ -8,6 +8,8 @@ on their own, inside ``icm_loss`` on one process, and on 2 gloo processes agains
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -267,7 +269,8 @@ def test_the_trainer_with_loss_fused_tracks_the_torch_loss(tmp_path):
     the weights after the last step), but not the same bits (the kernels really ran)."""
     common = [*QUICK, "train.max_steps=6", "train.log_every=1"]
     run_train(tmp_path / "torch", *common)
-    run_train(tmp_path / "fused", *common, "loss.fused=true")
+    out = run_train(tmp_path / "fused", *common, "loss.fused=true")
+    assert "loss.fused=true off CUDA: Triton's interpreter" in out.stderr
     plain, fused = losses(tmp_path / "torch"), losses(tmp_path / "fused")
     assert sorted(plain) == sorted(fused) == list(range(1, 7))
     assert max(abs(fused[s] - plain[s]) / plain[s] for s in plain) <= 1e-5
@@ -289,3 +292,66 @@ def test_loss_fused_without_a_way_to_run_stops_at_start(tmp_path):
     out = run_train(tmp_path, *QUICK, "loss.fused=true", env=env, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "loss.fused runs on CUDA" in out.stderr and "Traceback" not in out.stderr
+
+
+_COMPILE = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dist_icm import fused
+
+ptr, i32, const = "*fp32", "i32", "constexpr"
+common = {"x_ptr": ptr, "a_ptr": "*i64", "b_ptr": "*i64", "lam_ptr": ptr, "rows_ptr": ptr,
+          "cols_ptr": ptr}
+forward = common | {"diag_ptr": ptr, "m": i32, "k": i32, "C": i32, "offset": i32,
+                    "row_programs": i32, "BM": const, "BN": const}
+backward = common | {"g_rows_ptr": ptr, "g_cols_ptr": ptr, "g_diag_ptr": ptr,
+                     "g_rows_step": i32, "g_cols_step": i32, "g_diag_step": i32, "dx_ptr": ptr,
+                     "m": i32, "k": i32, "C": i32, "offset": i32, "BM": const, "BN": const,
+                     "BC": const}
+blocks = {"BM": fused.BLOCK_ROWS, "BN": fused.BLOCK_COLS, "BC": fused.BLOCK_CLASSES}
+for arch in (80, 90):
+    for kernel, signature in ((fused._forward, forward), (fused._backward, backward)):
+        constexprs = {k: v for k, v in blocks.items() if k in signature}
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs=constexprs),
+            target=GPUTarget("cuda", arch, 32),
+        )
+        assert compiled.asm["cubin"] and ".local" not in compiled.asm["ptx"], "spills"
+        print("compiled", kernel.fn.__name__, arch)
+
+
+@triton.jit
+def _two_shapes(out_ptr, flag):  # the negative control: what the interpreter runs
+    if flag > 0:
+        v = tl.zeros((32,), tl.float32)
+    else:
+        v = tl.zeros((64,), tl.float32)
+    tl.store(out_ptr + tl.arange(0, 32), tl.sum(v, 0))
+
+
+try:
+    triton.compile(
+        ASTSource(_two_shapes, {"out_ptr": ptr, "flag": i32}), target=GPUTarget("cuda", 90, 32)
+    )
+except triton.compiler.errors.CompilationError as err:
+    print("refused:", str(err).strip().splitlines()[-1])
+"""
+
+
+def test_the_kernels_compile_for_ampere_and_hopper(tmp_path):
+    """The interpreter does not type-check as the compiler does (it ran a first version whose
+    branches gave one name two shapes, which the compiler refuses), so both kernels are also
+    compiled here, without a GPU, to sm_80 and sm_90 machine code (A100, H100/H200), with no
+    register spills. Negative control: a kernel of that kind is refused by the same compile."""
+    script = tmp_path / "compile_kernels.py"  # a file: the compiler reads the kernels' source
+    script.write_text(_COMPILE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("compiled") == 4
+    assert 'refused: AssertionError("Mismatched type for v' in out.stdout, out.stdout

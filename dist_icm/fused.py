@@ -17,8 +17,8 @@ from two gathers, S̃_ij = lam_j X[i, a_j] + (1 - lam_j) X[i, b_j].
 Same math as ``dense_stats``, summed in another order: equal up to float32 rounding
 (``tests/test_fused.py``). Float32 only. On a CUDA device the kernels are compiled; on CPU
 tensors they run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
-imported; the tests do), which is exact but slow. ``loss.fused`` turns them on (default off:
-they are checked against the torch form, but not yet measured on a GPU).
+imported; the tests do), which runs the same code in NumPy, slowly. ``loss.fused`` turns them
+on (default off: they are checked against the torch form, but not yet measured on a GPU).
 """
 
 from __future__ import annotations

@@ -33,8 +33,9 @@ Untiled with the dense Ỹ and without dedup (the default), the rank's block of 
 column logsumexps and its positives' scores come from one autograd function with a
 hand-written backward (``dist_icm.tiled.dense_stats``): the same math in about half the kernels.
 ``tile=T`` computes the same statistics in T x T tiles (``dist_icm.tiled``), recomputing them in
-the backward pass, so no (n x N) block is ever held. Counted bytes per collective:
-``dist.count_bytes`` and ``python -m dist_icm.bench comm``.
+the backward pass, so no (n x N) block is ever held. ``fused=True`` takes them from two Triton
+kernels instead (``dist_icm.fused``: one launch forward, one backward, no (n x N) block either).
+Counted bytes per collective: ``dist.count_bytes`` and ``python -m dist_icm.bench comm``.
 
 ``dedup=True`` (beyond the paper) treats rows whose mixing vectors are identical as positives of
 each other (multi-positive CE: -log of the softmax mass on all positives), so duplicates of a

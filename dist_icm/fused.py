@@ -33,6 +33,7 @@ try:
 except ImportError:  # torch's CPU-only wheels come without Triton
     triton = None
 
+# Fixed, not autotuned: a pick by timing could differ from run to run, and the sums' order with it
 BLOCK_ROWS = 32  # rows of a tile (tl.dot needs every edge >= 16)
 BLOCK_COLS = 64  # mixed classes of a tile
 BLOCK_CLASSES = 64  # classes of the backward's output block

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures, and Triton's interpreter where no GPU is visible.
+"""Shared pytest fixtures.
 
 ``cifar10_jpeg_root``: the real CIFAR-10 as a JPEG ImageFolder tree, unpacked once from
 ``../shared/data/cifar10-jpeg.tar.xz`` into ``$DIST_ICM_CACHE/cifar10-jpeg`` (default
@@ -8,19 +8,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
-# Without a GPU, dist_icm.fused's Triton kernels run in Triton's interpreter, on CPU tensors
-# (tests/test_fused.py); triton reads this when it is imported, so before anything imports it
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from dist_icm.data.datasets import cache_root as project_cache  # noqa: E402
-from dist_icm.data.unpack import unpack_once  # noqa: E402
+from dist_icm.data.datasets import cache_root as project_cache
+from dist_icm.data.unpack import unpack_once
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_JPEG_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
@@ -49,6 +42,8 @@ def cifar10_jpeg_root() -> Path:
 
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests skip cleanly, with a reason, where no CUDA device is visible."""
+    import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")

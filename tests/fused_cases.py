@@ -21,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError("run through tests/test_fused.py: these cases need TRITON_INTERPRET=1")
 
-from dist_icm.fused import BLOCK_CLASSES, BLOCK_COLS, BLOCK_ROWS, fused_stats  # noqa: E402
+from dist_icm.fused import fused_stats  # noqa: E402
+from dist_icm.fused_kernels import BLOCK_CLASSES, BLOCK_COLS, BLOCK_ROWS  # noqa: E402
 from dist_icm.loss import icm_loss, mixing_matrix  # noqa: E402
 from dist_icm.tiled import dense_stats  # noqa: E402
 

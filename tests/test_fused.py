@@ -98,7 +98,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dist_icm import fused
+from dist_icm import fused_kernels as fused
 
 ptr, i32, const = "*fp32", "i32", "constexpr"
 common = {"x_ptr": ptr, "a_ptr": "*i64", "b_ptr": "*i64", "lam_ptr": ptr, "rows_ptr": ptr,

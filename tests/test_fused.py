@@ -25,9 +25,16 @@ CASES = Path(__file__).with_name("fused_cases.py")
 INTERPRET = os.environ | {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.mark.multiproc  # one of the cases starts 2 gloo processes
-def test_the_interpreted_cases_pass():
-    cmd = [sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider"]
+@pytest.mark.parametrize(
+    "marks",
+    [
+        "not multiproc",
+        pytest.param("multiproc", marks=pytest.mark.multiproc),  # 2 gloo processes
+    ],
+)
+def test_the_interpreted_cases_pass(marks):
+    """The cases of ``fused_cases.py`` (its ``multiproc`` ones under that marker here too)."""
+    cmd = [sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider", "-m", marks]
     out = subprocess.run(
         cmd, capture_output=True, text=True, env=INTERPRET, cwd=CASES.parent, timeout=900
     )

@@ -8,6 +8,7 @@
   run the kernels it stops at start in one line.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from cli import losses, run_train
 pytest.importorskip("triton", reason="dist_icm.fused needs Triton (torch's CUDA wheels bring it)")
 
 from dist_icm import graphs  # noqa: E402
+from dist_icm.bench.__main__ import _MALLOC  # noqa: E402
 
 CASES = Path(__file__).with_name("fused_cases.py")
 INTERPRET = os.environ | {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -160,3 +162,53 @@ def test_the_kernels_compile_for_ampere_and_hopper(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("compiled") == 4
     assert 'refused: AssertionError("Mismatched type for v' in out.stdout, out.stdout
+
+
+STEP = ["step", "--model", "small_cnn", "--batch", "16", "--image", "8", "--steps", "1",
+        "--repeats", "1", "--warmup", "1", "--device", "cpu"]  # fmt: skip
+LOSS = ["loss", "--sizes", "96", "--classes", "10", "--tile", "32", "--repeats", "1"]
+# the kernels made to fail, then the bench's own entry point
+_BROKEN = """
+import sys
+from dist_icm import fused
+from dist_icm.bench.__main__ import main
+
+def fail(*args):
+    raise RuntimeError("injected: the kernel did not launch")
+
+fused._FusedLSE.forward = staticmethod(fail)
+main(sys.argv[1:])
+"""
+
+
+def _bench(args, broken=False):
+    head = ["-c", _BROKEN] if broken else ["-m", "dist_icm.bench"]
+    env = (
+        INTERPRET | _MALLOC
+    )  # with these set, bench loss does not re-start itself without the fault
+    out = subprocess.run(
+        [sys.executable, *head, *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_the_benches_time_the_fused_form_where_its_kernels_run():
+    """``bench step`` and ``bench loss`` with the interpreter: the fused form is there (the
+    timings mean nothing interpreted; on CUDA they are the point)."""
+    step = _bench(STEP)
+    assert set(step["queue"]) == {"ce", "icm", "icm_fused"} and step["icm_fused_over_ce"] > 0
+    (row,) = _bench(LOSS)["rows"]
+    assert row["fused_s"] > 0 and row["fused_over_dense_s"] > 0
+
+
+def test_a_failing_fused_form_leaves_the_other_figures():
+    """Kernels that fail on a GPU (they have not run on one yet) cost their own figures only."""
+    step = _bench(STEP, broken=True)
+    assert step["icm_fused_error"] == "injected: the kernel did not launch"
+    assert "icm_fused_over_ce" not in step and step["icm_over_ce"] > 0
+    assert set(step["queue"]) == {"ce", "icm"}
+    loss = _bench(LOSS, broken=True)
+    assert loss["fused_error"] == "injected: the kernel did not launch"
+    (row,) = loss["rows"]
+    assert "fused_s" not in row and row["tiled_s"] > 0

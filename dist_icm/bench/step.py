@@ -9,7 +9,9 @@ Same model, same batch, same optimizer (SGD, momentum 0.9, weight decay 5e-4), o
 On CUDA both replay the model's forward and backward from CUDA graphs, and the ICM loss's too,
 as the trainer does (``dist_icm.graphs``; not with ``--compile``); ``ce_eager`` and
 ``icm_eager`` are the same two steps without any graphs (``icm_eager_over_ce_eager``), and
-``icm_fused`` is the ICM step with ``loss.fused`` (``icm_fused_over_ce``; where Triton is there).
+``icm_fused`` is the ICM step with ``loss.fused`` (``icm_fused_over_ce``) where its kernels can
+run (CUDA with Triton; Triton's interpreter in the tests). Should they fail, ``icm_fused_error``
+says why, and the other forms are still timed.
 
 The forms alternate in blocks of ``--steps`` back-to-back steps (``--repeats`` blocks each, after
 ``--warmup`` steps of each), so machine noise hits both alike and, as in training, the host
@@ -101,9 +103,9 @@ def bench_step(
     if cuda:  # the same two steps without CUDA graphs (graphs.py), alongside
         eager = ObjectiveConfig(name="icm_mixup", cuda_graph=False)
         objectives.update(ce_eager=None, icm_eager=Objective(eager, validate=False))
-        if unavailable(device) is None:  # the Triton kernels of dist_icm.fused
-            fused = ObjectiveConfig(name="icm_mixup", fused=True)
-            objectives["icm_fused"] = Objective(fused, validate=False)
+    if unavailable(device) is None:  # the Triton kernels of dist_icm.fused (or the interpreter)
+        fused = ObjectiveConfig(name="icm_mixup", fused=True)
+        objectives["icm_fused"] = Objective(fused, validate=False)
     models, optims = {}, {}
     for k in objectives:
         torch.manual_seed(0)
@@ -131,8 +133,15 @@ def bench_step(
     def block(k: str, first: int, count: int) -> float:
         return time_block(lambda i: step(k, i), first, count, device)
 
-    for k in objectives:
-        block(k, 0, warmup)
+    fused_error = None
+    for k in list(objectives):
+        try:
+            block(k, 0, warmup)
+        except Exception as err:  # only the fused form's, whose kernels no GPU has run yet
+            if k != "icm_fused":
+                raise
+            fused_error = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            del objectives[k]  # the other forms' figures still come out
     times: dict[str, list[float]] = {k: [] for k in objectives}
     for r in range(repeats):
         for k in objectives:
@@ -194,6 +203,7 @@ def bench_step(
             if "icm_fused" in med
             else {}
         ),
+        **({"icm_fused_error": fused_error} if fused_error else {}),
         "eval_images_per_s": round(batch / eval_s, 1),
         # model compute only (no data loading): train + test images per epoch, at these rates
         "epoch_s": round(epoch_s, 2),

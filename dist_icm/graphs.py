@@ -100,9 +100,14 @@ def usable(
     )
 
 
+def first_line(err: Exception) -> str:
+    """An error's first line (its type's name where it has no message)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _warn_failed(what: str, err: Exception, instead: str) -> None:
     """One warning for a capture that raised: its first line, and what runs instead."""
-    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    why = first_line(err)
     warnings.warn(
         f"capturing {what} as CUDA graphs failed ({why}); {instead} (the same math, more launches)",
         RuntimeWarning,

@@ -25,6 +25,7 @@ import time
 import torch
 
 from dist_icm.fused import unavailable
+from dist_icm.graphs import first_line
 from dist_icm.loss import icm_loss
 
 FORMS = {"dense": {"method": "matmul"}, "gather": {"method": "gather"}, "tiled": {}}
@@ -88,7 +89,7 @@ def bench_loss(
                 except Exception as err:  # only the fused form's, whose kernels no GPU has run
                     if k != "fused":
                         raise
-                    fused_error = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    fused_error = first_line(err)[:300]
                     fused = False
                     del kws[k]
             runs: dict[str, list] = {k: [] for k in kws}
@@ -116,5 +117,5 @@ def bench_loss(
         "tile": tile,
         "repeats": repeats,
         "rows": rows,
-        **({"fused_error": fused_error[:300]} if fused_error else {}),
+        **({"fused_error": fused_error} if fused_error else {}),
     }

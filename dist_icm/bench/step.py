@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_icm.fused import unavailable
-from dist_icm.graphs import GraphedModel
+from dist_icm.graphs import GraphedModel, first_line
 from dist_icm.mixing import MixContext
 from dist_icm.models import build_model
 from dist_icm.objectives import Objective, ObjectiveConfig
@@ -140,7 +140,7 @@ def bench_step(
         except Exception as err:  # only the fused form's, whose kernels no GPU has run yet
             if k != "icm_fused":
                 raise
-            fused_error = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            fused_error = first_line(err)[:300]
             del objectives[k]  # the other forms' figures still come out
     times: dict[str, list[float]] = {k: [] for k in objectives}
     for r in range(repeats):

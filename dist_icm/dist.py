@@ -315,9 +315,8 @@ def all_reduce_max_async(x: torch.Tensor, group: Group):
 
 
 def shutdown() -> None:
-    """Destroy the default process group, if any, before the interpreter exits (without it,
-    a process now and then aborts at exit with "terminate called without an active
-    exception")."""
+    """Destroy every process group, if any, before the process ends (``train.leave`` then
+    ends it without the interpreter's teardown)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -10,14 +10,17 @@ others first). Failures during training have their own codes (``*_EXIT`` below).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
+from typing import NoReturn
 
 import hydra
 import torch
@@ -222,8 +225,43 @@ def _die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main() -> None:
-    """Console entry point. Ranks other than 0 leave no Hydra files behind.
+def main() -> NoReturn:
+    """Console entry point: runs the job (:func:`_main`), then ends the process with its exit
+    code through :func:`leave`."""
+    try:
+        _main()
+    except SystemExit as e:
+        leave(e.code)
+    leave(0)
+
+
+def leave(code: int | str | None) -> NoReturn:
+    """End the process as ``sys.exit(code)`` would, minus the interpreter's teardown: the
+    non-daemon threads are joined and the ``atexit`` handlers run (logs flushed, data workers
+    stopped, temporary folders removed), then the process exits with ``code``.
+
+    The teardown is where it goes wrong: a process group's thread that finishes a collective
+    there (one that a peer's exit just failed) cannot take the interpreter's lock, and the
+    process dies with SIGABRT ("terminate called ...") instead of its exit code. Seen in CI
+    with Triton loaded, as ``loss.fused`` and ``torch.compile`` load it; tests/test_exit.py
+    makes it happen every time."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("text"): the text on stderr, exit code 1
+        print(code, file=sys.stderr)
+        code = 1
+    getattr(threading, "_shutdown", lambda: None)()  # the interpreter's first step out
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
+            pass
+    os._exit(code)
+
+
+def _main() -> None:
+    """The job under Hydra. Ranks other than 0 leave no Hydra files behind.
 
     Hydra's own start-up errors (an unknown key or group option, an override it cannot parse,
     a run folder it cannot make) become one ``dist_icm: error:`` line and exit code 2, like the

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dist_icm import dist
 from dist_icm.graphs import GraphedLoss
-from dist_icm.loss import AXES, GATHERS, icm_loss
+from dist_icm.loss import AXES, GATHERS, duplicate_share, icm_loss
 from dist_icm.mixing import MixContext, Mixed, cutmix, mixup, remix_lam
 from dist_icm.tiled import is_tile
 
@@ -126,6 +126,16 @@ class Objective:
         # the last call's targets (a, b, lam), detached and on the device, for whoever
         # measures them between steps (the trainer's duplicate share); ce: (y, y, 1)
         self.last_targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def duplicate_share(self) -> float | None:
+        """The share of rows of the last call's batch over all ranks (the rows one loss sees)
+        whose target another row also has (see :func:`~dist_icm.loss.duplicate_share`); None
+        before the first call. One all-gather of the targets: for log steps, not every step."""
+        if self.last_targets is None:
+            return None
+        local = torch.stack([t.detach().double() for t in self.last_targets], dim=1)
+        rows = dist.all_gather_nograd(local, self.group)
+        return duplicate_share(rows[:, 0].long(), rows[:, 1].long(), rows[:, 2])
 
     def mix(self, x: torch.Tensor, y: torch.Tensor, ctx: MixContext) -> Mixed:
         cfg = self.cfg

@@ -34,7 +34,6 @@ from dist_icm.data.bundle import DataBundle
 from dist_icm.data.pipeline import build_data
 from dist_icm.fused import unavailable as fused_unavailable
 from dist_icm.graphs import GraphedModel, model_eligible
-from dist_icm.loss import duplicate_share
 from dist_icm.metrics import evaluate_sums, finalize
 from dist_icm.mixing import MixContext
 from dist_icm.models import build_model
@@ -229,6 +228,23 @@ def _open_report(job: Job, step: int, resumed: bool) -> Report:
     return report
 
 
+def _log_step(job: Job, report: Report, step: int, mean_loss, rate: float, skipped: int) -> dict:
+    """Log step ``step``'s record (written by rank 0; returned on every rank): ``mean_loss``
+    (this rank's mean over the steps trained since the last log, a device tensor; None where
+    every one was skipped) averaged over ranks, lr, images/s, skipped steps so far and the
+    batch's duplicate share."""
+    lr = job.scheduler.get_last_lr()[0]
+    record = {"step": step, "epoch": step / job.steps_per_epoch}
+    if mean_loss is not None:  # None on every rank alike: skips are agreed
+        record["train/loss"] = dist.all_reduce_mean(mean_loss, job.rt.process_group).item()
+    record |= {"train/lr": lr, "train/images_per_sec": rate}
+    record |= {"train/dup_share": job.objective.duplicate_share(), "train/skipped_steps": skipped}
+    report.log(record)
+    loss = record.get("train/loss", float("nan"))
+    report.progress(step, {"loss": loss, "lr": lr, "img/s": rate})
+    return record
+
+
 def train(job: Job, found: resume.Resumed | None = None) -> dict:
     """Train from ``found`` (a checkpoint) or from scratch to ``total_steps``, evaluating and
     checkpointing on the way; returns the summary (on every rank).
@@ -258,6 +274,12 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
             "skipped": skipped,
         }
 
+    def save(in_epoch_s: float = 0.0) -> int:  # a checkpoint of this step; returns the step
+        check_weights(job, step, "its checkpoint")
+        resume.save(job, step, run_totals(in_epoch_s))
+        flags.checkpoint_written()
+        return step
+
     job.model.train()
     try:
         while step < job.total_steps:
@@ -282,19 +304,10 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                         )
                 if step % cfg.train.log_every == 0 or step == job.total_steps:
                     rate = seen / (train_time + time.perf_counter() - t0)
-                    lr = job.scheduler.get_last_lr()[0]
-                    record = {"step": step, "epoch": step / spe}
-                    if loss_count:  # the same count on every rank: skips are agreed
-                        mean = loss_sum / loss_count
-                        record["train/loss"] = dist.all_reduce_mean(mean, rt.process_group).item()
-                    share = duplicate_share_global(job)
-                    if share is not None:
-                        dup_shares.append(share)
-                    record |= {"train/lr": lr, "train/images_per_sec": rate}
-                    record |= {"train/dup_share": share}
-                    report.log(record | {"train/skipped_steps": skipped})
-                    report.progress(step, {"loss": record.get("train/loss", float("nan")),
-                                           "lr": lr, "img/s": rate})  # fmt: skip
+                    mean = loss_sum / loss_count if loss_count else None
+                    record = _log_step(job, report, step, mean, rate, skipped)
+                    if record["train/dup_share"] is not None:
+                        dup_shares.append(record["train/dup_share"])
                     loss_sum, loss_count = torch.zeros((), device=rt.device), 0
                 decision = flags.poll()  # agreed by every rank (one step late on several)
                 stopping = decision.stop and step < job.total_steps
@@ -305,10 +318,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                 if asked and step % spe == 0:  # an epoch's last step: saved after its
                     continue  # evaluation, below, so a resume from it never skips one
                 if asked:
-                    check_weights(job, step, "its checkpoint")
-                    resume.save(job, step, run_totals(time.perf_counter() - t0))
-                    saved = step
-                    flags.checkpoint_written()
+                    saved = save(time.perf_counter() - t0)
             train_time += time.perf_counter() - t0
             end, epochs_done = step == job.total_steps, step // spe
             if end or (step % spe == 0 and epochs_done % cfg.train.eval_every == 0):
@@ -318,10 +328,7 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
                 job.model.train()
             due = step % spe == 0 and epochs_done % cfg.train.ckpt_every == 0
             if saved != step and (end or due or stopping or asked):
-                check_weights(job, step, "its checkpoint")
-                resume.save(job, step, run_totals())
-                saved = step
-                flags.checkpoint_written()
+                saved = save()
             if stopping:  # what an epoch's end does was done above; the step is saved
                 if rt.is_main:
                     preempt.mark(job.run_dir, step, flags.reason())
@@ -355,15 +362,3 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
     summary |= {"config": dataclasses.asdict(cfg)} | job.labels
     report.summary(summary)
     return summary
-
-
-def duplicate_share_global(job: Job) -> float | None:
-    """The share of rows of the last micro-step's batch over all ranks (the rows one loss
-    sees) whose target another row also has (see :func:`~dist_icm.loss.duplicate_share`).
-    One all-gather of the targets; called at log steps only."""
-    targets = job.objective.last_targets
-    if targets is None:
-        return None
-    local = torch.stack([t.detach().double() for t in targets], dim=1)
-    rows = dist.all_gather_nograd(local, job.rt.process_group)
-    return duplicate_share(rows[:, 0].long(), rows[:, 1].long(), rows[:, 2])

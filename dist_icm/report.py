@@ -8,8 +8,9 @@ Only the main process creates a :class:`Report` that writes; the others get a si
   ``key value`` lines, so that numbers and paths stay whole for grep.
 * Every line shown also goes to the ``dist_icm`` logger, which the run's Hydra logging config
   (``configs/hydra/job_logging/dist_icm.yaml``) writes to ``<run dir>/train.log``.
-* Resuming at step s drops what ``metrics.jsonl`` and TensorBoard hold past step s (the steps
-  the resumed run does again), so each step appears once.
+* Resuming at step s (or ``resume=auto`` starting at step 0 in a folder where an earlier
+  session logged steps before a crash) drops what ``metrics.jsonl`` and TensorBoard hold past
+  step s (the steps the run does again), so each step appears once.
 * ``summary.json`` is strict JSON: a non-finite value is written as ``null``.
 """
 
@@ -49,7 +50,7 @@ class Report:
         enabled: bool,
         total_steps: int,
         start_step: int = 0,
-        resumed: bool = False,
+        redo: bool = False,
         progress: bool = True,
         tensorboard: bool = True,
     ) -> None:
@@ -59,13 +60,13 @@ class Report:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed:
+        if redo:  # an earlier session may have logged steps past start_step: they are redone
             drop_records_after(run_dir / "metrics.jsonl", start_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = start_step + 1 if resumed else None  # hides the events past the checkpoint
+            purge = start_step + 1 if redo else None  # hides the events past start_step
             self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
         if progress and self.console.is_terminal:
             self._bar = Progress(

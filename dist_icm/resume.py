@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dist_icm import checkpoint, dist, report
+from dist_icm import checkpoint, dist
 from dist_icm.checkpoint import CheckpointError, CheckpointWriteError
 from dist_icm.config import ConfigError
 
@@ -179,8 +179,6 @@ def find_checkpoint(job: Job) -> Resumed | None:
         if cfg.resume == "auto":
             what = "no readable checkpoint" if skipped else "no checkpoint"
             job.notes.append(f"resume=auto: {what} in {job.ckpt_dir}; starting at step 0")
-            if job.rt.is_main:  # what a session that crashed before its first checkpoint
-                report.drop_records_after(job.run_dir / "metrics.jsonl", 0)  # logged is redone
         return None
     saved = found.state.get("config")
     note = check_config(saved, asdict(cfg), force=cfg.resume_force, step=found.step)

@@ -202,14 +202,15 @@ def check_weights(job: Job, step: int, before: str) -> None:
 
 
 def _open_report(job: Job, step: int, resumed: bool) -> Report:
-    """The run's report (writing on rank 0), with the start-up lines and the lr plot."""
+    """The run's report (writing on rank 0), with the start-up lines and the lr plot. Where
+    the run resumes, or may (resume=auto), what an earlier session logged past ``step`` goes."""
     cfg, rt, spe = job.cfg, job.rt, job.steps_per_epoch
     report = Report(
         job.run_dir,
         enabled=rt.is_main,
         total_steps=job.total_steps,
         start_step=step,
-        resumed=resumed,
+        redo=resumed or cfg.resume == "auto",
         progress=cfg.train.progress,
         tensorboard=cfg.train.tensorboard,
     )

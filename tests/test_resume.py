@@ -178,6 +178,22 @@ def test_resumed_runs_log_each_step_once(tmp_path):
     assert resumed["run_train_s"] > resumed["session_train_s"] > 0
 
 
+def test_a_restart_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    # a run that crashed after logging steps 3 and 6, before any checkpoint: resume=auto starts
+    # again at step 0 in the same folder, and its metrics and TensorBoard hold each step once
+    common = ["train.max_steps=6", "train.log_every=3"]
+    run_train(tmp_path / "full", *QUICK, *common)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    shutil.rmtree(crashed / "checkpoints")
+    (crashed / "summary.json").unlink()
+    assert _scalars(crashed / "tb", "train/loss") == [3, 6]
+    out = run_train(crashed, *QUICK, *common, "resume=auto")
+    assert "starting at step 0" in out.stderr
+    assert [r["step"] for r in records(crashed) if "train/loss" in r] == [3, 6]
+    assert _scalars(crashed / "tb", "train/loss") == [3, 6]  # was [3, 6, 3, 6]
+
+
 def test_drop_records_after_keeps_the_checkpoint_s_past(tmp_path):
     from dist_icm.report import drop_records_after
 

@@ -19,10 +19,10 @@ ARGS = ["experiment=quickstart", "train.max_steps=200", "train.log_every=1", "tr
         "train.tensorboard=false", "runtime.threads=1"]  # fmt: skip
 
 
-def _launch(run_dir: Path, world: int, *extra: str) -> subprocess.Popen:
+def _launch(run_dir: Path, world: int, *extra: str, via: str = "accelerate.commands.launch"):
     launcher = [sys.executable]
     if world > 1:
-        launcher += ["-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
+        launcher += ["-m", via, "--config_file", str(CPU_CONFIG)]
         launcher += ["--num_processes", str(world)]
     cmd = [*launcher, "-m", "dist_icm.train", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
     return subprocess.Popen(
@@ -35,8 +35,8 @@ def _logged_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _interrupt(run_dir: Path, world: int, sig: signal.Signals, after: int = 25):
-    proc = _launch(run_dir, world)
+def _interrupt(run_dir: Path, world: int, sig: signal.Signals, after: int = 25, **launch):
+    proc = _launch(run_dir, world, **launch)
     deadline = time.monotonic() + 120
     while _logged_steps(run_dir) < after:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -91,6 +91,45 @@ def test_a_signal_checkpoints_the_step_and_the_resumed_run_is_exact(
     evals = [[r for r in records(d) if "test/top1" in r] for d in (run, whole)]
     assert evals[0] == evals[1]  # every epoch's evaluation, once, as in the whole run
     assert summary(run)["resumed_at_step"] == stopped
+
+
+@pytest.mark.multiproc
+def test_dist_icm_launch_passes_a_signal_on_and_exits_with_the_jobs_code(tmp_path):
+    """SIGTERM to ``dist-icm-launch`` (2 processes): both stop with a checkpoint, and the
+    launcher exits 75 with no traceback (plain accelerate: 1 and a traceback, as the slow
+    2-process case above shows)."""
+    run = tmp_path / "run"
+    code, err, took = _interrupt(run, 2, signal.SIGTERM, via="dist_icm.launch")
+    assert code == PREEMPTED_EXIT and took < 30, err[-2000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("dist_icm:")] == [
+        f"dist_icm: stopped at step {json.loads((run / 'preempted.json').read_text())['step']} "
+        f"on SIGTERM: checkpoint written; resume with resume=auto (exit code 75)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "written, expected, line",
+    [
+        ({"rank-0": "75 2", "rank-1": "75 2"}, 75, None),
+        ({"rank-0": "75 2"}, 128 + 15, "rank 0: 75; 2 on this machine"),  # one was killed
+        ({"rank-0": "75 2", "rank-1": "5 2"}, 128 + 15, "rank 0: 75, rank 1: 5; 2 on this"),
+        ({"rank-0": "1 1"}, 128 + 15, "rank 0: 1; 1 on this machine"),  # not a documented code
+        ({"rank-0": "7"}, 128 + 15, "none told its code; ? on this machine"),  # cut short
+        ({}, 128 + 15, "none told its code"),
+    ],
+)
+def test_the_launcher_s_code_after_a_signal(tmp_path, capsys, written, expected, line):
+    from dist_icm.launch import _after_signal
+
+    for name, text in written.items():
+        (tmp_path / name).write_text(text)
+    assert _after_signal(signal.SIGTERM, tmp_path) == expected
+    err = capsys.readouterr().err
+    if line is None:
+        assert err == ""
+    else:
+        assert err.startswith("dist_icm: error: the launcher got signal 15") and line in err
 
 
 def test_checkpoints_every_few_steps_and_minutes(tmp_path):

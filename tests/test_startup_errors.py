@@ -3,8 +3,9 @@
 * A bad value (every rank finds it alike): rank 0 prints it, the others exit silently.
 * Bad data on one node only (each rank reads its own copy, as with node-local disks): the rank
   that finds it shares it, rank 0 prints it once, naming that rank's file, and every rank exits 2.
-* Through ``dist-icm-launch`` the launcher adds nothing and exits 2 as well; plain ``accelerate
-  launch`` (the negative control) adds a traceback and the elastic agent's failure table.
+* Through ``dist-icm-launch`` the launcher adds nothing and exits 2 as well (and 3 for a run
+  that diverges); plain ``accelerate launch`` (the negative control) adds a traceback and the
+  elastic agent's failure table.
 """
 
 import os
@@ -54,6 +55,16 @@ def test_a_bad_value_is_one_line_from_the_launcher_too(tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     assert _lines(out.stderr) == ["dist_icm: error: data.global_batch must be >= 1, got 0"]
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_diverging_run_s_code_from_the_launcher_too(tmp_path):
+    # not a start-up error: exit code 3, decided on every rank alike, printed by rank 0 alone
+    out = _launch(tmp_path, "train.max_steps=6", "optim.lr=1e10", "train.max_skipped=0",
+                  "run_dir=run")  # fmt: skip
+    assert out.returncode == 3, out.stderr[-3000:]
+    (line,) = [ln for ln in _lines(out.stderr) if ln.startswith("dist_icm")]
+    assert line.startswith("dist_icm: error: training diverged: step 3: 1 non-finite steps")
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr
 
 
 def test_negative_control_plain_accelerate_launch_adds_its_report(tmp_path):

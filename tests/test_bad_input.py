@@ -24,6 +24,7 @@ from cli import REPO, run_train
 
 from dist_icm.compose import SECTIONS, register_schema, to_config
 from dist_icm.config import Config, ConfigError
+from dist_icm.models import MODEL_NAMES
 
 README = REPO / "README.md"
 QUICK = ("experiment=quickstart", "train.max_steps=1", "train.progress=false")
@@ -31,7 +32,8 @@ TRAIN_KEYS = (
     "epochs, max_steps, log_every, eval_every, ckpt_every, ckpt_every_steps, ckpt_every_min, "
     "keep_ckpts, max_skipped, seed, progress, tensorboard"
 )
-MODELS = "cifar_resnet18, cifar_resnet34, preact_resnet18, resnet50, small_cnn, wrn16_8"
+# from the code, so that the README's table (compared below, in the default run) cannot go stale
+MODELS = ", ".join(sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml")))
 RUN_DIR_HINT = "run_dir (or hydra.run.dir) must name a folder that can be made"
 
 # (overrides, the exact line). Placeholders: {file} a plain file, {empty} an empty folder,
@@ -50,8 +52,8 @@ CLI_CASES = [
     ),
     (
         "model.name=nosuch",
-        "unknown model 'nosuch': use one of cifar_resnet18, cifar_resnet34, preact_resnet18, "
-        "wrn16_8, small_cnn or a torchvision/timm model name",
+        f"unknown model 'nosuch': use one of {', '.join(MODEL_NAMES)} or a torchvision/timm "
+        "model name",
     ),
     ("loss.axis=foo", "loss.axis must be one of class, pair, both, got 'foo'"),
     ("loss.gather=foo", "loss.gather must be one of triples, scores, got 'foo'"),

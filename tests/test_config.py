@@ -1,5 +1,6 @@
 """Every config in configs/ composes and validates; bad values fail with one clear line."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,20 @@ def test_the_readme_gpu_node_example_is_a_sound_large_batch_config(tmp_path):
     assert cfg.schedule.warmup_epochs == 5 and lr_factor(0, 10, cfg.schedule) < 0.1
     assert cfg.model.sync_bn and cfg.loss.group_size == 128 and cfg.runtime.precision == "bf16"
     assert plan_batches(cfg, 8).per_device == 128
+
+
+def test_the_readme_names_every_config_group_option():
+    """README, "Config groups": each group's paragraph entry lists every option file of it."""
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "README.md").read_text()
+    start = text.index("Config groups (`configs/`):")
+    paragraph = " ".join(text[start : text.index("Useful overrides:", start)].split())
+    named = set(re.findall(r"[a-z][a-z0-9_]*", paragraph))
+    missing = {
+        f"{group.name}={option.stem}"
+        for group in (repo / "configs").iterdir()
+        if group.is_dir() and group.name != "hydra"
+        for option in group.glob("*.yaml")
+        if option.stem not in named and not (group.name == "train" and option.stem == "default")
+    }
+    assert not missing, f"the README's config groups leave out {sorted(missing)}"

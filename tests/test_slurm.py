@@ -49,6 +49,10 @@ def test_node_commands_take_slurm_s_gpu_counts_and_refuse_outside_a_task():
     cmd = node_command(env, [])
     assert cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[cmd.index("--main_process_port") + 1] == "20007"
+    # MAIN_PORT and PROCS_PER_NODE, where set, come before what Slurm says
+    cmd = node_command(env | {"MAIN_PORT": "29555", "PROCS_PER_NODE": "2"}, [])
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[cmd.index("--main_process_port") + 1] == "29555"
     with pytest.raises(ValueError, match="SLURM_NODEID"):
         node_command({k: v for k, v in env.items() if k != "SLURM_NODEID"}, [])
     with pytest.raises(ValueError, match="does not hold 2 nodes"):

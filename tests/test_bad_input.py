@@ -453,3 +453,19 @@ def test_the_readme_table_is_the_tested_table():
     tested = {_readme_form(a): _readme_form(line) for a, line in [*CLI_CASES, CORRUPT_JPEG]}
     rows = dict(_readme_rows())
     assert rows == tested
+
+
+def test_zero_stage_without_deepspeed_says_what_to_install(tmp_path):
+    # the real check, run where importing deepspeed fails (None in sys.modules blocks it)
+    code = (
+        "import sys; sys.modules['deepspeed'] = None; from dist_icm.train import main; "
+        "sys.argv = ['train', 'experiment=quickstart', 'runtime.device=auto', "
+        f"'runtime.zero_stage=1', 'hydra.run.dir={tmp_path}/run']; main()"
+    )
+    env = os.environ | {"LOCAL_RANK": "0"}  # as a launcher sets it (ZeRO needs one)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env=env)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "dist_icm: error: runtime.zero_stage=1 needs deepspeed: pip install -e '.[deepspeed]'"
+    ]

@@ -13,7 +13,7 @@ import pytest
 from cli import CPU_CONFIG, REPO, losses, records, run_train, summary
 
 from dist_icm.checkpoint import list_checkpoints
-from dist_icm.preempt import PREEMPTED_EXIT
+from dist_icm.preempt import PREEMPTED_EXIT, StopFlags
 
 ARGS = ["experiment=quickstart", "train.max_steps=200", "train.log_every=1", "train.progress=false",
         "train.tensorboard=false", "runtime.threads=1"]  # fmt: skip
@@ -130,6 +130,23 @@ def test_the_launcher_s_code_after_a_signal(tmp_path, capsys, written, expected,
         assert err == ""
     else:
         assert err.startswith("dist_icm: error: the launcher got signal 15") and line in err
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first SIGINT asks for a checkpoint and a stop; the second raises KeyboardInterrupt
+    there and then, and gives the signals back to their previous handlers."""
+    before = signal.getsignal(signal.SIGINT)
+    flags = StopFlags(None, is_main=True, ckpt_every_min=None)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in this (the main) thread, at its next instruction
+        assert flags.received == "SIGINT" and flags.poll().stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        flags.close()
 
 
 def test_checkpoints_every_few_steps_and_minutes(tmp_path):

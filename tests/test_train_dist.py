@@ -6,10 +6,12 @@ evaluate to the same test metrics. Negative control: without a fixed mixing grou
 partners depend on the per-device batch, and the same comparison tells the runs apart.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from cli import records, run_train, summary
+from cli import REPO, records, run_train, summary
 
 pytestmark = pytest.mark.multiproc
 
@@ -111,3 +113,14 @@ def test_reported_metrics_are_those_of_the_saved_model(tmp_path):
     assert again["resumed_at_step"] == again["steps"] == reported["steps"] == 6
     for key in ("nll", "top1", "ece"):
         assert abs(again[key] - reported[key]) <= 1e-5 * abs(reported[key]), key
+
+
+def test_torchrun_runs_the_job_as_accelerate_launch_does(tmp_path):
+    # README: `torchrun --nproc_per_node N -m dist_icm.train ...` works too
+    one = _run(tmp_path / "one", 1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dist_icm.train", *ARGS, f"hydra.run.dir={tmp_path / 'two'}"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert summary(tmp_path / "two")["world_size"] == 2
+    assert _close(_losses(records(tmp_path / "two")), _losses(one))

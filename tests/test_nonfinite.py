@@ -172,6 +172,21 @@ def test_a_diverging_run_stops_with_one_line_and_no_checkpoint(tmp_path, max_ski
     assert all(math.isfinite(r.get("train/loss", 0.0)) for r in records)
 
 
+def test_the_skipped_steps_count_carries_over_a_resume(tmp_path):
+    # lr=1e10 as above: steps 3-5 are skipped, step 6 stops the run; step 5 is saved
+    run = tmp_path / "run"
+    common = [*ARGS, "optim.lr=1e10", "train.ckpt_every_steps=1"]
+    out = run_train(run, *common, "train.max_skipped=3", check=False)
+    assert out.returncode == DIVERGED_EXIT, out.stderr[-2000:]
+    # resumed at step 5 with more patience: steps 6 and 7 are skipped too, counted on top
+    run_train(run, *common, "train.max_skipped=10", "train.max_steps=7", "resume=auto")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_at_step"] == 5 and summary["steps"] == 7
+    assert summary["skipped_steps"] == 5  # 3 before the checkpoint, 2 since
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in logged if "train/lr" in r][-3:] == [3, 4, 5]
+
+
 @pytest.mark.gpu
 def test_fp16_counts_the_gradient_scaler_s_skip_and_holds_the_schedule():
     """fp16: the scaler finds the NaN gradients, skips the optimizer step and lowers its scale;

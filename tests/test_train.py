@@ -2,11 +2,16 @@
 
 import json
 import math
+import os
+import pty
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from cli import losses, records, run_train, setup_job
+from cli import REPO, losses, records, run_train, setup_job
 
 from dist_icm import tiled
 
@@ -247,3 +252,39 @@ def test_the_run_says_what_loss_tile_auto_picks(monkeypatch, tmp_path):
     assert not any("loss.tile" in note for note in setup_job(overrides[:-3]).notes)  # tile 0
     monkeypatch.setattr(tiled, "AUTO_BUDGET", 3 * 128 * 128 * 4 - 1)
     assert "loss.tile=auto: tiles of 4096 (128 x 128)" in setup_job(overrides).notes
+
+
+def _on_a_terminal(*overrides: str) -> str:
+    """What the job shows when its stdout and stderr are a terminal (a pseudo-terminal here)."""
+    main, child = pty.openpty()
+    env = os.environ | {"TERM": "xterm-256color", "COLUMNS": "120"}
+    cmd = [sys.executable, "-m", "dist_icm.train", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=child, stderr=child,
+                            env=env)  # fmt: skip
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the job closed its side
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    assert proc.wait(timeout=300) == 0, b"".join(chunks)[-3000:]
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)  # without colours and cursor moves
+
+
+def test_on_a_terminal_a_progress_bar_and_a_results_table(tmp_path):
+    # README, "What a run shows": on a terminal a progress bar, metric lines and a results
+    # table; off one (every other test) the results as `key value` lines
+    shown = _on_a_terminal("experiment=quickstart", "train.max_steps=20", "train.log_every=10",
+                           "train.tensorboard=false", f"run_dir={tmp_path / 'run'}")  # fmt: skip
+    assert "20/20" in shown and "━" in shown  # the bar, complete
+    assert "step 10  epoch" in shown and "train/loss" in shown  # the metric lines
+    assert "dist_icm results" in shown and "┃ metric" in shown  # the table's title and header
+    assert "\ntop1 " not in shown.replace("\r", "")  # not the off-terminal lines
+    off = run_train(tmp_path / "off", *QUICK, "train.max_steps=20").stdout
+    assert "\ntop1 " in off and "┃" not in off  # the negative control: a pipe

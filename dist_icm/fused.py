@@ -43,10 +43,6 @@ def unavailable(device: torch.device | str) -> str | None:
     return None
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _upstream(grad: torch.Tensor | None, size: int, like: torch.Tensor):
     """An upstream gradient and its element step (0 for a broadcast scalar, as autograd hands
     the gradient of a mean), or zeros where that output got none."""
@@ -63,8 +59,8 @@ class _FusedLSE(torch.autograd.Function):
         x, a, b, lam = (t.contiguous() for t in (x, a, b, lam))
         (m, num_classes), k = x.shape, a.shape[0]
         rows, cols, diag = x.new_empty(m), x.new_empty(k), x.new_empty(m)
-        row_programs = _cdiv(m, kern.BLOCK_ROWS)
-        grid = (row_programs + _cdiv(k, kern.BLOCK_COLS),)
+        row_programs = kern.triton.cdiv(m, kern.BLOCK_ROWS)
+        grid = (row_programs + kern.triton.cdiv(k, kern.BLOCK_COLS),)
         kern._forward[grid](
             x, a, b, lam, rows, cols, diag, m, k, num_classes, offset, row_programs,
             BM=kern.BLOCK_ROWS, BN=kern.BLOCK_COLS,
@@ -83,7 +79,8 @@ class _FusedLSE(torch.autograd.Function):
         g_cols, col_step = _upstream(g_cols, k, x)
         g_diag, diag_step = _upstream(g_diag, m, x)
         dx = torch.empty_like(x)
-        grid = (_cdiv(m, kern.BLOCK_ROWS), _cdiv(num_classes, kern.BLOCK_CLASSES))
+        cdiv = kern.triton.cdiv
+        grid = (cdiv(m, kern.BLOCK_ROWS), cdiv(num_classes, kern.BLOCK_CLASSES))
         kern._backward[grid](
             x, a, b, lam, rows, cols, g_rows, g_cols, g_diag, row_step, col_step, diag_step,
             dx, m, k, num_classes, ctx.offset,

@@ -1,6 +1,7 @@
-"""The Triton kernels behind ``dist_icm.fused`` (which imports this module only when they run:
-importing triton early made a rank that stops on a start-up error abort, SIGABRT, instead of
-exiting 2; ``tests/test_startup_errors.py`` caught it).
+"""The Triton kernels behind ``dist_icm.fused``, which imports this module only when they run, so
+that Triton's import stays out of every other run's start-up. (Importing it early also made a
+rank stopping on a start-up error abort, SIGABRT, instead of exiting 2: a race in the
+interpreter's teardown that ``dist_icm.train.leave`` now avoids for every process.)
 
 * ``_forward``: programs 0 ... row_programs - 1 take BLOCK_ROWS rows each (logsumexp along the
   row, and the row's own score), the rest BLOCK_COLS columns each (logsumexp down the column).

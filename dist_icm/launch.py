@@ -16,7 +16,8 @@ it on to them, waits for them, and raises; Accelerate would then print a traceba
 Here the launcher exits with its processes' own code when they all ended with the same
 documented one (75: each stopped with a checkpoint); otherwise with 128 + the signal's number
 and one line naming their codes. Each process tells its code through a file in a folder the
-launcher names (``DIST_ICM_EXIT_DIR``; written by :func:`dist_icm.train.leave`).
+launcher names (``DIST_ICM_EXIT_DIR``; :func:`tell_exit_code`, from
+:func:`dist_icm.train.leave`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except subprocess.CalledProcessError as failed:  # one process
         sys.exit(failed.returncode if failed.returncode > 0 else 1)
+
+
+def tell_exit_code(code: int) -> None:
+    """In a process of a job under ``dist-icm-launch``: write its exit code where the launcher
+    reads it after a signal it passed on (:func:`exit_codes`); nothing elsewhere."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if not folder:
+        return
+    rank, local = os.environ.get("LOCAL_RANK", "0"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    try:
+        Path(folder, f"rank-{rank}").write_text(f"{code} {local}\n")
+    except OSError:  # the launcher is gone, or its folder: nobody to tell
+        pass
 
 
 def exit_codes(folder: Path) -> tuple[dict[int, int], int | None]:

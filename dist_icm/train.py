@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import NoReturn
 
 import hydra
@@ -34,7 +33,7 @@ from dist_icm.checkpoint import CheckpointError
 from dist_icm.compose import register_schema, to_config
 from dist_icm.config import Config, ConfigError
 from dist_icm.data.datasets import DataError
-from dist_icm.launch import EXIT_DIR_ENV
+from dist_icm.launch import tell_exit_code
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted
 from dist_icm.resume import find_checkpoint
 from dist_icm.startup import CONFIG_DIR, hydra_error_message, remove_unused_run_dir
@@ -252,7 +251,7 @@ def leave(code: int | str | None) -> NoReturn:
     elif not isinstance(code, int):  # sys.exit("text"): the text on stderr, exit code 1
         print(code, file=sys.stderr)
         code = 1
-    _tell_launcher(code)
+    tell_exit_code(code)  # for dist-icm-launch, when it passed a signal on
     getattr(threading, "_shutdown", lambda: None)()  # the interpreter's first step out
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
@@ -261,19 +260,6 @@ def leave(code: int | str | None) -> NoReturn:
         except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
             pass
     os._exit(code)
-
-
-def _tell_launcher(code: int) -> None:
-    """Under ``dist-icm-launch``: write this process's exit code where the launcher reads it
-    after a signal it passed on (see :mod:`dist_icm.launch`); nothing elsewhere."""
-    folder = os.environ.get(EXIT_DIR_ENV)
-    if not folder:
-        return
-    rank, local = os.environ.get("LOCAL_RANK", "0"), os.environ.get("LOCAL_WORLD_SIZE", "1")
-    try:
-        Path(folder, f"rank-{rank}").write_text(f"{code} {local}\n")
-    except OSError:  # the launcher is gone, or its folder: nobody to tell
-        pass
 
 
 def _main() -> None:

@@ -132,6 +132,18 @@ def test_the_launcher_s_code_after_a_signal(tmp_path, capsys, written, expected,
         assert err.startswith("dist_icm: error: the launcher got signal 15") and line in err
 
 
+def test_what_a_process_tells_is_what_the_launcher_reads(tmp_path, monkeypatch):
+    from dist_icm.launch import EXIT_DIR_ENV, exit_codes, tell_exit_code
+
+    tell_exit_code(75)  # no launcher's folder: nothing written anywhere
+    monkeypatch.setenv(EXIT_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank, code in ((0, 75), (1, 5)):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        tell_exit_code(code)
+    assert exit_codes(tmp_path) == ({0: 75, 1: 5}, 2)
+
+
 def test_a_second_ctrl_c_stops_at_once():
     """The first SIGINT asks for a checkpoint and a stop; the second raises KeyboardInterrupt
     there and then, and gives the signals back to their previous handlers."""

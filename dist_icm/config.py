@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dist_icm.data.datasets import DATASET_NAMES
+from dist_icm.models import MODEL_NAMES
 from dist_icm.objectives import ObjectiveConfig
 from dist_icm.optim import OptimConfig
 from dist_icm.schedule import ScheduleConfig
@@ -87,8 +88,16 @@ class ModelConfig:
     name: str = "small_cnn"
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under several processes (GPUs)
     bn_group: int | None = None  # ghost batch norm: BN statistics over groups of this many samples
+    dropout: float = 0.0  # built-in models: dropout on the pooled features before the classifier
 
     def __post_init__(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+        if self.dropout and self.name not in MODEL_NAMES:
+            raise ConfigError(
+                f"model.dropout applies to the built-in models ({', '.join(MODEL_NAMES)}); "
+                f"{self.name!r} is not one of them"
+            )
         if self.bn_group is not None and self.bn_group < 1:
             raise ConfigError(f"model.bn_group must be >= 1, got {self.bn_group}")
         if self.bn_group is not None and self.sync_bn:

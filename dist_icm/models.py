@@ -30,6 +30,12 @@ _NO_AUX = {
 }
 
 
+def _dropout(p: float) -> nn.Module:
+    """Dropout on the pooled features before the classifier (none at p = 0): a module without
+    parameters, so a model's state dict is the same with and without it."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
 
@@ -94,6 +100,7 @@ class CifarResNet(nn.Module):
         in_channels: int = 3,
         widths: tuple[int, ...] = (64, 64, 128, 256, 512),
         preact: bool = False,
+        block_dropout: float = 0.0,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -105,13 +112,14 @@ class CifarResNet(nn.Module):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
                 if preact:
-                    layers.append(PreActBlock(in_ch, out_ch, stride, dropout))
+                    layers.append(PreActBlock(in_ch, out_ch, stride, block_dropout))
                 else:
                     layers.append(BasicBlock(in_ch, out_ch, stride))
                 in_ch = out_ch
         self.layers = nn.Sequential(*layers)
         self.final_bn: nn.Module = nn.BatchNorm2d(in_ch) if preact else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = _dropout(dropout)
         self.fc = nn.Linear(in_ch, num_classes)
         self.preact = preact
 
@@ -122,7 +130,7 @@ class CifarResNet(nn.Module):
         out = self.layers(out)
         if self.preact:
             out = torch.relu(self.final_bn(out))
-        return self.fc(torch.flatten(self.pool(out), 1))
+        return self.fc(self.drop(torch.flatten(self.pool(out), 1)))
 
 
 class SmallCNN(nn.Module):
@@ -132,7 +140,7 @@ class SmallCNN(nn.Module):
     work on any input of at least 2x2 pixels (e.g. 1x8x8 digits or 3x32x32 CIFAR).
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
 
         def block(i: int, o: int) -> list[nn.Module]:
@@ -142,10 +150,11 @@ class SmallCNN(nn.Module):
             *block(in_channels, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 64)
         )
         self.pool = nn.AdaptiveAvgPool2d(2)  # keep a little spatial layout: 64 x 2 x 2 features
+        self.drop = _dropout(dropout)
         self.fc = nn.Linear(64 * 2 * 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        return self.fc(self.drop(torch.flatten(self.pool(self.features(x)), 1)))
 
 
 class TinyCNN(nn.Module):
@@ -154,7 +163,7 @@ class TinyCNN(nn.Module):
     multiply-adds per 32 x 32 image, a tenth of :class:`SmallCNN`'s (which works at full
     resolution)."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> None:
         super().__init__()
 
         def block(i: int, o: int, stride: int = 1) -> list[nn.Module]:
@@ -165,10 +174,11 @@ class TinyCNN(nn.Module):
             *block(in_channels, 16, stride=2), *block(16, 32), nn.MaxPool2d(2), *block(32, 64)
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = _dropout(dropout)
         self.fc = nn.Linear(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        return self.fc(self.drop(torch.flatten(self.pool(self.features(x)), 1)))
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -185,39 +195,50 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _build_builtin(name: str, num_classes: int, in_channels: int) -> nn.Module:
+def _build_builtin(name: str, num_classes: int, in_channels: int, dropout: float) -> nn.Module:
+    resnet = {"num_classes": num_classes, "in_channels": in_channels, "dropout": dropout}
     if name == "cifar_resnet18":
-        return CifarResNet([2, 2, 2, 2], num_classes, in_channels)
+        return CifarResNet([2, 2, 2, 2], **resnet)
     if name == "cifar_resnet34":
-        return CifarResNet([3, 4, 6, 3], num_classes, in_channels)
+        return CifarResNet([3, 4, 6, 3], **resnet)
     if name == "cifar_resnet20":  # He et al. (2016)'s CIFAR ResNet-20: 3 x 3 blocks, 16/32/64
-        return CifarResNet([3, 3, 3], num_classes, in_channels, (16, 16, 32, 64))
+        return CifarResNet([3, 3, 3], widths=(16, 16, 32, 64), **resnet)
     if name == "preact_resnet18":
-        return CifarResNet([2, 2, 2, 2], num_classes, in_channels, preact=True)
+        return CifarResNet([2, 2, 2, 2], preact=True, **resnet)
     if name == "wrn16_8":  # depth 16 -> (16 - 4) / 6 = 2 blocks per stage, widths 16k/32k/64k
         k = 8
-        widths = (16, 16 * k, 32 * k, 64 * k)
-        return CifarResNet([2, 2, 2], num_classes, in_channels, widths, preact=True)
+        return CifarResNet([2, 2, 2], widths=(16, 16 * k, 32 * k, 64 * k), preact=True, **resnet)
     if name == "tiny_cnn":
-        return TinyCNN(num_classes, in_channels)
-    return SmallCNN(num_classes, in_channels)
+        return TinyCNN(num_classes, in_channels, dropout)
+    return SmallCNN(num_classes, in_channels, dropout)
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, dropout: float = 0.0
+) -> nn.Module:
     """Build a freshly initialised model (never downloads weights) that returns logits.
 
     ``name`` is one of :data:`MODEL_NAMES`, a torchvision classification model name (3-channel
     input only), or, when ``timm`` is installed, a timm model name. Seed with
-    ``torch.manual_seed`` beforehand for reproducible weights.
+    ``torch.manual_seed`` beforehand for reproducible weights. ``dropout`` (built-in models
+    only; torchvision's and timm's carry their own) drops the pooled features before ``fc``
+    with that probability in training mode.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     if name in MODEL_NAMES:
-        model = _build_builtin(name, num_classes, in_channels)
+        model = _build_builtin(name, num_classes, in_channels, dropout)
         _init_weights(model)
         return model
+    if dropout:
+        raise ValueError(
+            f"dropout applies to the built-in models ({', '.join(MODEL_NAMES)}); "
+            f"{name!r} carries its own"
+        )
     import torchvision  # only for its own models: it costs a fresh process ~2 s to import
 
     if name in torchvision.models.list_models(module=torchvision.models):

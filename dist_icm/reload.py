@@ -115,7 +115,7 @@ def build_model_for(run: Run, spec: DatasetSpec) -> nn.Module:
 
     cfg = run.cfg
     try:
-        model = build_model(cfg.model.name, spec.num_classes, spec.in_channels)
+        model = build_model(cfg.model.name, spec.num_classes, spec.in_channels, cfg.model.dropout)
     except ValueError as e:
         raise AnalysisError(f"checkpoint {run.path}: {str(e).splitlines()[0]}") from None
     if cfg.model.bn_group is not None:

@@ -107,7 +107,9 @@ def setup(cfg: Config) -> Job:
         raise ConfigError(f"data.global_batch={plan.global_batch} leaves no full step per epoch")
 
     def fresh_model() -> torch.nn.Module:
-        model = build_model(cfg.model.name, data.spec.num_classes, data.spec.in_channels)
+        model = build_model(
+            cfg.model.name, data.spec.num_classes, data.spec.in_channels, cfg.model.dropout
+        )
         bn_group = cfg.model.bn_group
         return model if bn_group is None else convert_ghost_bn(model, bn_group)
 

@@ -109,6 +109,36 @@ def test_classifier_is_last_linear(name: str) -> None:
     assert [m for m in model.modules() if isinstance(m, nn.Linear)][-1] is head
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_dropout_drops_the_features_before_the_classifier(name: str) -> None:
+    torch.manual_seed(0)
+    plain = build_model(name, num_classes=5)
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, dropout=0.5)
+    assert model.state_dict().keys() == plain.state_dict().keys()  # one checkpoint format
+    seen = []
+    model.fc.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    plain.fc.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    x = torch.randn(4, 3, 32, 32)
+    for mode in ("eval", "train"):  # training mode: BatchNorm uses the batch's statistics
+        for m in (model, plain):
+            getattr(m, mode)()
+            with torch.no_grad():
+                m(x)
+    assert torch.equal(seen[0], seen[1])  # evaluation: no dropout
+    dropped, features = seen[2], seen[3]
+    kept = dropped != 0
+    assert 0.3 < kept.float().mean() < 0.7  # about half of the features dropped ...
+    assert torch.allclose(dropped[kept], 2 * features[kept], rtol=1e-4, atol=1e-6)  # ... rest x2
+
+
+def test_dropout_out_of_range_or_on_a_library_model() -> None:
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\), got 1"):
+        build_model("small_cnn", num_classes=10, dropout=1)
+    with pytest.raises(ValueError, match="dropout applies to the built-in models"):
+        build_model("resnet18", num_classes=10, dropout=0.1)
+
+
 def test_classifier_without_linear_raises() -> None:
     with pytest.raises(ValueError, match="no nn.Linear"):
         classifier(nn.Sequential(nn.Conv2d(3, 4, 3)))

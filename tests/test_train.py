@@ -124,10 +124,12 @@ def test_bad_values_stop_at_start_with_one_line_and_exit_2(tmp_path, override, m
     assert "Traceback" not in out.stderr
 
 
-def test_resume_continues_exactly(tmp_path):
-    # an uninterrupted run of 2k steps against k steps, stop, resume=auto, k more steps
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_resume_continues_exactly(tmp_path, dropout):
+    # an uninterrupted run of 2k steps against k steps, stop, resume=auto, k more steps; with
+    # dropout, whose masks come from a stream keyed by (seed, step, rank), too
     k = 9
-    common = ["train.log_every=1", "train.ckpt_every=100"]
+    common = ["train.log_every=1", "train.ckpt_every=100", f"model.dropout={dropout}"]
     train(tmp_path / "full", f"train.max_steps={2 * k}", *common)
     train(tmp_path / "cut", f"train.max_steps={k}", *common)
     train(tmp_path / "cut", f"train.max_steps={2 * k}", "resume=auto", *common)

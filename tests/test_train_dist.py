@@ -74,6 +74,15 @@ def test_negative_control_per_device_groups_break_invariance(tmp_path):
     assert not _close(_losses(two), _losses(one))
 
 
+def test_dropout_ties_the_losses_to_the_world_size(tmp_path):
+    # its masks are drawn per (step, rank): 2 ranks' masks are not one process's
+    # (tests/test_train.py: with it, a resumed run still equals an uninterrupted one)
+    one = _run(tmp_path / "one", 1, "model.dropout=0.3")
+    two = _run(tmp_path / "two", 2, "model.dropout=0.3")
+    assert len(_losses(one)) == len(_losses(two)) == 6
+    assert not _close(_losses(two), _losses(one))
+
+
 def test_sync_bn_on_cpu_processes_stops_at_start(tmp_path):
     out = run_train(tmp_path / "run", *ARGS, "model.sync_bn=true", world=2, check=False)
     # rank 0 says the one line (every rank knows it), every rank exits 2 (plain accelerate

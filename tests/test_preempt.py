@@ -170,3 +170,18 @@ def test_checkpoints_every_few_steps_and_minutes(tmp_path):
               "train.keep_ckpts=20")  # fmt: skip
     steps = [int(p.name[5:-3]) for p in list_checkpoints(tmp_path / "clock" / "checkpoints")]
     assert steps == list(range(1, 13))  # due at every step: the clock is always past due
+
+
+def test_checkpoints_every_few_epochs_and_the_newest_kept(tmp_path):
+    # the defaults the README states, then the job: every epoch here, 5 epochs, the newest 3 kept
+    from omegaconf import OmegaConf
+
+    from dist_icm.config import TrainConfig
+
+    shipped = OmegaConf.load(REPO / "configs" / "train" / "default.yaml")
+    for defaults in (TrainConfig(), shipped):
+        assert (defaults.ckpt_every, defaults.keep_ckpts) == (10, 3)
+    run_train(tmp_path, *ARGS, "train.max_steps=null", "train.epochs=5", "train.ckpt_every=1")
+    per_epoch = summary(tmp_path)["steps"] // 5
+    steps = [int(p.name[5:-3]) for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert steps == [3 * per_epoch, 4 * per_epoch, 5 * per_epoch]

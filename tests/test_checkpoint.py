@@ -86,6 +86,34 @@ def test_keep_last_prunes_by_step(tmp_path: Path) -> None:
     assert ckpt.list_checkpoints(other) == [ckpt.checkpoint_path(other, 10)]
 
 
+def _shards(folder: Path, step: int) -> Path:
+    """What the trainer does under DeepSpeed: shards into the temporary folder, renamed into
+    place before the checkpoint file is saved."""
+    tmp = ckpt.engine_tmp(folder, step)
+    tmp.mkdir(parents=True)
+    (tmp / "shard-rank0.pt").write_bytes(b"shard")
+    os.replace(tmp, ckpt.engine_dir(folder, step))
+    return ckpt.engine_dir(folder, step)
+
+
+def _companions(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def test_shard_folders_are_pruned_with_their_checkpoints(tmp_path: Path) -> None:
+    for step in range(1, 5):
+        _shards(tmp_path, step)
+        ckpt.save(tmp_path, step, {"step": step}, keep=2)
+    assert _companions(tmp_path) == ["ckpt-000000003.zero", "ckpt-000000004.zero"]
+    assert (ckpt.engine_dir(tmp_path, 4) / "shard-rank0.pt").read_bytes() == b"shard"
+    # a crash between the shards' rename and the file (an orphan), one while the shards were
+    # written (a temporary folder): the next save clears both, and keeps what is listed
+    _shards(tmp_path, 7)
+    ckpt.engine_tmp(tmp_path, 8).mkdir()
+    ckpt.save(tmp_path, 5, {"step": 5}, keep=2)
+    assert _companions(tmp_path) == ["ckpt-000000004.zero"]  # step 5 had no shards
+
+
 def test_truncated_newest_is_skipped_with_warning(tmp_path: Path) -> None:
     good = ckpt.save(tmp_path, 3, {"w": torch.arange(10_000.0)})
     data = good.read_bytes()

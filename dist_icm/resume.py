@@ -36,7 +36,7 @@ from dist_icm.checkpoint import CheckpointError, CheckpointWriteError
 from dist_icm.config import ConfigError
 
 if TYPE_CHECKING:
-    from dist_icm.trainer import Job
+    from dist_icm.job import Job
 
 # Config keys (or whole sections) that must match between a checkpoint and the resumed run.
 GUARDED = (

@@ -33,11 +33,12 @@ from dist_icm.checkpoint import CheckpointError
 from dist_icm.compose import register_schema, to_config
 from dist_icm.config import Config, ConfigError
 from dist_icm.data.datasets import DataError
+from dist_icm.job import setup
 from dist_icm.launch import tell_exit_code
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted
 from dist_icm.resume import find_checkpoint
 from dist_icm.startup import CONFIG_DIR, hydra_error_message, remove_unused_run_dir
-from dist_icm.trainer import Diverged, setup, train
+from dist_icm.trainer import Diverged, train
 
 START_ERRORS = (ConfigError, DataError, CheckpointError, ValueError)
 

@@ -1,4 +1,5 @@
-"""The training loop, top to bottom: set up a :class:`Job`, resume, step, evaluate, save.
+"""The training loop, top to bottom: resume, step, evaluate, save (a :class:`~dist_icm.job.Job`
+built by :func:`dist_icm.job.setup`).
 
 One optimizer step is ``grad_accum`` micro-steps; in each, every rank mixes its slice of the
 micro-global batch (randomness keyed by seed, micro-step and global group), runs the objective
@@ -22,125 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from dist_icm import dist, preempt, resume, streams
-from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
-from dist_icm.data.bundle import DataBundle
-from dist_icm.data.pipeline import build_data
-from dist_icm.fused import unavailable as fused_unavailable
-from dist_icm.graphs import GraphedModel, model_eligible
+from dist_icm.job import Job
 from dist_icm.metrics import evaluate_sums, finalize
 from dist_icm.mixing import MixContext
-from dist_icm.models import build_model
-from dist_icm.norm import convert_ghost_bn, count_batch_norms
-from dist_icm.objectives import Objective
-from dist_icm.optim import build_optimizer
 from dist_icm.report import Report
-from dist_icm.runtime import Runtime
-from dist_icm.schedule import lambda_for, plot_schedule, scaled_lr
-from dist_icm.tiled import resolve_tile
-
-
-@dataclass
-class Job:
-    """Everything the loop needs, built and checked at start."""
-
-    cfg: Config
-    rt: Runtime
-    plan: BatchPlan
-    data: DataBundle
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    objective: Objective
-    steps_per_epoch: int
-    total_steps: int
-    run_dir: Path
-    fresh_model: Callable[[], torch.nn.Module]  # the architecture, new (ZeRO evaluation)
-    # the training step's model call: the model, or its CUDA graphs (runtime.cuda_graph)
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    control: dist.Group = None  # a gloo group for the stop flags (dist_icm.preempt)
-    notes: list[str] = field(default_factory=list)  # start-up lines for the run's report
-    # what summary.json records of how the run was asked for (the entry point's overrides)
-    labels: dict = field(default_factory=dict)
-
-    @property
-    def peak_lr(self) -> float:
-        """The optimizer's peak lr, after optim.lr_scaling (as build_optimizer sets it)."""
-        o = self.cfg.optim
-        return scaled_lr(o.lr, self.plan.global_batch, o.reference_batch, o.lr_scaling)
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-
-def setup(cfg: Config) -> Job:
-    """Runtime, data, model, optimizer, schedule and objective, validated against each other."""
-    rt = Runtime(cfg.runtime)
-    rt.check(cfg.model)
-    if cfg.loss.icm and cfg.loss.fused and (why := fused_unavailable(rt.device)):
-        raise ConfigError(why)
-    plan = plan_batches(cfg, rt.world_size)
-    group = rt.process_group
-
-    def data():  # rank 0 first: a download (or .beton write) happens once, the others reuse it
-        return build_data(
-            cfg.data,
-            seed=cfg.train.seed,
-            micro_global=plan.micro_global,
-            rank=rt.rank,
-            world_size=rt.world_size,
-            device=rt.device,
-            channels_last=cfg.runtime.nhwc,
-        )
-
-    data = dist.rank_zero_first(data, group)
-    check_against_data(cfg, data.spec.num_classes, data.train_size)
-    spe = data.sampler.batches_per_epoch // plan.grad_accum  # optimizer steps per epoch
-    if spe < 1:
-        raise ConfigError(f"data.global_batch={plan.global_batch} leaves no full step per epoch")
-
-    def fresh_model() -> torch.nn.Module:
-        model = build_model(
-            cfg.model.name, data.spec.num_classes, data.spec.in_channels, cfg.model.dropout
-        )
-        bn_group = cfg.model.bn_group
-        return model if bn_group is None else convert_ghost_bn(model, bn_group)
-
-    streams.seed_torch("init", cfg.train.seed)  # the same initial weights on every rank
-    model = fresh_model()
-    notes = []
-    if cfg.model.bn_group is not None and not count_batch_norms(model):
-        notes.append(f"model.bn_group={cfg.model.bn_group}: {cfg.model.name} has no BatchNorm")
-    if cfg.loss.icm and cfg.loss.tile == "auto":  # what it picks for a micro-step's S̃ block
-        n, big = plan.per_device, plan.micro_global
-        tile = resolve_tile("auto", n, big, 4)
-        notes.append(f"loss.tile=auto: {f'tiles of {tile}' if tile else 'untiled'} ({n} x {big})")
-    if cfg.loss.icm and cfg.loss.fused and rt.device.type != "cuda":
-        notes.append("loss.fused=true off CUDA: Triton's interpreter runs the kernels (slow)")
-    optimizer = build_optimizer(model, cfg.optim, plan.global_batch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_for(spe, cfg.schedule))
-    model, optimizer = rt.prepare(model, optimizer, cfg.model, plan, grad_clip=cfg.optim.grad_clip)
-    objective = Objective(
-        cfg.loss, class_counts=data.class_counts, process_group=group, validate=False
-    )
-    total = cfg.train.epochs * spe
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
-    run_dir = Path(dist.broadcast_object(cfg.run_dir or "outputs/run", group))
-    parts = (cfg, rt, plan, data, model, optimizer, scheduler, objective, spe, total, run_dir)
-    control = dist.control_group(cfg.runtime.timeout_s)
-    r = cfg.runtime
-    where = {"device": rt.device.type, "world": rt.world_size, "zero_stage": r.zero_stage}
-    graphs = r.cuda_graph and model_eligible(**where, compile=r.compile)
-    forward = GraphedModel(model) if graphs else model
-    return Job(*parts, fresh_model, forward, control=control, notes=notes)
+from dist_icm.schedule import plot_schedule
 
 
 def evaluate(job: Job) -> dict:

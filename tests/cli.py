@@ -42,17 +42,17 @@ def run_train(
 
 
 def setup_job(overrides: list[str]):
-    """The trainer's :class:`~dist_icm.trainer.Job` for ``overrides``, built in this process
-    (Hydra's compose API over the repository's configs, then ``trainer.setup``)."""
+    """The trainer's :class:`~dist_icm.job.Job` for ``overrides``, built in this process
+    (Hydra's compose API over the repository's configs, then ``job.setup``)."""
     from hydra import compose, initialize_config_dir
 
-    from dist_icm import trainer
+    from dist_icm import job
     from dist_icm.compose import register_schema, to_config
 
     register_schema()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = to_config(compose("train", overrides=overrides))
-    return trainer.setup(cfg)
+    return job.setup(cfg)
 
 
 def records(run_dir: Path) -> list[dict]:

@@ -37,6 +37,7 @@ class _Count(TorchDispatchMode):
 def _step_worker(rank, world, run_dir):
     from hydra import compose, initialize_config_dir
 
+    from dist_icm import job as jobs
     from dist_icm import streams, trainer
     from dist_icm.compose import register_schema, to_config
     from dist_icm.objectives import Objective, ObjectiveConfig
@@ -46,7 +47,7 @@ def _step_worker(rank, world, run_dir):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = to_config(compose("train", overrides=overrides))
     cfg.run_dir = run_dir
-    build, spans = trainer.build_data, []
+    build, spans = jobs.build_data, []
 
     def timed_build(*args, **kwargs):  # the real data set build, timed
         start = time.monotonic()
@@ -54,9 +55,9 @@ def _step_worker(rank, world, run_dir):
         spans.append((start, time.monotonic()))
         return data
 
-    trainer.build_data = timed_build
-    job = trainer.setup(cfg)  # Accelerate sets the gloo group up from the launcher's variables
-    trainer.build_data = build
+    jobs.build_data = timed_build
+    job = jobs.setup(cfg)  # Accelerate sets the gloo group up from the launcher's variables
+    jobs.build_data = build
     job.data.sampler.set_epoch(0)
     job.data.train.set_epoch(0)
     loader = iter(job.data.loader)

@@ -4,7 +4,7 @@ Both train the same model (same initial weights) with the same SGD settings and 
 the same real CIFAR-10 JPEG batches, taken from the trainer's own loader before timing (so
 loading is not counted; ``bench data`` measures it):
 
-* ``trainer``: ``dist_icm.trainer.train_step`` on the job ``trainer.setup`` builds from the
+* ``trainer``: ``dist_icm.trainer.train_step`` on the job ``dist_icm.job.setup`` builds from the
   config (``experiment=cifar10_jpeg`` with the model, batch and runtime overrides given);
 * ``bare``: ``mixup`` -> ``model`` -> ``icm_loss`` -> ``backward`` -> ``SGD.step``, no wrapper
   and, on CUDA, no CUDA graphs (pass ``runtime.cuda_graph=false loss.cuda_graph=false`` to
@@ -31,7 +31,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def _job(root: str, overrides: list[str], run_dir: str):
     from hydra import compose, initialize_config_dir
 
-    from dist_icm import trainer
+    from dist_icm import job
     from dist_icm.compose import register_schema, to_config
 
     register_schema()
@@ -39,7 +39,7 @@ def _job(root: str, overrides: list[str], run_dir: str):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = to_config(compose("train", overrides=base + overrides))
     cfg.run_dir = run_dir
-    return trainer.setup(cfg)
+    return job.setup(cfg)
 
 
 def _bare(job):

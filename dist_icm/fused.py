@@ -1,4 +1,5 @@
-r"""The ICM loss's statistics of S̃ in two Triton kernels, one forward and one backward.
+r"""The ICM loss's statistics of S̃ in two Triton kernels, one forward and one backward, and
+Mixup's blend in a third.
 
 ``fused_stats(x, a, b, lam, offset)`` returns what ``dist_icm.tiled.dense_stats`` returns for
 ``y = mixing_matrix(a, b, lam, C)``: the row and column logsumexps of S̃ = X Ỹᵀ (m x k) and its
@@ -15,10 +16,16 @@ from two gathers, S̃_ij = lam_j X[i, a_j] + (1 - lam_j) X[i, b_j].
   triples in registers, then adds the diagonal's gradient (after the sum, as ``dense_stats``).
 
 Same math as ``dense_stats``, summed in another order: equal up to float32 rounding
-(``tests/test_fused.py``). Float32 only. On a CUDA device the kernels are compiled; on CPU
-tensors they run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
-imported; the tests do), which runs the same code in NumPy, slowly. ``loss.fused`` turns them
-on (default off: they are checked against the torch form, but not yet measured on a GPU).
+(``tests/test_fused.py``).
+
+``fused_blend(x, perm, lam)`` is Mixup's blend ``w * x + (1 - w) * x[perm]`` (5 kernels in
+torch: the gather, two products, 1 - w and the sum) in one launch, bit for bit: compiled without
+floating-point contraction, each product and the sum round as torch's own kernels do.
+
+Float32 only. On a CUDA device the kernels are compiled; on CPU tensors they run only in
+Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported; the tests do), which
+runs the same code in NumPy, slowly. ``loss.fused`` turns them on (default off: they are
+checked against the torch form, but not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -87,6 +94,48 @@ class _FusedLSE(torch.autograd.Function):
             BM=kern.BLOCK_ROWS, BN=kern.BLOCK_COLS, BC=kern.BLOCK_CLASSES,
         )  # fmt: skip
         return dx, None, None, None, None
+
+
+def blend_applies(x: torch.Tensor) -> bool:
+    """Whether :func:`fused_blend` takes ``x``: float32 images without a gradient, each one
+    dense in memory (contiguous or channels-last), on a device where the kernels run."""
+    dense = x.is_contiguous() or (
+        x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    )
+    per_image = x[0].numel() if x.ndim and x.shape[0] else 0
+    return (
+        x.dtype == torch.float32
+        and not x.requires_grad
+        and dense
+        and 0 < per_image < 2**31
+        and unavailable(x.device) is None
+    )
+
+
+def fused_blend(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``lam_i * x_i + (1 - lam_i) * x_perm_i`` for every image i of ``x`` (n, ...), in ``x``'s
+    memory format, bit for bit what ``w * x + (1 - w) * x[perm]`` gives with ``w`` = ``lam``
+    viewed as (n, 1, ...). ``perm`` (n,) int64 and ``lam`` (n,) float32 on ``x``'s device."""
+    if not blend_applies(x):
+        raise ValueError(
+            "fused_blend takes dense float32 images without a gradient where its kernel runs, "
+            f"got {x.dtype} {tuple(x.shape)} on {x.device}"
+        )
+    n = x.shape[0]
+    if perm.shape != (n,) or perm.dtype != torch.int64 or lam.shape != (n,):
+        raise ValueError(f"perm (int64) and lam must have shape ({n},) like x's images")
+    if lam.dtype != torch.float32:
+        raise ValueError(f"lam must be float32, got {lam.dtype}")
+    from dist_icm import fused_kernels as kern
+
+    out = torch.empty_like(x)  # the same strides: each image is the same dense block
+    per_image = x[0].numel()
+    grid = (n, kern.triton.cdiv(per_image, kern.BLOCK_BLEND))
+    kern._blend[grid](
+        x, perm.contiguous(), lam.contiguous(), out, per_image,
+        BLOCK=kern.BLOCK_BLEND, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
 
 
 def fused_stats(x, a, b, lam, offset: int = 0):

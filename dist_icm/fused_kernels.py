@@ -6,6 +6,7 @@ interpreter's teardown that ``dist_icm.train.leave`` now avoids for every proces
 * ``_forward``: programs 0 ... row_programs - 1 take BLOCK_ROWS rows each (logsumexp along the
   row, and the row's own score), the rest BLOCK_COLS columns each (logsumexp down the column).
 * ``_backward``: a program per BLOCK_ROWS rows and BLOCK_CLASSES classes of dX.
+* ``_blend``: Mixup's blend, a program per image and BLOCK_BLEND of its elements.
 """
 
 import triton
@@ -15,6 +16,7 @@ import triton.language as tl
 BLOCK_ROWS = 32  # rows of a tile (tl.dot needs every edge >= 16)
 BLOCK_COLS = 64  # mixed classes of a tile
 BLOCK_CLASSES = 64  # classes of the backward's output block
+BLOCK_BLEND = 1024  # elements of one image per program of the blend
 
 
 @triton.jit
@@ -122,3 +124,18 @@ def _backward(
     acc += gd[:, None] * _mixing(a_ptr, b_ptr, lam_ptr, offset + ri, ok_i, rc)
     out = ri[:, None].to(tl.int64) * C + rc[None, :]
     tl.store(dx_ptr + out, acc, mask=ok_i[:, None] & (rc < C)[None, :])
+
+
+@triton.jit
+def _blend(x_ptr, perm_ptr, lam_ptr, out_ptr, D, BLOCK: tl.constexpr):
+    """Image i of ``out`` (D elements, dense) is lam_i x_i + (1 - lam_i) x_perm_i. Launched
+    without floating-point fusion, so the products and the sum each round, as torch's separate
+    kernels for ``w * x + (1 - w) * x[perm]`` do: the same bits."""
+    i = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = d < D
+    partner = tl.load(perm_ptr + i)
+    w = tl.load(lam_ptr + i)
+    x = tl.load(x_ptr + i.to(tl.int64) * D + d, mask=ok)
+    xp = tl.load(x_ptr + partner.to(tl.int64) * D + d, mask=ok)
+    tl.store(out_ptr + i.to(tl.int64) * D + d, w * x + (1.0 - w) * xp, mask=ok)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dist_icm import streams
+from dist_icm.fused import blend_applies, fused_blend
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,17 @@ def _as_tensors(x, y, perm: np.ndarray, lam: np.ndarray):
     return perm_t, lam_t, y, y[perm_t]
 
 
-def mixup(x, y, *, alpha: float, ctx: MixContext, per_sample: bool = False) -> Mixed:
-    """Mixup: x̃ = λ x + (1 - λ) x[partner]."""
+def mixup(
+    x, y, *, alpha: float, ctx: MixContext, per_sample: bool = False, fused: bool = False
+) -> Mixed:
+    """Mixup: x̃ = λ x + (1 - λ) x[partner]. ``fused``: the blend in one Triton kernel
+    (``dist_icm.fused.fused_blend``, the same bits) where it applies, else torch's 5 kernels."""
     if y.dtype != torch.int64 or y.shape != (x.shape[0],):
         raise ValueError("labels must be an int64 tensor with one entry per input")
     n = x.shape[0]
     perm, lam, a, b = _as_tensors(x, y, partners(n, ctx), draw_lam(alpha, n, ctx, per_sample))
+    if fused and blend_applies(x):
+        return Mixed(fused_blend(x, perm, lam), a, b, lam)
     w = lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
     return Mixed(w * x + (1 - w) * x[perm], a, b, lam)
 

@@ -41,7 +41,8 @@ class ObjectiveConfig:
     # the block fits a budget, else tiles (dist_icm.tiled.resolve_tile). Any: an int or a str
     tile: Any = 0
     cuda_graph: bool = True  # ICM only: replay the loss from CUDA graphs where exact (graphs.py)
-    fused: bool = False  # ICM only: S̃'s statistics from two Triton kernels (dist_icm.fused)
+    # ICM only: S̃'s statistics from two Triton kernels and Mixup's blend from one (dist_icm.fused)
+    fused: bool = False
     regmix_weight: float = 1.0  # RegMixup: weight of the mixed term
     tau: float = 0.5  # Remix
     kappa: float = 3.0  # Remix
@@ -99,7 +100,7 @@ def soft_ce(logits: torch.Tensor, mixed: Mixed) -> torch.Tensor:
 class Objective:
     """``objective(model, x, y, ctx) -> (loss, stats)`` for the configured method.
 
-    ``stats`` holds detached tensors (e.g. the batch's mean ``lam``); reading them as Python
+    ``stats`` holds detached tensors (e.g. ``lam``, the batch's λ per row); reading them as Python
     numbers is left to whoever logs them, so the step itself never waits for the device.
     ``validate=False`` skips the ICM loss's value checks and row-count gather (see
     :func:`~dist_icm.loss.icm_loss`): for callers whose triples come from :mod:`dist_icm.mixing`.
@@ -141,7 +142,8 @@ class Objective:
         cfg = self.cfg
         if cfg.method == "cutmix":
             return cutmix(x, y, alpha=cfg.mix_alpha, ctx=ctx)
-        mixed = mixup(x, y, alpha=cfg.mix_alpha, ctx=ctx, per_sample=cfg.per_sample)
+        fused = cfg.fused and cfg.icm  # the blend's kernel, with the loss's
+        mixed = mixup(x, y, alpha=cfg.mix_alpha, ctx=ctx, per_sample=cfg.per_sample, fused=fused)
         if cfg.method == "remix":
             mixed.lam = remix_lam(
                 mixed.lam, mixed.a, mixed.b, self.class_counts, tau=cfg.tau, kappa=cfg.kappa
@@ -175,7 +177,8 @@ class Objective:
             return F.cross_entropy(model(x).float(), y), {}
         mixed = self.mix(x, y, ctx)
         self.last_targets = (mixed.a, mixed.b, mixed.lam.detach())
-        stats = {"lam": mixed.lam.mean()}  # a tensor: no device sync in the training step
+        # the batch's λs, as they are: no device sync, and no kernel, in the training step
+        stats = {"lam": mixed.lam.detach()}
         if cfg.method == "regmixup":
             logits = model(torch.cat([x, mixed.x]))
             clean, mixed_logits = logits.split(x.shape[0])

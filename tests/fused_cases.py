@@ -1,4 +1,4 @@
-"""The fused statistics' numerical cases (``dist_icm.fused``, ``loss.fused``), for Triton's
+"""The fused kernels' numerical cases (``dist_icm.fused``, ``loss.fused``), for Triton's
 interpreter on CPU tensors: ``tests/test_fused.py`` runs this file in a pytest process of its own
 with ``TRITON_INTERPRET=1`` (which triton reads at import), so the interpreter never runs in the
 main test process. (It did at first, through conftest.py: in two full runs of the suite an
@@ -9,6 +9,7 @@ module's import of hypothesis. These cases with ``test_loss.py`` alone did not r
 The kernels compute in float32 what ``dense_stats`` computes, summed in another order, so they
 are held to float32 rounding: relative error <= 1e-5 against the float64 torch form (measured
 <= 2e-7), on their own, inside ``icm_loss`` on one process, and on 2 gloo processes against one.
+The blend's kernel rounds each operation as torch does, so it is held to the same bits.
 """
 
 import os
@@ -21,9 +22,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError("run through tests/test_fused.py: these cases need TRITON_INTERPRET=1")
 
-from dist_icm.fused import fused_stats  # noqa: E402
-from dist_icm.fused_kernels import BLOCK_CLASSES, BLOCK_COLS, BLOCK_ROWS  # noqa: E402
+from dist_icm.fused import blend_applies, fused_blend, fused_stats  # noqa: E402
+from dist_icm.fused_kernels import BLOCK_BLEND, BLOCK_CLASSES, BLOCK_COLS, BLOCK_ROWS  # noqa: E402
 from dist_icm.loss import icm_loss, mixing_matrix  # noqa: E402
+from dist_icm.mixing import MixContext, mixup  # noqa: E402
+from dist_icm.objectives import Objective, ObjectiveConfig  # noqa: E402
 from dist_icm.tiled import dense_stats  # noqa: E402
 
 TOL = 1e-5
@@ -236,3 +239,101 @@ def test_fused_on_two_processes_equals_one_process():
         assert _rel(grad, ref_grad) <= TOL
         assert all(abs(r[gather][0] - r[gather][1]) <= TOL * abs(r[gather][0]) for r in results)
         assert abs(results[0][gather][1] - ref_loss.item()) > 100 * TOL * abs(ref_loss.item())
+
+
+# ------------------------------------------------------------------ Mixup's blend
+
+
+def _images(shape, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    n = shape[0]
+    perm, lam = torch.randperm(n, generator=g), torch.rand(n, generator=g)
+    lam[0] = 1.0  # the image itself, and (below) its partner alone
+    lam[-1] = 0.0 if n > 1 else lam[-1]
+    return (x.to(memory_format=torch.channels_last) if channels_last else x), perm, lam
+
+
+def _torch_blend(x, perm, lam):
+    w = lam.view(-1, *([1] * (x.ndim - 1)))
+    return w * x + (1 - w) * x[perm]
+
+
+# one image; CIFAR's size in both layouts; digits; images that are not a multiple of the block
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [
+        ((1, 3, 4, 4), False),
+        ((5, 3, 32, 32), False),
+        ((5, 3, 32, 32), True),
+        ((6, 1, 8, 8), False),
+        ((3, 3, 19, 23), True),
+        ((4, BLOCK_BLEND + 7), False),
+    ],
+)
+def test_the_fused_blend_is_torch_s_blend_bit_for_bit(shape, channels_last):
+    x, perm, lam = _images(shape, channels_last)
+    got = fused_blend(x, perm, lam)
+    ref = _torch_blend(x, perm, lam)
+    assert torch.equal(got, ref) and got.stride() == ref.stride() == x.stride()
+    # negative control: the same blend rounded otherwise (one lerp) is told apart
+    w = lam.view(-1, *([1] * (x.ndim - 1)))
+    if x.numel() > 100:
+        assert not torch.equal(torch.lerp(x[perm], x, w), ref)
+
+
+def test_mixup_with_fused_runs_the_kernel_and_gives_the_same_batch():
+    x, _, _ = _images((8, 3, 32, 32), channels_last=True)
+    y = torch.arange(8) % 3
+    ctx = MixContext(seed=4, step=2, group_size=4)
+    names = {}
+    for fused in (False, True):
+        with _Ops() as ops:
+            names[fused] = mixup(x, y, alpha=0.4, ctx=ctx, fused=fused), ops.names
+    (plain, plain_ops), (fused, fused_ops) = names[False], names[True]
+    assert torch.equal(fused.x, plain.x) and torch.equal(fused.lam, plain.lam)
+    assert {"mul", "add", "rsub"} <= plain_ops and not {"mul", "add", "rsub"} & fused_ops
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "gradient", "strided", "empty", "flat"])
+def test_mixup_falls_back_where_the_blend_kernel_does_not_apply(case):
+    x, _, _ = _images((4, 3, 8, 8))
+    if case == "bfloat16":
+        x = x.bfloat16()
+    elif case == "gradient":
+        x = x.requires_grad_()
+    elif case == "strided":
+        x = x[:, :, ::2]
+    elif case == "empty":
+        x = x[:0]
+    else:  # one number per image: that applies
+        x = x.reshape(4, -1)[:, 0].contiguous()
+    assert blend_applies(x) is (case == "flat")
+    y = torch.zeros(x.shape[0], dtype=torch.int64)
+    ctx = MixContext(seed=1, step=0)
+    if case != "empty":
+        plain, fused = (mixup(x, y, alpha=0.4, ctx=ctx, fused=f) for f in (False, True))
+        assert torch.equal(fused.x, plain.x)
+    if not blend_applies(x):
+        with pytest.raises(ValueError, match="fused_blend takes dense float32 images"):
+            fused_blend(x, torch.zeros(x.shape[0], dtype=torch.int64), torch.zeros(x.shape[0]))
+
+
+def test_fused_blend_rejects_bad_partners_or_weights():
+    x, perm, lam = _images((4, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"perm \(int64\) and lam must have shape \(4,\)"):
+        fused_blend(x, perm[:3], lam)
+    with pytest.raises(ValueError, match="lam must be float32"):
+        fused_blend(x, perm, lam.double())
+
+
+def test_the_fused_objective_blends_in_the_kernel():
+    """``loss.fused`` (the trainer's objective): the ICM step's blend is the kernel's."""
+    x, _, _ = _images((8, 3, 8, 8))
+    y = torch.arange(8) % 5
+    ctx = MixContext(seed=0, step=0)
+    for fused in (False, True):
+        objective = Objective(ObjectiveConfig(name="icm_mixup", fused=fused), validate=False)
+        with _Ops() as ops:
+            objective.mix(x, y, ctx)
+        assert ("rsub" in ops.names) is not fused

@@ -128,6 +128,18 @@ for arch in (80, 90):
         )
         assert compiled.asm["cubin"] and ".local" not in compiled.asm["ptx"], "spills"
         print("compiled", kernel.fn.__name__, arch)
+    # the blend as fused.fused_blend launches it: every product and sum rounded (no fma), as
+    # torch's kernels round them; with contraction on (the negative control) it fuses them
+    blend = {"x_ptr": ptr, "perm_ptr": "*i64", "lam_ptr": ptr, "out_ptr": ptr, "D": i32,
+             "BLOCK": const}
+    for contract in (False, True):
+        compiled = triton.compile(
+            ASTSource(fused._blend, blend, constexprs={"BLOCK": fused.BLOCK_BLEND}),
+            target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": contract},
+        )
+        assert compiled.asm["cubin"] and ".local" not in compiled.asm["ptx"], "spills"
+        assert ("fma" in compiled.asm["ptx"]) is contract
+        print("compiled", fused._blend.fn.__name__, arch, "contract" if contract else "")
 
 
 @triton.jit
@@ -150,9 +162,10 @@ except triton.compiler.errors.CompilationError as err:
 
 def test_the_kernels_compile_for_ampere_and_hopper(tmp_path):
     """The interpreter does not type-check as the compiler does (it ran a first version whose
-    branches gave one name two shapes, which the compiler refuses), so both kernels are also
+    branches gave one name two shapes, which the compiler refuses), so the kernels are also
     compiled here, without a GPU, to sm_80 and sm_90 machine code (A100, H100/H200), with no
-    register spills. Negative control: a kernel of that kind is refused by the same compile."""
+    register spills, the blend's without fused multiply-adds (what keeps it torch's bits).
+    Negative control: a kernel of that kind is refused by the same compile."""
     script = tmp_path / "compile_kernels.py"  # a file: the compiler reads the kernels' source
     script.write_text(_COMPILE)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -160,7 +173,7 @@ def test_the_kernels_compile_for_ampere_and_hopper(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 4
+    assert out.stdout.count("compiled") == 8
     assert 'refused: AssertionError("Mismatched type for v' in out.stdout, out.stdout
 
 

@@ -180,6 +180,24 @@ def test_fused_stats_on_cuda_equal_the_float64_torch_form(c):
         assert (o.detach().cpu().double() - r.detach()).norm() <= 1e-5 * r.detach().norm()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_blend_on_cuda_is_torch_s_blend_bit_for_bit(channels_last):
+    """The compiled blend kernel (``loss.fused``'s Mixup) against torch's CUDA kernels for
+    ``w * x + (1 - w) * x[perm]``: the same bits, in the same memory format."""
+    from dist_icm.fused import fused_blend
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, 3, 32, 32, device="cuda", generator=g) * 3
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    perm = torch.randperm(512, device="cuda", generator=g)
+    lam = torch.rand(512, device="cuda", generator=g)
+    w = lam.view(-1, 1, 1, 1)
+    ref = w * x + (1 - w) * x[perm]
+    got = fused_blend(x, perm, lam)
+    assert torch.equal(got, ref) and got.stride() == ref.stride()
+
+
 @pytest.mark.parametrize("c", [10, 1000])
 def test_graphed_fused_loss_is_the_eager_fused_loss_bit_for_bit(c):
     """The fused loss replays from CUDA graphs at 1000 classes too (the torch form does not):

@@ -9,9 +9,10 @@ Same model, same batch, same optimizer (SGD, momentum 0.9, weight decay 5e-4), o
 On CUDA both replay the model's forward and backward from CUDA graphs, and the ICM loss's too,
 as the trainer does (``dist_icm.graphs``; not with ``--compile``); ``ce_eager`` and
 ``icm_eager`` are the same two steps without any graphs (``icm_eager_over_ce_eager``), and
-``icm_fused`` is the ICM step with ``loss.fused`` (``icm_fused_over_ce``) where its kernels can
-run (CUDA with Triton; Triton's interpreter in the tests). Should they fail, ``icm_fused_error``
-says why, and the other forms are still timed.
+``icm_fused`` is the ICM step with ``loss.fused`` (``icm_fused_over_ce``: Mixup's blend and the
+loss's statistics from Triton kernels) where they can run (CUDA with Triton; Triton's
+interpreter in the tests). Should they fail, ``icm_fused_error`` says why, and the other forms
+are still timed.
 
 The forms alternate in blocks of ``--steps`` back-to-back steps (``--repeats`` blocks each, after
 ``--warmup`` steps of each), so machine noise hits both alike and, as in training, the host

@@ -50,10 +50,12 @@ GUARDED = (
     "train.seed",
     "model",
     "loss",
+    "optim",  # its state holds all but grad_clip (see check_config)
 )
 # inside a guarded section, but the same step either way: the loss replayed from CUDA graphs
-# is the eager loss bit for bit (graphs.py), so a run may switch it off (or on) and resume
-UNGUARDED = ("loss.cuda_graph",)
+# is the eager loss bit for bit (graphs.py), and the tiled and fused forms are the same loss up
+# to float rounding (as another memory layout is), so a run may switch them and resume
+UNGUARDED = ("loss.cuda_graph", "loss.tile", "loss.fused")
 
 
 @dataclass
@@ -141,15 +143,31 @@ def changed_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]
     return changed
 
 
+def _changes(changed) -> str:
+    return ", ".join(f"{k}={old!r} (now {new!r})" for k, old, new in changed)
+
+
 def check_config(saved: dict | None, current: dict, *, force: bool, step: int) -> str | None:
     """Raise ConfigError when the checkpoint's config differs in a guarded key (one line);
-    with ``force``, return the line to show instead. None when nothing differs."""
+    with ``force``, return the line to show instead. None when nothing differs.
+
+    The optimizer's settings (``optim.*`` but ``grad_clip``) never change, forced or not: the
+    optimizer's state holds them (its name, its buffers, the hyper-parameters of its parameter
+    groups, and the schedule's base learning rates), so loading it would either fail deep in
+    the first step or quietly bring the old values back."""
     if saved is None:
         return None
     changed = changed_keys(saved, current)
+    held = [c for c in changed if c[0].startswith("optim.") and c[0] != "optim.grad_clip"]
+    if held:
+        raise ConfigError(
+            f"the checkpoint at step {step} holds the optimizer state of {_changes(held)}: "
+            "the optimizer's settings cannot change on resume (not even with resume_force); "
+            "resume with them, or start a new run folder"
+        )
     if not changed:
         return None
-    what = ", ".join(f"{k}={old!r} (now {new!r})" for k, old, new in changed)
+    what = _changes(changed)
     if force:
         return f"resume_force=true: resuming step {step} despite a changed config: {what}"
     raise ConfigError(

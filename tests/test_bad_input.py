@@ -137,6 +137,12 @@ CLI_CASES = [
         "the model or optimizer: resume with the checkpoint's settings, or start a new run "
         "folder",
     ),
+    (
+        "resume={ckpt} resume_force=true optim=lars optim.no_decay_norm_bias=false",
+        "the checkpoint at step 2 holds the optimizer state of optim.lr_scaling='none' (now "
+        "'linear'), optim.name='sgd' (now 'lars'): the optimizer's settings cannot change on "
+        "resume (not even with resume_force); resume with them, or start a new run folder",
+    ),
 ]
 # the same corrupt file met mid-training (on the torch loader's worker processes)
 CORRUPT_JPEG = (
@@ -225,6 +231,8 @@ REPRESENTATIVE = {
     "data=imagefolder data.root={firstbad}",  # an image that is not one, at start
     "resume={garbage}",  # a file that is no checkpoint
     "resume={ckpt} resume_force=true model=cifar_resnet18",  # another model's checkpoint
+    # another optimizer's (whose state torch loads, and the first step then failed on)
+    "resume={ckpt} resume_force=true optim=lars optim.no_decay_norm_bias=false",
 }
 
 

@@ -13,7 +13,7 @@ from multiproc import run_group
 from dist_icm import checkpoint
 from dist_icm.checkpoint import CheckpointError
 from dist_icm.config import ConfigError
-from dist_icm.resume import changed_keys, check_config, choose
+from dist_icm.resume import GUARDED, changed_keys, check_config, choose
 
 QUICK = ["experiment=quickstart", "train.progress=false"]
 
@@ -110,6 +110,70 @@ def test_changed_keys_name_what_defines_a_step():
         check_config(saved, other, force=False, step=9)
     note = check_config(saved, other, force=True, step=9)
     assert note.startswith("resume_force=true: resuming step 9")
+
+
+# one change per guarded key or section (a key left out of GUARDED fails here), and the ones
+# a resumed run may make
+GUARDED_CHANGES = {
+    "data.name": "cifar10",
+    "data.fraction": 0.5,
+    "data.long_tail": 0.1,
+    "data.global_batch": 32,
+    "data.augment": "none",
+    "runtime.grad_accum": 2,
+    "runtime.zero_stage": 2,
+    "train.seed": 1,
+    "model.name": "tiny_cnn",
+    "model.dropout": 0.3,
+    "loss.name": "icm_cutmix",
+    "loss.alpha": 1.0,
+    "optim.grad_clip": 1.0,  # the one optim key its state does not hold
+}
+FREE_CHANGES = {
+    "train.epochs": 30,
+    "data.root": "/elsewhere",
+    "data.num_workers": 4,
+    "runtime.channels_last": False,
+    "runtime.cuda_graph": False,
+    "runtime.precision": "bf16",
+    "loss.cuda_graph": False,
+    "loss.tile": 1024,
+    "loss.fused": True,
+}
+HELD_CHANGES = {"optim.name": "lars", "optim.lr": 0.01, "optim.no_decay_norm_bias": True}
+
+
+def _with(cfg: dict, key: str, value) -> dict:
+    section, name = key.split(".")
+    return {**cfg, section: {**cfg[section], name: value}}
+
+
+def test_every_guarded_key_is_named_and_the_free_ones_are_not():
+    from dataclasses import asdict
+
+    from dist_icm.config import Config
+
+    saved = asdict(Config())
+    for key, value in GUARDED_CHANGES.items():
+        assert [k for k, _, _ in changed_keys(saved, _with(saved, key, value))] == [key], key
+    covered = {g for g in GUARDED if any(k == g or k.startswith(g + ".") for k in GUARDED_CHANGES)}
+    assert covered == set(GUARDED)
+    for key, value in FREE_CHANGES.items():
+        assert changed_keys(saved, _with(saved, key, value)) == [], key
+
+
+def test_the_optimizer_s_settings_never_change_on_resume():
+    from dataclasses import asdict
+
+    from dist_icm.config import Config
+
+    saved = asdict(Config())
+    for key, value in HELD_CHANGES.items():
+        for force in (False, True):
+            with pytest.raises(ConfigError, match=f"holds the optimizer state of {key}="):
+                check_config(saved, _with(saved, key, value), force=force, step=5)
+    note = check_config(saved, _with(saved, "optim.grad_clip", 1.0), force=True, step=5)
+    assert "optim.grad_clip=None (now 1.0)" in note
 
 
 def test_a_changed_config_is_refused_unless_forced(tmp_path):

@@ -17,7 +17,8 @@ exactly the one a single process would get on the whole batch:
 And the few things ranks must agree on, decided once and shared: ``broadcast_object`` (rank 0's
 choice), ``all_gather_object`` (every rank's outcome, to fail together), ``rank_zero_first``
 (rank 0 does it, e.g. a download, then the others) and ``average_buffers`` (one set of BatchNorm
-statistics before an evaluation or a save).
+statistics before an evaluation or a save). Where one rank stops on its own, ``tell_cause``
+leaves its reason in the group's store for the peers its exit fails (``peer_cause``).
 
 Every function takes the process group explicitly; ``None`` means "no group": one process, and
 the collectives are the identity. Nothing here multiplies by the world size.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import pickle
+import time
 from collections import Counter
 
 import torch
@@ -312,6 +314,51 @@ def all_reduce_max_async(x: torch.Tensor, group: Group):
     if not is_distributed(group):
         return None
     return dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+
+_CAUSE_KEY = "dist_icm/cause"
+
+
+def _store():
+    """The default process group's key-value store (under torch's launchers the agent holds
+    it, so it outlives any worker); None without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def tell_cause(line: str) -> None:
+    """Leave ``line``, why this rank is about to stop on its own (a bad file it met, a disk that
+    is full), in the store, for the peers whose collectives its exit will fail
+    (:func:`peer_cause`). Best effort: nothing happens without a reachable store."""
+    store = _store()
+    if store is None:
+        return
+    try:
+        store.set(_CAUSE_KEY, line)
+    except (RuntimeError, ValueError, OSError):
+        pass
+
+
+def peer_cause(wait_s: float = 1.0) -> str | None:
+    """The line a peer left with :func:`tell_cause` before it stopped, looked for during up to
+    ``wait_s`` seconds; None where none did (or the store went with the peer)."""
+    store = _store()
+    if store is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if store.check([_CAUSE_KEY]):
+                return store.get(_CAUSE_KEY).decode()
+        except (RuntimeError, ValueError, OSError):
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def shutdown() -> None:

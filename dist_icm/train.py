@@ -89,6 +89,8 @@ def run(cfg: Config, labels: dict | None = None) -> dict:
     except RuntimeError as e:
         if job.rt.world_size == 1 or not _is_comm_failure(e):
             raise
+        if dist.peer_cause() is not None:  # the peer that stopped printed why
+            sys.exit(PEER_EXIT)
         _fail(
             f"rank {job.rt.rank}: a collective failed ({_gist(e)}): another process died, or "
             f"waited longer than runtime.timeout_s={cfg.runtime.timeout_s:g}",
@@ -111,9 +113,14 @@ def _gist(error: Exception) -> str:
 
 def _fail(error: Exception | str, code: int, *, rank_zero: bool = False) -> None:
     """Print ``dist_icm: error: <first line>`` and exit with ``code``. ``rank_zero``: the error
-    is known on every rank alike, so only rank 0 prints it (the others exit silently)."""
+    is known on every rank alike, so only rank 0 prints it (the others exit silently); else
+    this rank alone met it, and tells its peers (``dist.tell_cause``), whose collectives its
+    exit fails, so that they stop without a line of their own."""
+    line = str(error).splitlines()[0]
+    if not rank_zero:
+        dist.tell_cause(line)
     if not rank_zero or int(os.environ.get("RANK", "0")) == 0:
-        print(f"dist_icm: error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
+        print(f"dist_icm: error: {line}", file=sys.stderr, flush=True)
     elif "TORCHELASTIC_RUN_ID" in os.environ:
         # torch's launcher stops every process when the first one exits: let that be rank 0,
         # after it printed the line (it may reach this point later than this rank)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli import REPO, run_train
+from cli import CPU_CONFIG, REPO, run_train
 
 from dist_icm.compose import SECTIONS, register_schema, to_config
 from dist_icm.config import Config, ConfigError
@@ -258,20 +258,24 @@ def test_bad_input_is_one_line_and_exit_2(args, line, places, request, tmp_path)
     _nothing_left(tmp_path)
 
 
-def test_a_corrupt_jpeg_found_mid_training_is_one_line_and_exit_2(places, tmp_path):
-    # met by a DataLoader worker in the first step: the run had started (its folder stays)
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.multiproc)])
+def test_a_corrupt_jpeg_found_mid_training_is_one_line_and_exit_2(places, tmp_path, world):
+    # met by a DataLoader worker in the first step: the run had started (its folder stays). On
+    # 2 processes (through dist-icm-launch) one rank meets it, and the other, whose collective
+    # its exit fails, stops without a line of its own: the line is printed once
     args, line = CORRUPT_JPEG
     overrides = [_fill(a, places) for a in args.split()]
-    out = run_train(
-        tmp_path / "run",
-        "experiment=quickstart",
-        "train.max_steps=2",  # one epoch: every training image is read
-        "train.progress=false",
-        *overrides,
-        check=False,
-        cwd=tmp_path,
-        env=_env(),
-    )
+    if world > 1:  # mixing groups within a rank's 4 images
+        overrides = [a.replace("group_size=8", "group_size=4") for a in overrides]
+    job = ["-m", "dist_icm.train", "experiment=quickstart", "train.max_steps=2",  # one epoch:
+           "train.progress=false", *overrides, f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    if world > 1:  # every training image is read
+        job = ["-m", "dist_icm.launch", "--config_file", str(CPU_CONFIG), "--num_processes",
+               str(world), *job]  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, *job], capture_output=True, text=True, cwd=tmp_path, env=_env(),
+        timeout=300,
+    )  # fmt: skip
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     errors = [x for x in out.stderr.splitlines() if x.startswith("dist_icm: error:")]
@@ -280,6 +284,7 @@ def test_a_corrupt_jpeg_found_mid_training_is_one_line_and_exit_2(places, tmp_pa
     # the run's own lines (on stderr off a terminal) are the only others
     others = [x for x in out.stderr.splitlines() if x.strip() and x not in errors]
     assert all(x.startswith("global batch ") for x in others), others
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()  # the run's folder stays
 
 
 def test_a_folder_that_existed_is_never_removed(tmp_path):

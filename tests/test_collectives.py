@@ -173,3 +173,19 @@ def test_rank_zero_first_fails_on_every_rank_together(tmp_path, fail_on):
     assert outcomes == [f"error: rank {fail_on} could not fetch"] * 3
     if fail_on == 0:  # the others never tried
         assert list(tmp_path.iterdir()) == []
+
+
+def _cause_worker(rank, world):
+    before = D.peer_cause(wait_s=0.2)  # nobody told one yet
+    D.barrier()
+    if rank == world - 1:
+        D.tell_cause(f"rank {rank} met a bad file")
+    D.barrier()
+    return before, D.peer_cause(wait_s=0.2)
+
+
+def test_a_rank_s_cause_reaches_its_peers_through_the_store():
+    results = run_group(_cause_worker, 3)
+    assert [before for before, _ in results] == [None] * 3  # the negative control
+    assert [after for _, after in results] == ["rank 2 met a bad file"] * 3
+    assert D.peer_cause() is None and D.tell_cause("no group") is None  # one process: no store

@@ -101,3 +101,30 @@ def test_the_ranks_die_with_their_launcher(tmp_path):
         for p in psutil.Process().children(recursive=True):
             p.kill()
     assert not alive, [p.pid for p in alive]
+
+
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, signalled):
+    # a scheduler may signal one process (not the launcher): its flag reaches the others
+    # through the stop flags' all-reduce, and all of them checkpoint the same step and exit 75
+    import json
+
+    from dist_icm.checkpoint import list_checkpoints
+    from dist_icm.preempt import PREEMPTED_EXIT
+
+    run = tmp_path / "run"
+    procs = _start(run)
+    try:
+        _wait_for_steps(run, procs, 5)
+        os.kill(procs[signalled].pid, signal.SIGTERM)
+        errs = [p.communicate(timeout=60)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert [p.returncode for p in procs] == [PREEMPTED_EXIT] * 2, errs[signalled][-3000:]
+    stopped = json.loads((run / "preempted.json").read_text())["step"]
+    assert list_checkpoints(run / "checkpoints")[-1].name == f"ckpt-{stopped:09d}.pt"
+    why = "SIGTERM" if signalled == 0 else "a signal to another rank"  # rank 0 tells
+    assert f"stopped at step {stopped} on {why}: checkpoint written" in errs[0]
+    assert not errs[1].strip(), errs[1][-2000:]  # rank 1 adds nothing

@@ -229,3 +229,34 @@ def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, case):
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.splitlines()) == 1, out.stderr
     assert out.stderr.startswith(f"dist_icm.study: error: {line}"), out.stderr
+
+
+def test_a_config_s_sweep_keys_are_recorded_and_split_rows(tmp_path):
+    # a config that sweeps a key itself (hydra.sweeper.params, as the paper's overlays do):
+    # every run's summary names it, and the study splits rows on it instead of flagging it
+    overlay = tmp_path / "cfg" / "sweep" / "wd.yaml"
+    overlay.parent.mkdir(parents=True)
+    overlay.write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n"
+        "      optim.weight_decay: 0.0005,0.001\n"
+    )
+    root = tmp_path / "wd"
+    run_train(None, "-m", f"--config-dir={overlay.parents[1]}", *COMMON, "+sweep=wd",
+              f"hydra.sweep.dir={root}")  # fmt: skip
+    made = summaries(root)
+    assert [s["sweep_keys"] for s in made] == [["optim.weight_decay"]] * 2
+    assert sorted(s["config"]["optim"]["weight_decay"] for s in made) == [0.0005, 0.001]
+    out = study(root)
+    assert "flagged" not in out.stderr.lower(), out.stderr
+    labels = sorted(row["method"] for row in table(out.stdout))
+    assert labels == ["icm_mixup optim.weight_decay=0.0005", "icm_mixup optim.weight_decay=0.001"]
+    # negative control: the same two runs with the weight decay neither in a config's sweep nor
+    # on their command lines are kept apart too, but flagged
+    runs = tmp_path / "unswept"
+    for i, s in enumerate(made):
+        folder = runs / str(i)
+        shutil.copytree(Path(s["config"]["run_dir"]), folder)
+        s = s | {"sweep_keys": [], "overrides": [o for o in s["overrides"] if "weight" not in o]}
+        (folder / "summary.json").write_text(json.dumps(s))
+    out = study(runs)
+    assert "optim.weight_decay" in out.stderr and "flagged" in out.stdout.lower(), out.stderr

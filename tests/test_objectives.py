@@ -65,6 +65,28 @@ def test_regmixup_adds_clean_ce_and_uses_alpha_20():
     assert torch.allclose(loss, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["cutmix", "regmixup", "remix"])
+def test_each_ic_variant_is_icm_loss_of_its_method_s_batch(method):
+    # the paper's IC-CutMix, IC-RegMixup and IC-Remix: the method's mixing (and RegMixup's clean
+    # cross-entropy), with icm_loss in place of the soft-label cross-entropy
+    model, x, y = _setup()
+    counts = torch.tensor([1000, 1, 1, 1, 1])
+    ic = Objective(ObjectiveConfig(name=f"icm_{method}", group_size=4), class_counts=counts)
+    plain = Objective(ObjectiveConfig(name=method, group_size=4), class_counts=counts)
+    ctx = MixContext(2, 3, group_size=4)
+    loss, _ = ic(model, x, y, ctx)
+    mixed = ic.mix(x, y, ctx)
+    assert torch.equal(mixed.x, plain.mix(x, y, ctx).x)  # the method's own mixing
+    if method == "cutmix":
+        assert 0 < mixed.lam[0] < 1 and (mixed.x != x).any()  # a real box was pasted
+    expected = icm_loss(model(mixed.x), mixed.a, mixed.b, mixed.lam)
+    if method == "regmixup":
+        expected = F.cross_entropy(model(x), y) + expected
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    # negative control: the non-IC method's loss on the same batch is another number
+    assert not torch.allclose(plain(model, x, y, ctx)[0], loss, rtol=1e-3)
+
+
 def test_remix_uses_the_decoupled_label_weight():
     model, x, y = _setup()
     counts = torch.tensor([1000, 1, 1, 1, 1])

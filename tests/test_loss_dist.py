@@ -205,3 +205,59 @@ def test_bytes_on_the_wire_are_counted_per_collective(world):
             "all_gather": w1 * n * 8 + w1 * n * c * 4,
             "reduce_scatter": w1 * n * c * 4,
         }
+
+
+WIDE = [(32_767, torch.float32), (32_768, torch.float32), (40_000, torch.float32),
+        (40_000, torch.float64)]  # fmt: skip
+
+
+def _wide_problem(c, dtype, world, n=3):
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(n * world, c, generator=g, dtype=dtype)
+    a = torch.randint(0, c, (n * world,), generator=g)
+    b = torch.randint(0, c, (n * world,), generator=g)
+    a[0], b[-1] = c - 1, c - 2  # the highest classes, past int16 from 32,768 classes on
+    return x, a, b, torch.rand(n * world, generator=g, dtype=dtype)
+
+
+def _wide_worker(rank, world, pack_int16=False):
+    from dist_icm import dist as D
+    from dist_icm import loss as L
+
+    if pack_int16:  # the negative control: int16 words at any number of classes
+        L._INT16_CLASSES = 10**6
+    out = {}
+    for c, dtype in WIDE:
+        x, a, b, lam = _wide_problem(c, dtype, world)
+        sl = slice(rank * 3, rank * 3 + 3)
+        xr = x[sl].clone().requires_grad_()
+        with D.count_bytes() as sent:
+            group = torch.distributed.group.WORLD
+            loss = icm_loss(xr, a[sl], b[sl], lam[sl], process_group=group, validate=False)
+        loss.backward()
+        out[c, dtype] = (loss.item(), xr.grad, sent["all_gather"])
+    return out
+
+
+def test_triples_past_int16_classes_travel_as_int32():
+    """a and b are int16 on the wire up to 32,767 classes and int32 beyond (12 bytes a sample
+    in float32, 16 with float64 lam): the 2-process loss and gradient are one process's."""
+    world = 2
+    results = run_group(_wide_worker, world)
+    for c, dtype in WIDE:
+        x, a, b, lam = _wide_problem(c, dtype, world)
+        xx = x.clone().requires_grad_()
+        ref = icm_loss(xx, a, b, lam)
+        ref.backward()
+        per_sample = (8 if c <= 32_767 else 12) + (4 if dtype == torch.float64 else 0)
+        mean = sum(r[c, dtype][0] for r in results) / world
+        assert abs(mean - ref.item()) <= 1e-5 * abs(ref.item()), (c, dtype)
+        grad = torch.cat([r[c, dtype][1] for r in results]) / world
+        assert (grad - xx.grad).norm() <= 1e-5 * xx.grad.norm(), (c, dtype)
+        assert all(r[c, dtype][2] == (world - 1) * 3 * per_sample for r in results)
+    # negative control: int16 words for 40,000 classes wrap the highest classes around
+    wrapped = run_group(_wide_worker, world, True)
+    x, a, b, lam = _wide_problem(40_000, torch.float32, world)
+    ref = icm_loss(x, a, b, lam).item()
+    mean = sum(r[40_000, torch.float32][0] for r in wrapped) / world
+    assert abs(mean - ref) > 1e-3 * abs(ref)

@@ -138,3 +138,19 @@ def test_torchrun_runs_the_job_as_accelerate_launch_does(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert summary(tmp_path / "two")["world_size"] == 2
     assert _close(_losses(records(tmp_path / "two")), _losses(one))
+
+
+def test_a_run_resumes_on_another_number_of_processes(tmp_path):
+    # 6 steps on 1 process, then 6 more on 2 from its checkpoint: the losses of one 12-step run
+    # (the quickstart is world-size invariant), and the run's figures cover both sessions
+    whole = _run(tmp_path / "whole", 1, "train.max_steps=12")
+    _run(tmp_path / "moved", 1, "train.ckpt_every_steps=6")
+    moved = _run(tmp_path / "moved", 2, "train.max_steps=12", "resume=auto")
+    assert len(_losses(moved)) == 12
+    assert _close(_losses(moved), _losses(whole))
+    s = summary(tmp_path / "moved")
+    assert s["world_size"] == 2 and s["resumed_at_step"] == 6 and s["steps"] == 12
+    assert s["run_train_s"] > s["session_train_s"] > 0
+    images = s["run_images_per_sec"] * s["run_train_s"]  # every session's images: 12 steps
+    assert images == pytest.approx(12 * 64, rel=1e-9)
+    assert s["session_images_per_sec"] * s["session_train_s"] == pytest.approx(6 * 64, rel=1e-9)

@@ -172,6 +172,16 @@ def test_checkpoints_every_few_steps_and_minutes(tmp_path):
     assert steps == list(range(1, 13))  # due at every step: the clock is always past due
 
 
+@pytest.mark.multiproc
+def test_the_clock_s_checkpoints_on_two_processes(tmp_path):
+    # rank 0's clock decides and the stop flags carry its decision (one step late): every rank
+    # joins each save, and the run ends normally with a checkpoint at every step from step 2
+    run_train(tmp_path, *ARGS, "train.max_steps=8", "train.ckpt_every_min=1e-6",
+              "train.keep_ckpts=20", world=2)  # fmt: skip
+    steps = [int(p.name[5:-3]) for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert steps == list(range(2, 9)), steps
+
+
 def test_checkpoints_every_few_epochs_and_the_newest_kept(tmp_path):
     # the defaults the README states, then the job: every epoch here, 5 epochs, the newest 3 kept
     from omegaconf import OmegaConf

@@ -74,6 +74,18 @@ def test_gradient_clipping_is_the_project_s_own_on_both_paths(tmp_path, ddp):
     assert not _close(clipped, unclipped, rel=1e-3)  # ...which really clips
 
 
+def test_accumulation_comes_from_the_batch_plan(tmp_path, ddp):
+    # 2 micro-steps of 16 per rank: the engine accumulates as DDP does, and the same global
+    # batch of 64 in one micro-step is the negative control (another mixing, other losses)
+    accum = ["runtime.grad_accum=2", "train.max_steps=6"]
+    run_train(tmp_path / "ddp", *ARGS, *accum, world=2)
+    run_train(tmp_path / "zero", *ARGS, *accum, "runtime=deepspeed_zero2", world=2)
+    assert "2 processes x 16 x 2 micro-steps" in (tmp_path / "zero" / "train.log").read_text()
+    assert _close(losses(tmp_path / "zero"), losses(tmp_path / "ddp"), rel=1e-6)
+    one_micro_step = {s: v for s, v in losses(ddp).items() if s <= 6}
+    assert not _close(losses(tmp_path / "ddp"), one_micro_step, rel=1e-3)
+
+
 def test_bf16_through_the_deepspeed_config_and_a_plain_state_dict(tmp_path, ddp):
     run = tmp_path / "bf16"
     run_train(run, *ARGS, "runtime=deepspeed_zero2", "runtime.precision=bf16",

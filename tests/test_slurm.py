@@ -159,15 +159,17 @@ def test_slurm_two_nodes_train_like_two_local_processes(tmp_path, cluster, two_p
 
 @needs_slurm
 @pytest.mark.multiproc
-def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(tmp_path, cluster):
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])  # the warning before the limit; preemption
+def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(tmp_path, cluster, sig):
     cut = _submit(cluster, tmp_path, "train.max_steps=120")
     metrics = tmp_path / "runs" / cut / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
         assert time.monotonic() < deadline, "the second job did not get going"
         time.sleep(0.1)
-    # what Slurm does before the time limit: USR1 to the batch script (--signal=B:USR1@...)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", cut], env=cluster, check=True)
+    # what Slurm does before the time limit (USR1 to the batch script: --signal=B:USR1@...),
+    # or a SIGTERM to it
+    subprocess.run(["scancel", f"--signal={sig}", "--batch", cut], env=cluster, check=True)
     whole = _submit(cluster, tmp_path, "train.max_steps=120")  # the same job, left alone
     assert slurm_cluster.wait_for(cut, cluster) == "COMPLETED"
     assert slurm_cluster.wait_for(whole, cluster) == "COMPLETED"
@@ -178,6 +180,17 @@ def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(tmp_path,
     assert slurm_cluster.job_fields(cut, cluster)["Restarts"] == "1"
     a, b = tmp_path / "runs" / whole, tmp_path / "runs" / cut
     assert losses(b) == losses(a) and records(b)[-1] == records(a)[-1]  # exactly
+
+
+@needs_slurm
+@pytest.mark.multiproc
+def test_a_run_that_fails_is_not_requeued(tmp_path, cluster):
+    # the negative of the above: only a run that stopped with a checkpoint is requeued
+    job = _submit(cluster, tmp_path, "data.global_batch=0")
+    assert slurm_cluster.wait_for(job, cluster) == "FAILED"
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert "dist_icm: error: data.global_batch must be >= 1, got 0" in log
+    assert "requeueing" not in log and slurm_cluster.job_fields(job, cluster)["Restarts"] == "0"
 
 
 @needs_slurm

@@ -80,27 +80,44 @@ def test_the_surviving_rank_stops_with_one_line(tmp_path, fault):
         assert "timed out" in last.lower() and TIMEOUT_S - 1 < took < TIMEOUT_S + 45, took
 
 
-def test_the_ranks_die_with_their_launcher(tmp_path):
+_UNGUARDED_JOB = """
+from dist_icm import train
+train._die_with_launcher = lambda: None  # the negative control: no PR_SET_PDEATHSIG
+train.main()
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["deathsig", "negative-control"])
+def test_the_ranks_die_with_their_launcher(tmp_path, guarded):
     """``accelerate launch`` killed outright (SIGKILL, nothing forwarded): its ranks, each in
-    its own session, must not train on and write checkpoints for nobody."""
+    its own session, must not train on and write checkpoints for nobody (and without the
+    kernel's death signal they do)."""
     psutil = pytest.importorskip("psutil")
     run = tmp_path / "run"
+    job = ["-m", "dist_icm.train"]
+    if not guarded:
+        (tmp_path / "job.py").write_text(_UNGUARDED_JOB)
+        job = [str(tmp_path / "job.py")]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-           "--num_processes", "2", "-m", "dist_icm.train", *ARGS,
-           f"hydra.run.dir={run}"]  # fmt: skip
+           "--num_processes", "2", *job, *ARGS, f"hydra.run.dir={run}"]  # fmt: skip
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for_steps(run, [launcher], 3)
         ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-                 if "dist_icm.train" in " ".join(p.cmdline())]  # fmt: skip
+                 if job[-1] in " ".join(p.cmdline())]  # fmt: skip
         assert len(ranks) == 2
         launcher.kill()
         launcher.wait()
+        logged = len((run / "metrics.jsonl").read_text().splitlines())
         gone, alive = psutil.wait_procs(ranks, timeout=15)
+        trained_on = len((run / "metrics.jsonl").read_text().splitlines()) - logged
     finally:
         for p in psutil.Process().children(recursive=True):
             p.kill()
-    assert not alive, [p.pid for p in alive]
+    if guarded:
+        assert not alive, [p.pid for p in alive]
+    else:
+        assert len(alive) == 2 and trained_on > 10, (len(alive), trained_on)
 
 
 @pytest.mark.parametrize("signalled", [0, 1])

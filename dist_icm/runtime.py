@@ -236,7 +236,19 @@ class Runtime:
         return contextlib.nullcontext()
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(model)
+        """The bare model under its wrappers (DDP, ``torch.compile``, DeepSpeed's engine).
+        Without an engine this unwraps by itself: Accelerate's ``unwrap_model`` imports
+        deepspeed wherever it is installed (to recognise its engine), and that import prints
+        a warning on every run of a machine without a GPU."""
+        if self.engine is not None:
+            return self.accelerator.unwrap_model(model)
+        while True:
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+                model = model.module
+            elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # compiled
+                model = model._orig_mod
+            else:
+                return model
 
     @property
     def sharded_params(self) -> bool:

@@ -80,6 +80,11 @@ def test_short_run_writes_its_run_dir(tmp_path):
     start = [ln for ln in out.stderr.splitlines() if ln.startswith("global batch 64")]
     assert len(start) == 1 and start[0].endswith(f"run dir {run}")
     assert f"top1 {summary['top1']:.4g}" in out.stdout.splitlines()
+    # off a terminal stdout holds the results alone, as `key value` lines (no stray warning:
+    # Accelerate's unwrap_model imported DeepSpeed, whose import warned on CPU machines)
+    results = out.stdout.splitlines()
+    assert results[0] == "dist_icm results", out.stdout[:500]
+    assert all(re.fullmatch(r"\S+ \S+", line) for line in results[1:]), out.stdout[:500]
     step12 = [ln for ln in out.stderr.splitlines() if ln.startswith("step 12 ")]
     assert len(step12) == 2 and all("\n" not in ln for ln in step12)
     # train.log holds what was shown, with time stamps

@@ -36,6 +36,7 @@ from dist_icm.data.datasets import DataError
 from dist_icm.job import setup
 from dist_icm.launch import tell_exit_code
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted
+from dist_icm.report import LOG
 from dist_icm.resume import find_checkpoint
 from dist_icm.startup import CONFIG_DIR, hydra_error_message, remove_unused_run_dir
 from dist_icm.trainer import Diverged, train
@@ -64,37 +65,43 @@ def run(cfg: Config, labels: dict | None = None) -> dict:
         found = find_checkpoint(job)
     except START_ERRORS as e:  # raised on every rank alike (shared where one rank found it)
         _fail(e, BAD_INPUT_EXIT, rank_zero=True)
+    # from here on the run's folder stays, and the line that ends a run early also goes to its
+    # train.log (rank 0's), as the last of the lines the run showed
     try:
         return train(job, found)
     except Preempted as stop:
         if job.rt.is_main:
-            print(
+            line = (
                 f"dist_icm: {stop}: checkpoint written; resume with resume=auto "
-                f"(exit code {PREEMPTED_EXIT})",
-                file=sys.stderr,
-                flush=True,
+                f"(exit code {PREEMPTED_EXIT})"
             )
+            print(line, file=sys.stderr, flush=True)
+            LOG.info(line)
         sys.exit(PREEMPTED_EXIT)
     except Diverged as e:  # decided on every rank alike
         _fail(f"training diverged: {e}; no checkpoint of it was written", DIVERGED_EXIT,
-              rank_zero=True)  # fmt: skip
+              rank_zero=True, log=True)  # fmt: skip
     except CheckpointError as e:  # a save that failed; rank 0 shares the outcome
-        _fail(e, WRITE_EXIT, rank_zero=True)
+        _fail(e, WRITE_EXIT, rank_zero=True, log=True)
     except DataError as e:  # a bad file met during training, by this rank
-        _fail(e, BAD_INPUT_EXIT)
+        _fail(e, BAD_INPUT_EXIT, log=True)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        _fail(f"cannot write {e.filename or 'to the run folder'}: {e.strerror}", WRITE_EXIT)
+        _fail(f"cannot write {e.filename or 'to the run folder'}: {e.strerror}", WRITE_EXIT,
+              log=True)  # fmt: skip
     except RuntimeError as e:
         if job.rt.world_size == 1 or not _is_comm_failure(e):
             raise
-        if dist.peer_cause() is not None:  # the peer that stopped printed why
+        cause = dist.peer_cause()
+        if cause is not None:  # the peer that stopped printed why; rank 0's log says it too
+            LOG.info(f"dist_icm: error: {cause}")
             sys.exit(PEER_EXIT)
         _fail(
             f"rank {job.rt.rank}: a collective failed ({_gist(e)}): another process died, or "
             f"waited longer than runtime.timeout_s={cfg.runtime.timeout_s:g}",
             PEER_EXIT,
+            log=True,
         )
 
 
@@ -111,16 +118,20 @@ def _gist(error: Exception) -> str:
     return text.split(". ")[0].rstrip(".")[:200]
 
 
-def _fail(error: Exception | str, code: int, *, rank_zero: bool = False) -> None:
+def _fail(error: Exception | str, code: int, *, rank_zero: bool = False, log: bool = False) -> None:
     """Print ``dist_icm: error: <first line>`` and exit with ``code``. ``rank_zero``: the error
     is known on every rank alike, so only rank 0 prints it (the others exit silently); else
     this rank alone met it, and tells its peers (``dist.tell_cause``), whose collectives its
-    exit fails, so that they stop without a line of their own."""
+    exit fails, so that they stop without a line of their own. ``log``: the line also goes to
+    the run's train.log (a run that had started; a failed start leaves its folder to be
+    removed)."""
     line = str(error).splitlines()[0]
     if not rank_zero:
         dist.tell_cause(line)
     if not rank_zero or int(os.environ.get("RANK", "0")) == 0:
         print(f"dist_icm: error: {line}", file=sys.stderr, flush=True)
+        if log:
+            LOG.info(f"dist_icm: error: {line}")
     elif "TORCHELASTIC_RUN_ID" in os.environ:
         # torch's launcher stops every process when the first one exits: let that be rank 0,
         # after it printed the line (it may reach this point later than this rank)

@@ -10,6 +10,7 @@ builds the trainer's job in this process instead, from the same configs.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,14 @@ def setup_job(overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = to_config(compose("train", overrides=overrides))
     return job.setup(cfg)
+
+
+def last_logged(run_dir: Path) -> str:
+    """The last line of the run's train.log, without its time stamp."""
+    last = (run_dir / "train.log").read_text().splitlines()[-1]
+    stamp = re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] ", last)
+    assert stamp, last
+    return last[stamp.end() :]
 
 
 def records(run_dir: Path) -> list[dict]:

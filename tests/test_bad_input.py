@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli import CPU_CONFIG, REPO, run_train
+from cli import CPU_CONFIG, REPO, last_logged, run_train
 
 from dist_icm.compose import SECTIONS, register_schema, to_config
 from dist_icm.config import Config, ConfigError
@@ -285,6 +285,7 @@ def test_a_corrupt_jpeg_found_mid_training_is_one_line_and_exit_2(places, tmp_pa
     others = [x for x in out.stderr.splitlines() if x.strip() and x not in errors]
     assert all(x.startswith("global batch ") for x in others), others
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()  # the run's folder stays
+    assert last_logged(tmp_path / "run") == errors[0]  # and its log ends with the line
 
 
 def test_a_folder_that_existed_is_never_removed(tmp_path):

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from cli import run_train, setup_job
+from cli import last_logged, run_train, setup_job
 from multiproc import run_launched
 
 from dist_icm.checkpoint import list_checkpoints, load
@@ -158,6 +158,7 @@ def test_a_diverging_run_stops_with_one_line_and_no_checkpoint(tmp_path, max_ski
         "nan on rank 0); no checkpoint of it was written"
     ]
     assert f"step {stops_at - 1} skipped" in out.stderr or max_skipped == 0
+    assert last_logged(run) == errors[0]  # the run's log ends with it too
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["train/skipped_steps"] == max_skipped
     assert all("train/loss" not in r for r in records if r["step"] > 2)  # no NaN logged

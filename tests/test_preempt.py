@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli import CPU_CONFIG, REPO, losses, records, run_train, summary
+from cli import CPU_CONFIG, REPO, last_logged, losses, records, run_train, summary
 
 from dist_icm.checkpoint import list_checkpoints
 from dist_icm.preempt import PREEMPTED_EXIT, StopFlags
@@ -83,6 +83,7 @@ def test_a_signal_checkpoints_the_step_and_the_resumed_run_is_exact(
     assert list_checkpoints(run / "checkpoints")[-1].name == f"ckpt-{stopped:09d}.pt"
     assert max(losses(run)) == stopped  # nothing was trained past the checkpoint
     assert f"stopped at step {stopped} on {sig.name}: checkpoint written" in err
+    assert f"stopped at step {stopped} on {sig.name}: checkpoint written" in last_logged(run)
     run_train(run, *ARGS, "resume=auto", world=world)
     assert not (run / "preempted.json").exists()
     whole = uninterrupted[world]
@@ -189,8 +190,8 @@ def test_checkpoints_every_few_epochs_and_the_newest_kept(tmp_path):
     from dist_icm.config import TrainConfig
 
     shipped = OmegaConf.load(REPO / "configs" / "train" / "default.yaml")
-    for defaults in (TrainConfig(), shipped):
-        assert (defaults.ckpt_every, defaults.keep_ckpts) == (10, 3)
+    for defaults in (TrainConfig(), shipped):  # and max_skipped's (tests/test_nonfinite.py)
+        assert (defaults.ckpt_every, defaults.keep_ckpts, defaults.max_skipped) == (10, 3, 3)
     run_train(tmp_path, *ARGS, "train.max_steps=null", "train.epochs=5", "train.ckpt_every=1")
     per_epoch = summary(tmp_path)["steps"] // 5
     steps = [int(p.name[5:-3]) for p in list_checkpoints(tmp_path / "checkpoints")]

@@ -9,6 +9,8 @@ runtime's own errors) before a step is taken; :mod:`dist_icm.trainer` runs the j
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,13 @@ class Job:
         return self.run_dir / "checkpoints"
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, as torch's DataLoader counts)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def setup(cfg: Config) -> Job:
     """Runtime, data, model, optimizer, schedule and objective, validated against each other."""
     rt = Runtime(cfg.runtime)
@@ -73,9 +82,17 @@ def setup(cfg: Config) -> Job:
     plan = plan_batches(cfg, rt.world_size)
     group = rt.process_group
 
+    notes = []
+    data_cfg, cores = cfg.data, available_cores()
+    if cfg.data.loader == "torch" and cfg.data.num_workers > cores:  # more would only contend
+        data_cfg = dataclasses.replace(cfg.data, num_workers=cores)
+        notes.append(
+            f"data.num_workers={cfg.data.num_workers}: {cores} cores here, {cores} workers"
+        )
+
     def data():  # rank 0 first: a download (or .beton write) happens once, the others reuse it
         return build_data(
-            cfg.data,
+            data_cfg,
             seed=cfg.train.seed,
             micro_global=plan.micro_global,
             rank=rt.rank,
@@ -99,7 +116,6 @@ def setup(cfg: Config) -> Job:
 
     streams.seed_torch("init", cfg.train.seed)  # the same initial weights on every rank
     model = fresh_model()
-    notes = []
     if cfg.model.bn_group is not None and not count_batch_norms(model):
         notes.append(f"model.bn_group={cfg.model.bn_group}: {cfg.model.name} has no BatchNorm")
     if cfg.loss.icm and cfg.loss.tile == "auto":  # what it picks for a micro-step's S̃ block

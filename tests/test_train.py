@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import REPO, losses, records, run_train, setup_job
+from cli import REPO, losses, records, run_train, setup_job, summary
 
 from dist_icm import tiled
 
@@ -295,3 +295,15 @@ def test_on_a_terminal_a_progress_bar_and_a_results_table(tmp_path):
     assert "\ntop1 " not in shown.replace("\r", "")  # not the off-terminal lines
     off = run_train(tmp_path / "off", *QUICK, "train.max_steps=20").stdout
     assert "\ntop1 " in off and "┃" not in off  # the negative control: a pipe
+
+
+def test_more_loader_workers_than_cores_are_capped_with_a_note(tmp_path):
+    # torch's DataLoader warns that so many workers "might get DataLoader running slow or even
+    # freeze"; the run takes as many as there are cores and says so
+    from dist_icm.job import available_cores
+
+    cores = available_cores()
+    out = train(tmp_path, "train.max_steps=2", f"data.num_workers={cores + 2}")
+    assert f"data.num_workers={cores + 2}: {cores} cores here, {cores} workers" in out.stderr
+    assert "worker processes in total" not in out.stderr, out.stderr[-2000:]
+    assert summary(tmp_path)["config"]["data"]["num_workers"] == cores + 2  # what was asked

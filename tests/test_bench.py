@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dist_icm.bench.__main__ import _parser
 
@@ -77,17 +78,40 @@ def test_step_bench_reports_icm_over_ce():
         assert 0 < form["host_ms"] <= form["step_ms"]
 
 
-def test_data_bench_names_a_bad_root_in_one_line(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "dist_icm.bench", "data", "--root", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode != 0
-    assert out.stderr.strip().splitlines() == [
-        f"bench data: --root {tmp_path} holds no train/ folder: point it at a JPEG ImageFolder tree"
-    ]
+BAD = [
+    ("loss --sizes 0", "loss: error: argument --sizes: 0 is less than 1"),
+    ("loss --tile 0", "loss: error: argument --tile: 0 is less than 1"),
+    ("loss --classes 1", "loss: error: argument --classes: 1 is less than 2"),
+    ("comm --worlds 1", "comm: error: argument --worlds: 1 is less than 2"),
+    ("step --batch x", "step: error: argument --batch: 'x' is not an integer"),
+    ("step --model nosuch", "step: error: --model: unknown model 'nosuch': use one of "),
+    ("data --root {empty}", "data: error: --root {empty} holds no train/ folder: point it at "
+     "a JPEG ImageFolder tree"),
+    ("trainer --root {tree} model=nosuch", "trainer: error: unknown model option 'nosuch' "),
+    ("trainer --root {tree} train.epochz=1", "trainer: error: unknown config key train.epochz "),
+]  # fmt: skip
+if not torch.cuda.is_available():
+    BAD.append(("step --device cuda", "step: error: --device cuda: no CUDA device is visible"))
+
+
+@pytest.mark.parametrize("args, line", BAD, ids=[a for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, line):
+    places = {"empty": tmp_path / "empty", "tree": tmp_path / "tree"}
+    places["empty"].mkdir()
+    (places["tree"] / "train").mkdir(parents=True)  # a tree to name; the config fails first
+    argv = [a.format(**places) for a in args.split()]
+    out = subprocess.run([sys.executable, "-m", "dist_icm.bench", *argv], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and out.stdout == "", out.stderr[-2000:]
+    (got,) = out.stderr.strip().splitlines()
+    assert got.startswith("python -m dist_icm.bench " + line.format(**places)), got
+
+
+def test_help_shows_every_default():
+    out = subprocess.run([sys.executable, "-m", "dist_icm.bench", "step", "--help"],
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    text = " ".join(out.stdout.split())
+    assert "batch size (default: 512)" in text and "(default: cifar_resnet18)" in text
 
 
 def test_trainer_bench_runs_the_trainer_and_a_bare_loop(cifar10_jpeg_root):

@@ -20,13 +20,43 @@ import sys
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICES = ("cpu", "cuda")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstrings as written, and every option's default in its help."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a bad argument reported in one line (``<prog>: error: ...``, exit 2)
+    instead of the usage first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _at_least(low: int):
+    """An argparse type: an int >= ``low`` (else argparse's one-line usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
 
 
 def _parser() -> argparse.ArgumentParser:
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="python -m dist_icm.bench", description=__doc__, formatter_class=raw
-    )
+    raw = _Help
+    parser = _Parser(prog="python -m dist_icm.bench", description=__doc__, formatter_class=raw)
     sub = parser.add_subparsers(dest="what", required=True, metavar="NAME")
     from dist_icm.bench import comm, data, loss, step, trainer
 
@@ -38,15 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sizes",
-        type=int,
+        type=POSITIVE,
         nargs="+",
         default=[1024, 2048, 4096, 8192, 16384],
         help="global batch sizes N (one process: n = N)",
     )
-    p.add_argument("--classes", type=int, nargs="+", default=[100, 1000], help="class counts C")
-    p.add_argument("--tile", type=int, default=1024, help="tile edge T of the tiled form")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
-    p.add_argument("--device", default=DEVICE, help="cpu or cuda (default: cuda if visible)")
+    p.add_argument(
+        "--classes", type=_at_least(2), nargs="+", default=[100, 1000], help="class counts C"
+    )
+    p.add_argument("--tile", type=POSITIVE, default=1024, help="tile edge T of the tiled form")
+    p.add_argument("--repeats", type=POSITIVE, default=3, help="timed repeats (after one warm-up)")
+    p.add_argument("--device", default=DEVICE, choices=DEVICES, help="cuda if one is visible")
     p.add_argument(
         "--dtype",
         default="float32",
@@ -55,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-untiled",
-        type=int,
+        type=NON_NEGATIVE,
         default=16384,
         help="largest N for the untiled forms (their n x N blocks must fit)",
     )
@@ -66,10 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         description=comm.__doc__,
         formatter_class=raw,
     )
-    c.add_argument("--batch", type=int, default=3072, help="global batch N")
-    c.add_argument("--classes", type=int, default=100, help="class count C")
-    c.add_argument("--worlds", type=int, nargs="+", default=[2, 3], help="process counts")
-    c.add_argument("--repeats", type=int, default=5, help="timed repeats (after one warm-up)")
+    c.add_argument("--batch", type=POSITIVE, default=3072, help="global batch N")
+    c.add_argument("--classes", type=_at_least(2), default=100, help="class count C")
+    c.add_argument("--worlds", type=_at_least(2), nargs="+", default=[2, 3], help="process counts")
+    c.add_argument("--repeats", type=POSITIVE, default=5, help="timed repeats (after one warm-up)")
 
     s = sub.add_parser(
         "step",
@@ -78,13 +110,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     s.add_argument("--model", default="cifar_resnet18", help="a dist_icm model name")
-    s.add_argument("--batch", type=int, default=512, help="batch size")
-    s.add_argument("--classes", type=int, default=10, help="class count")
-    s.add_argument("--image", type=int, default=32, help="image side in pixels")
-    s.add_argument("--steps", type=int, default=5, help="back-to-back steps in a timed block")
-    s.add_argument("--repeats", type=int, default=3, help="timed blocks of each (alternating)")
-    s.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
-    s.add_argument("--device", default=DEVICE, help="cpu or cuda (default: cuda if visible)")
+    s.add_argument("--batch", type=_at_least(2), default=512, help="batch size")
+    s.add_argument("--classes", type=_at_least(2), default=10, help="class count")
+    s.add_argument("--image", type=_at_least(4), default=32, help="image side in pixels")
+    s.add_argument("--steps", type=POSITIVE, default=5, help="back-to-back steps in a timed block")
+    s.add_argument("--repeats", type=POSITIVE, default=3, help="timed blocks of each (alternating)")
+    s.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed steps of each first")
+    s.add_argument("--device", default=DEVICE, choices=DEVICES, help="cuda if one is visible")
     s.add_argument(
         "--precision",
         default="fp32",
@@ -99,7 +131,9 @@ def _parser() -> argparse.ArgumentParser:
         "NCHW)",
     )
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--epochs", type=int, default=200, help="epochs of the wall-time projection")
+    s.add_argument(
+        "--epochs", type=POSITIVE, default=200, help="epochs of the wall-time projection"
+    )
 
     t = sub.add_parser(
         "trainer",
@@ -108,8 +142,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     t.add_argument("--root", help="JPEG ImageFolder tree (default: the cached CIFAR-10 tree)")
-    t.add_argument("--steps", type=int, default=5, help="back-to-back steps in a timed block")
-    t.add_argument("--repeats", type=int, default=3, help="timed blocks of each (alternating)")
+    t.add_argument("--steps", type=POSITIVE, default=5, help="back-to-back steps in a timed block")
+    t.add_argument("--repeats", type=POSITIVE, default=3, help="timed blocks of each (alternating)")
     t.add_argument("--profile", action="store_true", help="add each one's top operators")
     t.add_argument(
         "overrides",
@@ -125,10 +159,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     d.add_argument("--root", help="JPEG ImageFolder tree (default: the cached CIFAR-10 tree)")
-    d.add_argument("--batch", type=int, default=256, help="batch size")
-    d.add_argument("--workers", type=int, default=2, help="loader workers / decoding threads")
-    d.add_argument("--batches", type=int, default=150, help="batches per timed pass")
-    d.add_argument("--repeats", type=int, default=3, help="timed passes of each loader")
+    d.add_argument("--batch", type=POSITIVE, default=256, help="batch size")
+    d.add_argument(
+        "--workers", type=NON_NEGATIVE, default=2, help="loader workers / decoding threads"
+    )
+    d.add_argument("--batches", type=POSITIVE, default=150, help="batches per timed pass")
+    d.add_argument("--repeats", type=POSITIVE, default=3, help="timed passes of each loader")
     d.add_argument("--step", metavar="MODEL", help="also time training steps of this model")
     d.add_argument(
         "--write-mode",
@@ -144,8 +180,43 @@ def _parser() -> argparse.ArgumentParser:
 _MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check alone: a visible GPU for --device cuda, a model name."""
+    sub = parser._subparsers._group_actions[0].choices[args.what]  # for its prog in the line
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        sub.error("--device cuda: no CUDA device is visible")
+    if args.what == "step":
+        from dist_icm.models import build_model
+
+        try:
+            build_model(args.model, args.classes)
+        except ValueError as e:
+            sub.error(f"--model: {str(e).splitlines()[0]}")
+
+
+def _run_or_fail(what: str, overrides: list[str], run):
+    """``run()``, with a bad config, data set or override (``bench trainer``'s and ``bench
+    data``'s) reported in one line, exit 2."""
+    from hydra.errors import HydraException
+
+    from dist_icm.bench.data import stop
+    from dist_icm.config import ConfigError
+    from dist_icm.data.datasets import DataError
+    from dist_icm.startup import hydra_error_message
+
+    try:
+        return run()
+    except (ConfigError, DataError) as e:
+        line = str(e).splitlines()[0]
+    except HydraException as e:
+        line = hydra_error_message(e, overrides)
+    stop(f"python -m dist_icm.bench {what}: error: {line}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
     if args.what == "loss" and args.device == "cpu" and not _MALLOC.keys() <= os.environ.keys():
         argv = sys.argv[1:] if argv is None else argv
         cmd = [sys.executable, "-m", "dist_icm.bench", *argv]
@@ -180,12 +251,28 @@ def main(argv: list[str] | None = None) -> None:
             epochs=args.epochs,
         )
     elif args.what == "trainer":
-        root = data.find_cifar10(args.root)
-        out = trainer.bench_trainer(root, args.overrides, args.steps, args.repeats, args.profile)
+        root = data.find_cifar10(args.root, "trainer")
+        out = _run_or_fail(
+            "trainer",
+            args.overrides,
+            lambda: trainer.bench_trainer(
+                root, args.overrides, args.steps, args.repeats, args.profile
+            ),
+        )
     else:
-        root = data.find_cifar10(args.root)
-        out = data.bench_data(
-            root, args.batch, args.workers, args.batches, args.repeats, args.step, args.write_mode
+        root = data.find_cifar10(args.root, "data")
+        out = _run_or_fail(
+            "data",
+            [],
+            lambda: data.bench_data(
+                root,
+                args.batch,
+                args.workers,
+                args.batches,
+                args.repeats,
+                args.step,
+                args.write_mode,
+            ),
         )
     print(json.dumps(out))
 

@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -26,23 +27,31 @@ from dist_icm.data.unpack import unpack_once
 ARCHIVE = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg.tar.xz"
 
 
-def find_cifar10(root: str | None) -> str:
-    """The JPEG tree to read: ``root``, or the cached CIFAR-10 tree (unpacked on first use)."""
+def stop(line: str) -> NoReturn:
+    """Bad input to a bench: ``line`` on stderr, exit code 2."""
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def find_cifar10(root: str | None, bench: str = "data") -> str:
+    """The JPEG tree to read: ``root``, or the cached CIFAR-10 tree (unpacked on first use).
+    ``bench``: the subcommand asking, which its lines name."""
+    who = f"python -m dist_icm.bench {bench}"
     if root is not None:
         if not Path(root, "train").is_dir():
-            raise SystemExit(
-                f"bench data: --root {root} holds no train/ folder: "
+            stop(
+                f"{who}: error: --root {root} holds no train/ folder: "
                 "point it at a JPEG ImageFolder tree"
             )
         return root
     tree = cache_root() / "cifar10-jpeg" / "cifar10"
     if not (tree / "train").is_dir():
         if not ARCHIVE.is_file():
-            raise SystemExit(
-                f"bench data: no CIFAR-10 tree in {tree.parent} and no archive at {ARCHIVE}: "
+            stop(
+                f"{who}: error: no CIFAR-10 tree in {tree.parent} and no archive at {ARCHIVE}: "
                 "pass --root DIR (a JPEG ImageFolder tree with train/ and test/)"
             )
-        print(f"bench data: unpacking {ARCHIVE} into {tree.parent} (once)", file=sys.stderr)
+        print(f"{who}: unpacking {ARCHIVE} into {tree.parent} (once)", file=sys.stderr)
         unpack_once(ARCHIVE, tree.parent)
     return str(tree)
 

@@ -1,5 +1,5 @@
 """``bench loss``: the ICM loss's forward + backward time and extra peak memory against the
-global batch N (one process, n = N), in three forms side by side:
+global batch N (one process, n = N), in four forms side by side (the fourth where it can run):
 
 * ``dense``: S̃ = S Ỹᵀ whole, as a matmul with a dense (N x C) Ỹ (``method=matmul``, tile 0);
 * ``gather``: S̃ whole, as two column gathers (``method=gather``, tile 0);

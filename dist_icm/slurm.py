@@ -108,10 +108,17 @@ def node_command(env: Mapping[str, str], overrides: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+USAGE = "usage: python -m dist_icm.slurm {launch|print} -- [overrides...]"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["-h"], ["--help"]):  # the module's docstring says it all
+        print(f"{USAGE}\n\n{__doc__}", end="")
+        return
     if not args or args[0] not in ("launch", "print"):
-        raise SystemExit("usage: python -m dist_icm.slurm {launch|print} -- [overrides...]")
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
     verb, overrides = args[0], [a for a in args[1:] if a != "--"]
     try:
         cmd = node_command(os.environ, overrides)

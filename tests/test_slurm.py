@@ -43,6 +43,16 @@ def test_dry_run_prints_each_node_s_command():
     assert lines == [f"node {r}: {sys.executable} " + common.format(r=r) for r in (0, 1)]
 
 
+def test_the_task_command_has_help_and_refuses_other_verbs():
+    run = [sys.executable, "-m", "dist_icm.slurm"]
+    out = subprocess.run([*run, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "PROCS_PER_NODE" in out.stdout and "MAIN_PORT" in out.stdout
+    out = subprocess.run([*run, "start"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "usage: python -m dist_icm.slurm {launch|print} -- [overrides...]"
+    )
+
+
 def test_node_commands_take_slurm_s_gpu_counts_and_refuse_outside_a_task():
     env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
            "SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_PER_NODE": "gpu:a100:4"}  # fmt: skip

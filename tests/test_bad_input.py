@@ -288,6 +288,15 @@ def test_a_corrupt_jpeg_found_mid_training_is_one_line_and_exit_2(places, tmp_pa
     assert last_logged(tmp_path / "run") == errors[0]  # and its log ends with the line
 
 
+def test_a_multirun_stops_at_the_first_cell_that_fails(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_train(None, "-m", *QUICK, "train.epochs=0,1", f"hydra.sweep.dir={sweep}",
+                    check=False, cwd=tmp_path, env=_env())  # fmt: skip
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert _error_line(out) == "train.epochs must be >= 1, got 0"
+    assert (sweep / "0" / ".hydra").is_dir() and not (sweep / "1").exists()
+
+
 def test_a_folder_that_existed_is_never_removed(tmp_path):
     # a run that fails at start in a folder that was there before leaves the folder (and what
     # Hydra wrote into it: the folder is the user's)

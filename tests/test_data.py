@@ -112,12 +112,17 @@ def test_digits_come_from_the_cache_once_made_and_equal_scikit_learn_s(
 
 
 def test_cifar10_without_internet_raises_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "kept").mkdir()  # a root that was there before stays; the folders made go
     try:
-        build_datasets("cifar10", str(tmp_path / "cifar"), download=True)
+        build_datasets("cifar10", str(tmp_path / "new" / "cifar"), download=True)
     except DataError as e:
         msg = str(e)
         assert "CIFAR-10 not found under" in msg and "download it on a machine with internet" in msg
         assert "imagefolder" in msg and "\n" not in msg
+        assert not (tmp_path / "new").exists()  # torchvision made it; nothing was fetched
+        with pytest.raises(DataError):
+            build_datasets("cifar10", str(tmp_path / "kept"), download=True)
+        assert (tmp_path / "kept").is_dir()
     else:
         pytest.skip("CIFAR-10 downloaded: this machine has internet")
     with pytest.raises(DataError, match="CIFAR-100 not found"):

@@ -418,8 +418,8 @@ DATA_CASES = [
     ("digits --quality 0", "--quality must lie in [1, 100], got 0"),
     ("digits --max-side 3", "--max-side must be >= 8, got 3"),
     ("cifar10", "CIFAR-10 needs a root folder: set --root to where it is (or goes)"),
-    ("imagefolder --root {missing}", "--root '{missing}' is not a folder (data=imagefolder "
-     "needs one)"),
+    ("imagefolder --root {missing}", "--root '{missing}' is not a folder (dist-icm-data "
+     "imagefolder needs one)"),
     ("digits --bogus", "unrecognized arguments: --bogus (see dist-icm-data --help)"),
 ]  # fmt: skip
 

@@ -293,7 +293,7 @@ def _cifar(
             raise DataError(
                 f"{pretty} not found under '{root}' and {how} ({reason}): "
                 f"download it on a machine with internet into {root}, "
-                "or use data=imagefolder with a JPEG tree"
+                f"or use {names['imagefolder']} with a JPEG tree"
             ) from e
         images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
         splits.append((TensorImageDataset(images, torch.as_tensor(raw.targets)), raw.classes))
@@ -311,7 +311,9 @@ def _imagefolder(root: str | None, names: dict[str, str]) -> tuple[Dataset, Data
         )
     base = Path(root).expanduser()
     if not base.is_dir():  # checked here, not in the config: each node may read its own copy
-        raise DataError(f"{names['root']} '{base}' is not a folder (data=imagefolder needs one)")
+        raise DataError(
+            f"{names['root']} '{base}' is not a folder ({names['imagefolder']} needs one)"
+        )
     train_dir = base / "train"
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
@@ -336,7 +338,11 @@ def _imagefolder(root: str | None, names: dict[str, str]) -> tuple[Dataset, Data
 
 
 # how messages name the options (dist-icm-data passes its own flags)
-OPTION_NAMES = {"root": "data.root", "download": "data.download=false"}
+OPTION_NAMES = {
+    "root": "data.root",
+    "download": "data.download=false",
+    "imagefolder": "data=imagefolder",
+}
 
 
 def build_datasets(

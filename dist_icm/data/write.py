@@ -58,6 +58,7 @@ TRAINER_NAMES = {
     "quality": "data.ffcv_quality",
     "workers": "data.num_workers",
     "download": "data.download=false",
+    "imagefolder": "data=imagefolder",
 }
 CLI_NAMES = {
     "ffcv": "dist-icm-data",
@@ -68,6 +69,7 @@ CLI_NAMES = {
     "quality": "--quality",
     "workers": "--workers",
     "download": "--no-download",
+    "imagefolder": "dist-icm-data imagefolder",
 }
 
 

@@ -21,6 +21,9 @@ rename it into place before the ``.pt`` file is written, so a listed checkpoint'
 complete; pruning a checkpoint removes its companion, and a save clears companions (and
 temporary folders) that no checkpoint lists.
 
+A run resumed at an earlier step than its folder's newest checkpoint removes the newer ones
+(:func:`drop_after`), the future of the timeline it left.
+
 A save that fails (a full disk, no permission) removes its temporary file, leaves every
 earlier checkpoint in place (pruning comes only after a successful write) and raises
 :class:`CheckpointWriteError` with one line naming the file and the OS's reason (the entry point
@@ -213,6 +216,17 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     """The checkpoints in ``folder``, oldest step first (temporary and other files ignored)."""
     steps = {p: _step_of(p) for p in Path(folder).glob(CKPT_GLOB) if p.is_file()}
     return sorted((p for p, step in steps.items() if step is not None), key=steps.__getitem__)
+
+
+def drop_after(folder: str | Path, step: int) -> list[Path]:
+    """Remove the checkpoints (and their shard folders) of steps after ``step``; returns the
+    files removed. A run resumed at ``step`` makes them the future of a timeline it left:
+    kept, they would outrank its own (keep-last pruning and ``latest`` go by step)."""
+    dropped = [p for p in list_checkpoints(folder) if _step_of(p) > step]
+    for path in dropped:
+        path.unlink(missing_ok=True)
+        shutil.rmtree(path.with_suffix(_ENGINE_SUFFIX), ignore_errors=True)
+    return dropped
 
 
 def _reason(exc: BaseException) -> str:

@@ -201,6 +201,13 @@ def find_checkpoint(job: Job) -> Resumed | None:
     saved = found.state.get("config")
     note = check_config(saved, asdict(cfg), force=cfg.resume_force, step=found.step)
     job.notes += [note] if note else []
+    # resume=PATH may name an older checkpoint than the folder's newest (resume=auto takes the
+    # newest that loads, so what is newer there is unreadable, and was named as skipped)
+    if job.rt.is_main and cfg.resume != "auto":  # every rank has read the chosen file by now
+        dropped = checkpoint.drop_after(job.ckpt_dir, found.step)
+        if dropped:
+            names = ", ".join(p.name for p in dropped)
+            job.notes.append(f"resumed at step {found.step}: removed the later {names}")
     return found
 
 

@@ -266,3 +266,19 @@ def test_drop_records_after_keeps_the_checkpoint_s_past(tmp_path):
     assert drop_records_after(path, 2) == 2
     assert path.read_text() == '{"step": 1}\n{"step": 2, "x": 1}\n{"step": 2, "y": 2}\n'
     assert drop_records_after(tmp_path / "missing.jsonl", 2) == 0
+
+
+def test_resuming_an_earlier_checkpoint_removes_the_later_ones(tmp_path):
+    # kept, step 6 of the timeline left behind would outrank the new run's own checkpoints:
+    # pruning keeps the newest by step, and resume=auto would take it
+    run = tmp_path / "run"
+    run_train(run, *QUICK, "train.max_steps=6", "train.ckpt_every_steps=2")
+    folder = run / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(folder)][-1] == "ckpt-000000006.pt"
+    out = run_train(run, *QUICK, "train.max_steps=4", f"resume={folder / 'ckpt-000000002.pt'}")
+    assert "resumed at step 2: removed the later ckpt-000000004.pt, ckpt-000000006.pt" in out.stderr
+    assert [p.name for p in checkpoint.list_checkpoints(folder)] == [
+        "ckpt-000000002.pt", "ckpt-000000004.pt"
+    ]  # fmt: skip
+    again = run_train(run, *QUICK, "train.max_steps=4", "resume=auto")
+    assert summary(run)["resumed_at_step"] == 4 and "removed" not in again.stderr

@@ -260,6 +260,20 @@ def test_run_folder_config_stands_in_for_a_checkpoint_without_one(runs, tmp_path
     assert numbers[0] == numbers[1] == numbers[2]  # the same model and images, found each way
 
 
+def test_a_run_folder_gives_its_newest_readable_checkpoint(runs, tmp_path):
+    from dist_icm.reload import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["mixup"].parent.parent, run)
+    good = runs["mixup"].name
+    torn = run / "checkpoints" / "ckpt-000000099.pt"  # newer, and cut short
+    torn.write_bytes((run / "checkpoints" / good).read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="ckpt-000000099.pt is unreadable"):
+        found = load_run(run)
+    assert found.path.name == good
+    assert load_run(run / "checkpoints" / good).path.name == good  # a file: that one
+
+
 @pytest.mark.gpu
 def test_cuda_gives_the_cpu_numbers(analysed, runs, tmp_path):
     # float32 on both, no TF32: the same numbers to float32 rounding (measured on an H200:

@@ -144,6 +144,17 @@ def test_second_write_reuses_the_cache(cache, tree, capsys):
     assert other.folder != first.folder
 
 
+def test_the_cache_folder_is_the_option_then_the_variable_then_home(monkeypatch, tmp_path):
+    from dist_icm.data.write import cache_root
+
+    monkeypatch.setenv("DIST_ICM_CACHE", str(tmp_path / "env"))
+    assert cache_root(str(tmp_path / "mine")) == tmp_path / "mine"  # data.ffcv_cache / --cache
+    assert cache_root(None) == tmp_path / "env" / "ffcv"
+    monkeypatch.delenv("DIST_ICM_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root(None) == tmp_path / "home" / ".cache" / "dist_icm" / "ffcv"
+
+
 def test_cli_writes_and_reports_the_entry(tmp_path):
     cmd = [sys.executable, "-m", "dist_icm.data.write", "digits", "--cache", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)

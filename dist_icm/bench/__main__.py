@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
 import torch
 
@@ -55,7 +56,7 @@ POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
 
 
 def _parser() -> argparse.ArgumentParser:
-    raw = _Help
+    raw = _Help  # the docstrings as written, with the defaults
     parser = _Parser(prog="python -m dist_icm.bench", description=__doc__, formatter_class=raw)
     sub = parser.add_subparsers(dest="what", required=True, metavar="NAME")
     from dist_icm.bench import comm, data, loss, step, trainer
@@ -180,18 +181,24 @@ def _parser() -> argparse.ArgumentParser:
 _MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _fail(what: str, message: str) -> NoReturn:
+    """Bad input to ``bench what``: one line, exit code 2 (as argparse's own, above)."""
+    from dist_icm.bench.data import stop
+
+    stop(f"python -m dist_icm.bench {what}: error: {message}")
+
+
+def _check(args: argparse.Namespace) -> None:
     """What argparse cannot check alone: a visible GPU for --device cuda, a model name."""
-    sub = parser._subparsers._group_actions[0].choices[args.what]  # for its prog in the line
     if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
-        sub.error("--device cuda: no CUDA device is visible")
+        _fail(args.what, "--device cuda: no CUDA device is visible")
     if args.what == "step":
         from dist_icm.models import build_model
 
         try:
             build_model(args.model, args.classes)
         except ValueError as e:
-            sub.error(f"--model: {str(e).splitlines()[0]}")
+            _fail(args.what, f"--model: {str(e).splitlines()[0]}")
 
 
 def _run_or_fail(what: str, overrides: list[str], run):
@@ -199,7 +206,6 @@ def _run_or_fail(what: str, overrides: list[str], run):
     data``'s) reported in one line, exit 2."""
     from hydra.errors import HydraException
 
-    from dist_icm.bench.data import stop
     from dist_icm.config import ConfigError
     from dist_icm.data.datasets import DataError
     from dist_icm.startup import hydra_error_message
@@ -207,16 +213,14 @@ def _run_or_fail(what: str, overrides: list[str], run):
     try:
         return run()
     except (ConfigError, DataError) as e:
-        line = str(e).splitlines()[0]
+        _fail(what, str(e).splitlines()[0])
     except HydraException as e:
-        line = hydra_error_message(e, overrides)
-    stop(f"python -m dist_icm.bench {what}: error: {line}")
+        _fail(what, hydra_error_message(e, overrides))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    _check(parser, args)
+    args = _parser().parse_args(argv)
+    _check(args)
     if args.what == "loss" and args.device == "cpu" and not _MALLOC.keys() <= os.environ.keys():
         argv = sys.argv[1:] if argv is None else argv
         cmd = [sys.executable, "-m", "dist_icm.bench", *argv]

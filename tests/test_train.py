@@ -223,11 +223,11 @@ def test_compiled_model_trains(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
 
 
-@pytest.mark.slow
 def test_quickstart_reaches_high_accuracy(tmp_path):
+    # the README's quickstart claim (top-1 99-100%), in the default run: about 10 s
     train(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["top1"] > 98 and summary["epochs"] == 15
+    assert summary["top1"] >= 99 and summary["epochs"] == 15
 
 
 def test_unreadable_checkpoint_stops_at_start(tmp_path):

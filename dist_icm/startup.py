@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dist_icm.compose import unknown_key_message
+from dist_icm.folders import missing_top, remove_empty
 
 # Hydra's config groups: the copy an installed wheel holds (dist_icm/configs), else the
 # checkout's configs/ beside the package (a source tree, an editable install)
@@ -84,10 +85,7 @@ class RunDirWatch(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         try:  # a callback's exception would become a warning: never raise
             run_dir = Path(str(config.hydra.run.dir)).absolute()
-            top, path = None, run_dir
-            while path != path.parent and not path.exists():
-                top, path = path, path.parent
-            RunDirWatch.run_dir, RunDirWatch.created = run_dir, top
+            RunDirWatch.run_dir, RunDirWatch.created = run_dir, missing_top(run_dir)
         except Exception:
             RunDirWatch.run_dir = RunDirWatch.created = None
 
@@ -118,12 +116,6 @@ def remove_unused_run_dir() -> bool:
         elif not (rel.parent == Path(".") and rel.suffix == ".log" and path.stat().st_size == 0):
             return False
     shutil.rmtree(run_dir, ignore_errors=True)
-    path = run_dir.parent
-    while path == top or top in path.parents:
-        try:
-            path.rmdir()  # only when empty
-        except OSError:
-            break
-        path = path.parent
+    remove_empty(run_dir.parent, top)  # the parents it made
     RunDirWatch.run_dir = RunDirWatch.created = None
     return not run_dir.exists()

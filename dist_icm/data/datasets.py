@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dist_icm.folders import missing_top, remove_empty
+
 
 def cache_root() -> Path:
     """The project's cache folder: ``$DIST_ICM_CACHE``, else ``~/.cache/dist_icm``.
@@ -237,28 +239,6 @@ def _digits(seed: int) -> tuple[Dataset, Dataset, DatasetSpec]:
     return train, test, spec
 
 
-def _missing_top(path: Path) -> Path | None:
-    """The top-most folder of ``path`` that does not exist yet (None: it exists)."""
-    top = None
-    path = path.absolute()
-    while path != path.parent and not path.exists():
-        top, path = path, path.parent
-    return top
-
-
-def _remove_empty(path: Path, top: Path | None) -> None:
-    """Remove ``path`` and its parents up to ``top`` (what was made for it), where empty."""
-    if top is None:
-        return
-    path = path.absolute()
-    while path == top or top in path.parents:
-        try:
-            path.rmdir()  # only when empty
-        except OSError:
-            return
-        path = path.parent
-
-
 def _cifar(
     name: str, root: str | None, download: bool, names: dict[str, str]
 ) -> tuple[Dataset, Dataset, DatasetSpec]:
@@ -276,12 +256,12 @@ def _cifar(
             f"{pretty} needs a root folder: set {names['root']} to where it is (or goes)"
         )
     splits = []
-    made = _missing_top(Path(root))  # what a failed download would leave behind, empty
+    made = missing_top(Path(root))  # what a failed download would leave behind, empty
     for train in (True, False):
         try:
             raw = cls(root, train=train, download=download)
         except Exception as e:  # URLError, RuntimeError("Dataset not found"), checksum errors...
-            _remove_empty(Path(root), made)
+            remove_empty(Path(root), made)
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             how = "could not be downloaded" if download else names["download"]
             if name in CIFAIR:

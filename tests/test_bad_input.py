@@ -307,6 +307,36 @@ def test_a_folder_that_existed_is_never_removed(tmp_path):
     # (a new one is removed with the parents it made: every CLI case checks outputs/ is gone)
 
 
+@pytest.mark.parametrize(
+    "stray", [None, "notes.txt", ".hydra/extra.yaml", "train.log", "sub/"], ids=str
+)
+def test_a_new_run_folder_is_removed_only_when_it_holds_hydra_s_files(stray, tmp_path):
+    # the folder a failed start made is removed with the parents it made, unless something
+    # other than Hydra's .hydra/ files and empty logs is in it (None: nothing else, removed)
+    from dist_icm.startup import RunDirWatch, remove_unused_run_dir
+
+    top = tmp_path / "outputs"
+    run_dir = top / "2026-11-28" / "00-00-00"
+    RunDirWatch.run_dir, RunDirWatch.created = run_dir, top
+    (run_dir / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run_dir / ".hydra" / name).write_text("{}\n")
+    (run_dir / "train.log").touch()  # an empty log is Hydra's too
+    if stray == "train.log":
+        (run_dir / stray).write_text("a line\n")
+    elif stray is not None and stray.endswith("/"):
+        (run_dir / stray).mkdir()
+    elif stray is not None:
+        (run_dir / stray).write_text("mine\n")
+    try:
+        removed = remove_unused_run_dir()
+    finally:
+        RunDirWatch.run_dir = RunDirWatch.created = None
+    assert removed == (stray is None)
+    assert top.exists() == (stray is not None)  # the parents it made go with it
+    assert tmp_path.is_dir()  # and nothing above them
+
+
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):
     env = _env() | {"HYDRA_FULL_ERROR": "1"}
     out = run_train(None, *QUICK, "train.epochz=3", check=False, cwd=tmp_path, env=env)

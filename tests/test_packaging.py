@@ -1,4 +1,5 @@
-"""The wheel: an installed (not editable) dist_icm carries its Hydra configs and trains."""
+"""Packaging: an installed (not editable) dist_icm carries its Hydra configs and trains; the GPU
+checks script refuses a machine without a GPU in one line."""
 
 import os
 import shutil
@@ -7,6 +8,8 @@ import sys
 import zipfile
 from importlib.metadata import PackageNotFoundError, version
 
+import pytest
+import torch
 from cli import REPO, run_train
 
 
@@ -49,3 +52,13 @@ def test_the_wheel_ships_every_config_and_trains_from_it(tmp_path):
     run_train(run, "experiment=quickstart", "train.max_steps=2", "train.progress=false",
               "train.tensorboard=false", env=env, cwd=tmp_path)  # fmt: skip
     assert (run / "summary.json").is_file()
+
+
+def test_the_gpu_script_says_in_one_line_that_it_needs_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: .ci/gpu would run the GPU checks")
+    out = subprocess.run(["bash", str(REPO / ".ci" / "gpu"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [".ci/gpu: error: no CUDA GPU is visible"]
+    assert not (tmp_path / "out").exists()  # nothing written before the check

@@ -75,7 +75,10 @@ class StopFlags:
 
     def poll(self) -> Decision:
         """The flags agreed over every rank as of the previous poll (this one's, alone)."""
-        due = self.every_s is not None and time.monotonic() - self._last_ckpt >= self.every_s * 60
+        now = time.monotonic()
+        due = self.every_s is not None and now - self._last_ckpt >= self.every_s * 60
+        if due and self.is_main:  # the clock restarts at the asking: the save comes a step later,
+            self._last_ckpt = now  # and asking again at that step would write a second one
         mine = torch.tensor([self.received is not None, self.is_main and due], dtype=torch.int32)
         if not dist.is_distributed(self.group):
             return Decision(bool(mine[0]), bool(mine[1]))

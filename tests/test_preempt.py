@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cli import CPU_CONFIG, REPO, last_logged, losses, records, run_train, summary
+from multiproc import run_group
 
 from dist_icm.checkpoint import list_checkpoints
 from dist_icm.preempt import PREEMPTED_EXIT, StopFlags
@@ -181,6 +182,37 @@ def test_the_clock_s_checkpoints_on_two_processes(tmp_path):
               "train.keep_ckpts=20", world=2)  # fmt: skip
     steps = [int(p.name[5:-3]) for p in list_checkpoints(tmp_path / "checkpoints")]
     assert steps == list(range(2, 9)), steps
+
+
+def _clock_checkpoint_steps(rank: int, world_size: int, steps: int) -> list[int]:
+    """Poll the stop flags once a step on a clock that advances 1 s a step, with checkpoints due
+    every 5 s, and write (restart the clock) wherever the agreed flags ask: the steps written."""
+    from types import SimpleNamespace
+
+    from dist_icm import dist, preempt
+
+    now = [0.0]
+    preempt.time = SimpleNamespace(monotonic=lambda: now[0])  # this process's copy only
+    group = dist.default_group() if world_size > 1 else None
+    flags = StopFlags(group, is_main=rank == 0, ckpt_every_min=5 / 60)
+    written = []
+    try:
+        for step in range(1, steps + 1):
+            now[0] = float(step)
+            if flags.poll().checkpoint:
+                written.append(step)
+                flags.checkpoint_written()
+    finally:
+        flags.close()
+    return written
+
+
+@pytest.mark.multiproc
+def test_a_clock_s_checkpoint_is_written_once_on_two_processes():
+    # due every 5 s; one process writes at once, two one step late (the flags' reduction), but
+    # each due checkpoint once: rank 0 asking again at the step the save comes wrote a second one
+    assert _clock_checkpoint_steps(0, 1, 24) == [5, 10, 15, 20]
+    assert run_group(_clock_checkpoint_steps, 2, 24) == [[6, 12, 18, 24]] * 2
 
 
 def test_checkpoints_every_few_epochs_and_the_newest_kept(tmp_path):

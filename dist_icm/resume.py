@@ -76,9 +76,9 @@ def choose(
     """The checkpoint to resume from, the same on every rank (None: start from scratch).
 
     ``resume`` is None (no resume), ``"auto"`` (rank 0 takes the newest loadable checkpoint in
-    ``folder``) or a path. Raises :class:`ConfigError` for a missing path and
-    :class:`CheckpointError` when any rank cannot read the chosen file or the ranks' files hold
-    different steps, on every rank alike. With ``resume="auto"``, one line per newer file that
+    ``folder``) or a path. Raises, on every rank alike, :class:`ConfigError` for a path that is
+    missing or that rank 0 cannot read, and :class:`CheckpointError` when another rank cannot
+    read the file rank 0 chose or the ranks' files hold different steps. With ``resume="auto"``, one line per newer file that
     rank 0 could not load (and skipped) is appended to ``skipped``, on every rank.
     """
     if resume is None:

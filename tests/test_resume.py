@@ -88,6 +88,10 @@ def test_choose_on_one_process(tmp_path):
     assert choose(tmp_path, str(tmp_path / "ckpt-000000004.pt"), None).step == 4
     with pytest.raises(ConfigError, match="no such checkpoint"):
         choose(tmp_path, str(tmp_path / "nope.pt"), None)
+    torn = tmp_path / "torn.pt"  # rank 0 cannot read it: a ConfigError too, naming the file
+    torn.write_bytes((tmp_path / "ckpt-000000004.pt").read_bytes()[:100])
+    with pytest.raises(ConfigError, match=f"checkpoint {torn} is unreadable"):
+        choose(tmp_path, str(torn), None)
 
 
 def test_changed_keys_name_what_defines_a_step():

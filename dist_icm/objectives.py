@@ -145,9 +145,10 @@ class Objective:
         fused = cfg.fused and cfg.icm  # the blend's kernel, with the loss's
         mixed = mixup(x, y, alpha=cfg.mix_alpha, ctx=ctx, per_sample=cfg.per_sample, fused=fused)
         if cfg.method == "remix":
-            mixed.lam = remix_lam(
-                mixed.lam, mixed.a, mixed.b, self.class_counts, tau=cfg.tau, kappa=cfg.kappa
-            )
+            counts = self.class_counts  # onto the device once: a copy every step would wait
+            if counts.device != mixed.lam.device or counts.dtype != torch.float64:
+                counts = self.class_counts = counts.to(mixed.lam.device, torch.float64)
+            mixed.lam = remix_lam(mixed.lam, mixed.a, mixed.b, counts, tau=cfg.tau, kappa=cfg.kappa)
         return mixed
 
     def mixed_loss(self, logits: torch.Tensor, mixed: Mixed) -> torch.Tensor:

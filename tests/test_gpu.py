@@ -17,7 +17,7 @@ from dist_icm import graphs
 from dist_icm.loss import icm_loss
 from dist_icm.mixing import MixContext
 from dist_icm.models import build_model
-from dist_icm.objectives import Objective, ObjectiveConfig
+from dist_icm.objectives import OBJECTIVES, Objective, ObjectiveConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -342,3 +342,28 @@ def test_trainer_with_cuda_graphs_logs_the_losses_of_the_eager_model(tmp_path, m
     (graphed, on), (eager, off) = runs["true"], runs["false"]
     assert on["cuda_graphs"] and not off["cuda_graphs"]
     assert len(graphed) == 10 and graphed == eager and on["top1"] == off["top1"]
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_an_objective_s_step_never_waits_for_the_device(name):
+    # the Objective's docstring: nothing in a step (mixing, model, loss, backward) reads a value
+    # back or waits for the GPU. Two warm steps (graph captures, the Remix counts' one copy),
+    # then a third under CUDA's sync debug mode, which raises at any synchronising call
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet18", 10, 3).cuda().to(memory_format=torch.channels_last)
+    counts = torch.arange(1, 11) * 10  # imbalanced, so Remix's rule moves labels
+    obj = Objective(ObjectiveConfig(name=name), class_counts=counts, validate=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 32, 32, generator=g).cuda().contiguous(memory_format=torch.channels_last)
+    y = y_of(g, 64)
+    for step in range(3):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step == 2 else "default")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = obj(model, x, y, MixContext(0, step))
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        model.zero_grad(set_to_none=True)
+    assert torch.isfinite(loss).item()

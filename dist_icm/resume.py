@@ -78,8 +78,9 @@ def choose(
     ``resume`` is None (no resume), ``"auto"`` (rank 0 takes the newest loadable checkpoint in
     ``folder``) or a path. Raises, on every rank alike, :class:`ConfigError` for a path that is
     missing or that rank 0 cannot read, and :class:`CheckpointError` when another rank cannot
-    read the file rank 0 chose or the ranks' files hold different steps. With ``resume="auto"``, one line per newer file that
-    rank 0 could not load (and skipped) is appended to ``skipped``, on every rank.
+    read the file rank 0 chose or the ranks' files hold different steps. With
+    ``resume="auto"``, one line per newer file that rank 0 could not load (and skipped) is
+    appended to ``skipped``, on every rank.
     """
     if resume is None:
         return None

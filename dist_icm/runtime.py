@@ -255,6 +255,15 @@ class Runtime:
         """True under ZeRO-3: each rank holds only a shard of the parameters."""
         return self.cfg.zero_stage == 3
 
+    def held_tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The model's parameters and buffers as this rank holds them, without a collective:
+        under ZeRO-3 its shard of each parameter (DeepSpeed's ``ds_tensor``; the parameters
+        themselves are empty there), so that the ranks' lists together cover every weight."""
+        module = self.unwrap(model)
+        if not self.sharded_params:
+            return list(module.state_dict().values())
+        return [getattr(p, "ds_tensor", p) for p in module.parameters()] + list(module.buffers())
+
     def full_state_dict(self, model: torch.nn.Module) -> dict:
         """The whole model's state dict on every rank (gathered from the ranks' shards under
         ZeRO-3, a collective every rank calls): CPU tensors, loadable into a model built with

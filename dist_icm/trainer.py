@@ -80,11 +80,11 @@ class Diverged(RuntimeError):
 
 
 def check_weights(job: Job, step: int, before: str) -> None:
-    """Raise :class:`Diverged` if any rank holds a non-finite parameter or buffer (one small
-    all-reduce; called before every evaluation and checkpoint, never per step), so that no
-    checkpoint or metric of non-finite weights is ever written."""
+    """Raise :class:`Diverged` if any rank holds a non-finite parameter or buffer (its shard of
+    them under ZeRO-3; one small all-reduce; called before every evaluation and checkpoint,
+    never per step), so that no checkpoint or metric of non-finite weights is ever written."""
     rt = job.rt
-    state = rt.unwrap(job.model).state_dict().values()
+    state = rt.held_tensors(job.model)
     peaks = [t.detach().abs().amax().float() for t in state if t.is_floating_point() and t.numel()]
     bad = torch.zeros((), device=rt.device)
     if peaks:  # a nan entry makes its tensor's peak nan

@@ -120,15 +120,16 @@ def test_negative_control_without_the_check_the_nan_reaches_the_weights():
     assert not out["params_same"] and not out["finite"]
 
 
-def _weights_worker(rank, world):
+def _weights_worker(rank, world, extra=()):
     from dist_icm import trainer
 
-    job = _job(ARGS)
+    job = _job([*ARGS, *extra])
     results = [None, None]
     for attempt in range(2):
         if attempt == 1 and rank == world - 1:  # the last rank's weights go bad
+            last = list(job.model.parameters())[-1]  # under ZeRO-3: this rank's shard of it
             with torch.no_grad():
-                next(job.model.parameters())[0].fill_(float("inf"))
+                getattr(last, "ds_tensor", last).view(-1)[0].fill_(float("inf"))
         try:
             trainer.check_weights(job, 7, "its checkpoint")
         except trainer.Diverged as e:
@@ -137,8 +138,14 @@ def _weights_worker(rank, world):
 
 
 @pytest.mark.multiproc
-def test_non_finite_weights_on_one_rank_stop_every_rank():
-    for out in run_launched(_weights_worker, 2):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_non_finite_weights_on_one_rank_stop_every_rank(stage):
+    # under ZeRO-3 each rank holds a shard of every parameter, and the bad entry is in rank 1's
+    extra = ()
+    if stage:
+        pytest.importorskip("deepspeed")
+        extra = (f"runtime=deepspeed_zero{stage}", "runtime.device=auto")
+    for out in run_launched(_weights_worker, 2, extra):
         assert out[0] is None
         assert out[1] == "step 7: the weights are non-finite; stopped before its checkpoint"
 

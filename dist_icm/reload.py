@@ -17,6 +17,7 @@ from torch import nn
 
 from dist_icm import checkpoint
 from dist_icm.config import Config, ConfigError
+from dist_icm.data.bundle import normalization
 from dist_icm.data.datasets import DatasetSpec, build_datasets
 from dist_icm.interpolation import AnalysisError, first_of_each_class
 
@@ -141,13 +142,15 @@ class TestImages:
 
 
 def test_images(cfg: Config, data_root: str | None = None) -> TestImages:
-    """The first test image of each class of the run's data set, normalised with the data
-    set's statistics (what the trainer's test loader feeds the model)."""
+    """The first test image of each class of the run's data set, normalised as the trainer's
+    test loader normalises them (the data set's statistics, or the paper code's under
+    ``data.augment=cifar_rot15``: :func:`~dist_icm.data.bundle.normalization`)."""
     data = cfg.data
     root = data_root if data_root is not None else data.root
     _, test, spec = build_datasets(data.name, root, download=data.download, seed=cfg.train.seed)
     indices = first_of_each_class(test.targets, spec.num_classes)
     raw = torch.stack([test[i][0] for i in indices]).float()
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean, std = normalization(data.name, data.augment, spec)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return TestImages(((raw - mean) / std).contiguous(), indices, spec)

@@ -389,3 +389,33 @@ def test_a_cifar10_jpeg_run(tmp_path, cifar10_jpeg_root):
         r = torch.flatten(model.pool(model.features(x)), 1).double()
     conf = (r * r).sum(1).mean().item()
     assert float(rows[-1]["confidence_mean"]) == pytest.approx(conf, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("augment", ["cifar", "cifar_rot15"])
+def test_analysis_images_are_normalised_as_the_trainer_s_test_loader(
+    name, augment, cifar10_jpeg_root, monkeypatch
+):
+    # the analysis feeds each class's first test image normalised as training's test loader
+    # normalised it: under cifar_rot15 the paper code's CIFAR-10 statistics, not the data set's.
+    # Real CIFAR-10 JPEGs stand in for torchvision's files (the statistics go by data.name)
+    import dataclasses
+
+    from dist_icm import reload
+    from dist_icm.config import Config
+    from dist_icm.data import pipeline
+    from dist_icm.data.datasets import build_datasets
+
+    def jpegs(_name, _root, **kw):
+        return build_datasets("imagefolder", str(cifar10_jpeg_root), seed=kw.get("seed", 0))
+
+    monkeypatch.setattr(pipeline, "build_datasets", jpegs)
+    monkeypatch.setattr(reload, "build_datasets", jpegs)
+    cfg = Config()
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, name=name, augment=augment, num_workers=0)
+    )
+    seen = reload.test_images(cfg)
+    bundle = pipeline.build_data(cfg.data, seed=0, micro_global=64, rank=0, world_size=1)
+    fed = torch.stack([bundle.test_loader.dataset[i][0] for i in seen.indices])
+    assert torch.equal(seen.images, fed)

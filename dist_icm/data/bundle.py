@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from dist_icm.data.augment import paper_stats
 from dist_icm.data.datasets import DataError, DatasetSpec
 from dist_icm.data.sampler import GlobalBatchSampler
 from dist_icm.data.subsets import long_tailed, stratified_fraction
 
-__all__ = ["DataBundle", "augment_mode", "test_shard", "train_indices"]
+__all__ = ["DataBundle", "augment_mode", "normalization", "test_shard", "train_indices"]
 
 
 @dataclass
@@ -42,6 +43,15 @@ def augment_mode(requested: str, spec: DatasetSpec) -> str:
     if spec.image_size == 32:
         return "cifar"
     return "imagenet" if spec.image_size > 32 else "none"
+
+
+def normalization(name: str, requested: str, spec: DatasetSpec) -> tuple[tuple, tuple]:
+    """The (mean, std) both loaders normalise train and test images of data set ``name`` with
+    under ``data.augment=requested``: the data set's own, except that ``cifar_rot15`` takes the
+    paper code's (:func:`~dist_icm.data.augment.paper_stats`)."""
+    if augment_mode(requested, spec) == "cifar_rot15":
+        return paper_stats(name, spec.mean, spec.std)
+    return tuple(spec.mean), tuple(spec.std)
 
 
 def train_indices(

@@ -46,11 +46,11 @@ from ffcv.transforms import ToTensor, ToTorchImage  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
 from dist_icm import dist  # noqa: E402
-from dist_icm.data.augment import paper_stats  # noqa: E402
 from dist_icm.data.bundle import (  # noqa: E402
     DataBundle,
     augment_mode,
     check_batch,
+    normalization,
     test_shard,
     train_indices,
 )
@@ -240,8 +240,7 @@ def build_ffcv_data(
     threads = max(1, min(data_cfg.num_workers or nb_threads, nb_threads))
 
     mode = augment_mode(data_cfg.augment, spec)
-    # cifar_rot15 normalises train and test with the paper code's statistics (as the torch path)
-    stats = paper_stats(data_cfg.name, spec.mean, spec.std) if mode == "cifar_rot15" else None
+    stats = normalization(data_cfg.name, data_cfg.augment, spec)  # as the torch path's
 
     def loader(path, batch: int, mode: str, state, **kw) -> FFCVLoader:
         return FFCVLoader(

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from dist_icm.data.augment import Augmented, normalize_only, paper_stats
+from dist_icm.data.augment import Augmented, normalize_only
 from dist_icm.data.bundle import (
     DataBundle,
     augment_mode,
     check_batch,
+    normalization,
     test_shard,
     train_indices,
 )
@@ -65,10 +66,7 @@ def build_data(
         train = labeled_subset(train, keep)
     counts = torch.as_tensor(class_counts(labels[keep], spec.num_classes))
     mode = augment_mode(data_cfg.augment, spec)
-    # cifar_rot15 normalises train and test with the paper code's statistics (as ffcv_loader)
-    mean, std = spec.mean, spec.std
-    if mode == "cifar_rot15":
-        mean, std = paper_stats(data_cfg.name, mean, std)
+    mean, std = normalization(data_cfg.name, data_cfg.augment, spec)  # as ffcv_loader's
     train_aug = Augmented(train, mode=mode, seed=seed, mean=mean, std=std)
     check_batch(micro_global, len(train_aug))
     sampler = GlobalBatchSampler(

@@ -25,7 +25,8 @@ __all__ = ["GhostBatchNorm", "convert_ghost_bn", "count_batch_norms"]
 
 
 class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over groups of ``group`` consecutive samples in training; usual in eval."""
+    """BatchNorm over groups of ``group`` consecutive samples in training; in eval, the running
+    statistics (without them, ``track_running_stats=False``, the groups' own, as in training)."""
 
     def __init__(self, num_features: int, group: int, **kwargs) -> None:
         super().__init__(num_features, **kwargs)

@@ -45,6 +45,20 @@ def test_groups_are_normalised_on_their_own():
     assert not torch.allclose(plain(x), torch.cat([plain(x[:8]), plain(x[8:])]), atol=1e-3)
 
 
+def test_without_running_statistics_eval_normalises_the_groups_as_training_does():
+    x = torch.randn(12, 4, 3, 3, dtype=torch.float64)
+    ghost = GhostBatchNorm(4, 3, track_running_stats=False).double()
+    trained = ghost(x)
+    ghost.eval()
+    assert torch.equal(ghost(x), trained)
+    with pytest.raises(ValueError, match="must divide the batch"):
+        ghost(x[:5])
+    # with them (the usual), eval is BatchNorm's with the running statistics
+    tracked = _bn(3).double().eval()
+    plain = _bn().double().eval()
+    assert torch.equal(tracked(x), plain(x))
+
+
 def test_running_statistics_are_the_mean_over_groups():
     x = torch.randn(12, 4, 3, 3, dtype=torch.float64)
     ghost = _bn(3, momentum=1.0).double()  # momentum 1: the running stats are the last batch's

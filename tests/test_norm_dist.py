@@ -24,14 +24,14 @@ def _problem():
     return x, a, b, torch.full((N,), 0.3, dtype=torch.float64)
 
 
-def _model(ghost: bool):
+def _model(ghost: bool, momentum: float | None):
     torch.manual_seed(1)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
+        nn.BatchNorm2d(8, momentum=momentum),
         nn.ReLU(),
         nn.Conv2d(8, 8, 3, stride=2),
-        nn.BatchNorm2d(8),
+        nn.BatchNorm2d(8, momentum=momentum),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
@@ -46,14 +46,14 @@ def _state(model):
     return grads, stats
 
 
-def _worker(rank, world):
+def _worker(rank, world, momentum):
     x, a, b, lam = _problem()
     n = N // world
     sl = slice(rank * n, (rank + 1) * n)
     group = torch.distributed.group.WORLD
     out = {}
     for ghost in (True, False):
-        model = _model(ghost)
+        model = _model(ghost, momentum)
         ddp = DDP(model, broadcast_buffers=False)
         for _ in range(2):  # two steps' worth of running-statistics updates
             model.zero_grad()
@@ -63,20 +63,21 @@ def _worker(rank, world):
     return out
 
 
-def _reference(ghost):
+def _reference(ghost, momentum):
     x, a, b, lam = _problem()
-    model = _model(ghost)
+    model = _model(ghost, momentum)
     for _ in range(2):
         model.zero_grad()
         icm_loss(model(x), a, b, lam).backward()
     return _state(model)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ghost_batch_norm_is_world_size_invariant(world):
-    results = run_group(_worker, world)
+# momentum None: BatchNorm's cumulative average (momentum 1/t at update t), linear too
+@pytest.mark.parametrize("world, momentum", [(2, 0.1), (3, 0.1), (2, None)])
+def test_ghost_batch_norm_is_world_size_invariant(world, momentum):
+    results = run_group(_worker, world, momentum)
     for ghost in (True, False):
-        ref_grads, ref_stats = _reference(ghost)
+        ref_grads, ref_stats = _reference(ghost, momentum)
         for out in results:
             grads, stats = out[ghost]
             grads_ok = (grads - ref_grads).norm() <= 1e-9 * ref_grads.norm()

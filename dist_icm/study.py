@@ -173,19 +173,32 @@ def stats(values: list) -> tuple[float, float | None, int] | None:
     return float(np.mean(values)), std, len(values)
 
 
-def paper_number(name, metric: str, results_file: Path):
-    """The paper's published number for this run's config.paper, or None (skip silently)."""
-    if not name or not results_file.is_file():
-        return None
+def paper_results(path: Path) -> dict:
+    """The paper's numbers by ``config.paper`` key: the ``results`` of a file laid out as
+    ``dist_icm/paper_results.json`` (or a file that is that mapping alone); raises StudyError
+    for a missing or unreadable file."""
     try:
-        entry = json.loads(results_file.read_text()).get(name)
-        value = entry.get(metric) if isinstance(entry, dict) else None
-    except (ValueError, AttributeError):
-        return None
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StudyError(f"--paper-results {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = str(e).splitlines()[0][:200]
+        raise StudyError(f"--paper-results {path}: unreadable ({why})") from None
+    results = data.get("results", data) if isinstance(data, dict) else None
+    if not isinstance(results, dict):
+        raise StudyError(f"--paper-results {path}: expected a JSON object of entries")
+    return results
+
+
+def paper_number(name, metric: str, results: dict):
+    """The paper's published number for this run's config.paper, or None (no entry, or no
+    number in it)."""
+    entry = results.get(name) if name else None
+    value = entry.get(metric) if isinstance(entry, dict) else None
     return float(value) if isinstance(value, int | float) else None
 
 
-def make_rows(runs: list[dict], split: list[str], flagged: list[str], paper_file: Path, metric):
+def make_rows(runs: list[dict], split: list[str], flagged: list[str], paper: dict, metric):
     cells = defaultdict(list)
     for r in runs:
         label = " ".join([r["method"]] + [f"{k}={r['settings'].get(k)}" for k in split])
@@ -202,9 +215,7 @@ def make_rows(runs: list[dict], split: list[str], flagged: list[str], paper_file
         )
         for name, (key, _, _) in METRICS.items():
             row[name] = stats([r["summary"].get(key) if key else r[name] for r in members])
-        papers = {
-            paper_number(r["summary"]["config"].get("paper"), metric, paper_file) for r in members
-        }
+        papers = {paper_number(r["summary"]["config"].get("paper"), metric, paper) for r in members}
         row["paper"] = papers.pop() if len(papers) == 1 else None
         rows.append(row)
     return sorted(
@@ -234,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         if not dirs:
             raise StudyError(f"no run found (no summary.json under {' '.join(args.runs)})")
         runs = [load_run(d) for d in dirs]
+        paper = paper_results(args.paper_results)
+        common = Path(os.path.commonpath([str(d) for d in dirs]))
+        out = args.out or (common if common != Path(common.anchor) else Path.cwd())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StudyError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     except StudyError as e:
         print(f"dist_icm.study: error: {e}", file=sys.stderr)
         return 2
@@ -246,11 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             "kept in separate rows (column 'flagged')",
             file=sys.stderr,
         )
-    rows = make_rows(runs, split, flagged, args.paper_results, args.metric)
+    rows = make_rows(runs, split, flagged, paper, args.metric)
     print(markdown(rows, args.metric))
-    common = Path(os.path.commonpath([str(d) for d in dirs]))
-    out = args.out or (common if common != Path(common.anchor) else Path.cwd())
-    out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "study.csv")
     wrote = [out / "study.csv"]
     keys = ("method", "flagged") + ("world_size",) * (len({r["world_size"] for r in rows}) > 1)

@@ -200,11 +200,42 @@ def test_paper_column_when_a_run_names_an_entry(sweep, tmp_path):
         summary["config"]["paper"] = "digits_ce"
         (runs / name / "summary.json").write_text(json.dumps(summary))
     results = tmp_path / "paper_results.json"
-    results.write_text(json.dumps({"digits_ce": {"top1": 97.5}}))
+    results.write_text(json.dumps({"digits_ce": {"top1": 97.5}}))  # the entries alone
     (row,) = table(study(runs, "--paper-results", results).stdout)
     assert row["paper top-1 %"] == "97.5"
-    (row,) = table(study(runs, "--paper-results", tmp_path / "none.json").stdout)
-    assert "paper top-1 %" not in row  # no such file: skipped silently
+    # the shipped file nests its entries under "results": its Table 1 number reaches the row
+    for name in ("0", "2"):
+        summary = json.loads((runs / name / "summary.json").read_text())
+        summary["config"]["paper"] = "table1_left/class/batch_64"
+        (runs / name / "summary.json").write_text(json.dumps(summary))
+    (row,) = table(study(runs).stdout)
+    assert row["paper top-1 %"] == "74.9"
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "list"])
+def test_a_paper_results_file_that_cannot_be_read_is_one_line_and_exit_2(sweep, tmp_path, case):
+    results = tmp_path / "paper.json"
+    if case == "garbage":
+        results.write_text("{not json")
+    elif case == "list":
+        results.write_text("[1, 2]")
+    out = study(sweep / "0", "--paper-results", results)
+    assert out.returncode == 2
+    why = {"missing": "no such file", "garbage": "unreadable (Expecting property name",
+           "list": "expected a JSON object of entries"}[case]  # fmt: skip
+    assert out.stderr.splitlines()[-1].startswith(
+        f"dist_icm.study: error: --paper-results {results}: {why}"
+    ), out.stderr
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line_and_exit_2(sweep, tmp_path):
+    (tmp_path / "afile").write_text("")
+    out = study(sweep / "0", "--out", tmp_path / "afile" / "x")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        f"dist_icm.study: error: --out {tmp_path / 'afile' / 'x'}: cannot create the folder "
+        "(Not a directory)"
+    )
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "damaged", "incomplete"])

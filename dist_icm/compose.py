@@ -202,4 +202,12 @@ def to_config(cfg: DictConfig) -> Config:
             f"resume={resume} is a folder: name a checkpoint file (its checkpoints/ckpt-*.pt), "
             f"or resume=auto with run_dir={resume}"
         )
+    schedule, train = parts["schedule"], parts["train"]
+    if schedule.epochs < train.epochs:  # a longer schedule is a run trained in parts
+        raise ConfigError(
+            f"schedule.epochs={schedule.epochs} is shorter than train.epochs={train.epochs}: "
+            f"the lr would stay at the schedule's end for the last "
+            f"{train.epochs - schedule.epochs} epochs (leave schedule.epochs to follow "
+            "train.epochs)"
+        )
     return Config(**{name: parts[name] for name in SECTIONS}, **top)

@@ -228,6 +228,19 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
             raise ConfigError(
                 f"{key}={group} must divide the per-device batch {plan.per_device} {split}"
             )
+    loss = cfg.loss
+    if loss.icm and plan.micro_global < 2:  # a 1 x 1 score matrix: the loss is 0
+        raise ConfigError(
+            f"loss.name={loss.name} needs a micro-step of 2 or more samples over all devices "
+            f"(its negatives), got {plan.micro_global} {split}"
+        )
+    mixing = loss.group_size if loss.group_size is not None else plan.per_device
+    if loss.method != "ce" and mixing < 2:  # each sample's partner would be itself
+        what = "loss.group_size=1" if loss.group_size is not None else "a per-device batch of 1"
+        raise ConfigError(
+            f"loss.name={loss.name} draws each sample's partner from its mixing group, which "
+            f"needs 2 or more samples: got {what} {split}"
+        )
     return plan
 
 

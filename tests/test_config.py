@@ -77,6 +77,11 @@ def test_defaults_are_the_paper_where_it_speaks():
         ("resume_force=maybe", "resume_force"),
         ("runtime.cuda_graph=maybe", "cuda_graph"),
         ("runtime=deepspeed_zero2,runtime.channels_last=true", "does not work under DeepSpeed"),
+        (  # cosine: lr 0 for the last 14 epochs; a longer schedule (a run in parts) is allowed
+            "schedule=cosine,train.epochs=15,schedule.epochs=1",
+            r"schedule.epochs=1 is shorter than train.epochs=15: the lr would stay at the "
+            r"schedule's end for the last 14 epochs \(leave schedule.epochs to follow",
+        ),
     ],
 )
 def test_bad_values_fail_with_one_line(override, match):
@@ -100,6 +105,39 @@ def test_global_batch_plan():
         plan_batches(
             _compose("data.global_batch=96", "runtime.grad_accum=2", "loss.group_size=8"), 4
         )
+
+
+def test_a_longer_schedule_than_training_is_allowed():
+    cfg = _compose("schedule=cosine", "train.epochs=15", "schedule.epochs=30")
+    assert (cfg.train.epochs, cfg.schedule.epochs) == (15, 30)
+
+
+@pytest.mark.parametrize(
+    "overrides, world, match",
+    [  # a 1 x 1 score matrix has loss 0; a mixing group of 1 mixes a sample with itself
+        (("data.global_batch=1", "loss.group_size=null"), 1, "needs a micro-step of 2 or more "
+         r"samples over all devices \(its negatives\), got 1 \(global 1 / world 1"),
+        (("data.global_batch=4", "loss=remix", "loss.group_size=1"), 1, "loss.name=remix draws "
+         "each sample's partner from its mixing group, which needs 2 or more samples: got "
+         "loss.group_size=1"),
+        (("data.global_batch=4", "loss=mixup", "loss.group_size=null"), 4, "got a per-device "
+         r"batch of 1 \(global 4 / world 4"),
+        (("data.global_batch=2", "loss=icm_mixup", "loss.group_size=null"), 2, "per-device"),
+    ],
+)  # fmt: skip
+def test_batches_too_small_to_mix_are_refused(overrides, world, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_batches(_compose(*overrides), world)
+
+
+@pytest.mark.parametrize(
+    "overrides, world",
+    [(("data.global_batch=4", "loss=ce", "loss.group_size=null"), 4),  # no mixing, no S̃
+     (("data.global_batch=4", "loss=icm_mixup", "loss.group_size=2"), 2),
+     (("data.global_batch=2", "loss=icm_mixup", "loss.group_size=null"), 1)],
+)  # fmt: skip
+def test_the_smallest_batches_that_mix_are_allowed(overrides, world):
+    plan_batches(_compose(*overrides), world)
 
 
 def test_ghost_batch_norm_groups_must_divide_the_per_device_batch():

@@ -11,6 +11,7 @@ soft-label cross-entropy by the Infinite Class Mixup loss over the global batch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,17 @@ from dist_icm.tiled import is_tile
 METHODS = ("ce", "mixup", "cutmix", "regmixup", "remix")
 OBJECTIVES = METHODS + tuple(f"icm_{m}" for m in METHODS[1:])
 DEFAULT_ALPHA = {"mixup": 0.2, "cutmix": 1.0, "regmixup": 20.0, "remix": 0.2}
+_ICM = tuple(o for o in OBJECTIVES if o.startswith("icm_"))
+# the options only some losses read, and which: set to anything but its default elsewhere, an
+# option would change nothing (alpha and group_size are left out: sweeps set them for all)
+SCOPED = {
+    **dict.fromkeys(("axis", "gather", "dedup", "tile", "cuda_graph", "fused"), _ICM),
+    "per_sample": tuple(
+        o for o in OBJECTIVES if o.removeprefix("icm_") in ("mixup", "remix", "regmixup")
+    ),
+    "regmix_weight": ("regmixup", "icm_regmixup"),
+    **dict.fromkeys(("tau", "kappa"), ("remix", "icm_remix")),
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,14 @@ class ObjectiveConfig:
             raise ValueError(f"loss.tau must lie in [0, 1], got {self.tau}")
         if not self.kappa >= 1:
             raise ValueError(f"loss.kappa must be >= 1, got {self.kappa}")
+        for f in dataclasses.fields(self):  # an option this loss ignores is a mistake, not a run
+            value, users = getattr(self, f.name), SCOPED.get(f.name)
+            if users is not None and value != f.default and self.name not in users:
+                value = str(value).lower() if isinstance(value, bool) else value
+                raise ValueError(
+                    f"loss.{f.name}={value} does not apply to loss.name={self.name}: only "
+                    f"{', '.join(users)} use it (leave it out)"
+                )
 
     @property
     def icm(self) -> bool:

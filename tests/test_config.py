@@ -77,6 +77,19 @@ def test_defaults_are_the_paper_where_it_speaks():
         ("resume_force=maybe", "resume_force"),
         ("runtime.cuda_graph=maybe", "cuda_graph"),
         ("runtime=deepspeed_zero2,runtime.channels_last=true", "does not work under DeepSpeed"),
+        (  # an option the loss does not read would change nothing: refused, not ignored
+            "loss=ce,loss.axis=class",
+            "loss.axis=class does not apply to loss.name=ce: only icm_mixup, icm_cutmix, "
+            r"icm_regmixup, icm_remix use it \(leave it out\)",
+        ),
+        (
+            "loss=cutmix,loss.per_sample=true",
+            "loss.per_sample=true does not apply to loss.name=cutmix",
+        ),
+        ("loss=mixup,loss.dedup=true", "loss.dedup=true does not apply to loss.name=mixup"),
+        ("loss=icm_mixup,loss.tau=0.3", "only remix, icm_remix use it"),
+        ("loss=mixup,loss.regmix_weight=5", "only regmixup, icm_regmixup use it"),
+        ("loss=ce,loss.fused=true", "loss.fused=true does not apply to loss.name=ce"),
         (  # cosine: lr 0 for the last 14 epochs; a longer schedule (a run in parts) is allowed
             "schedule=cosine,train.epochs=15,schedule.epochs=1",
             r"schedule.epochs=1 is shorter than train.epochs=15: the lr would stay at the "

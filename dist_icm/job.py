@@ -84,7 +84,10 @@ def setup(cfg: Config) -> Job:
 
     notes = []
     data_cfg, cores = cfg.data, available_cores()
-    if cfg.data.loader == "torch" and cfg.data.num_workers > cores:  # more would only contend
+    if cfg.runtime.threads is not None and cfg.runtime.threads > cores:  # as the workers below
+        torch.set_num_threads(cores)
+        notes.append(f"runtime.threads={cfg.runtime.threads}: {cores} cores here, {cores} threads")
+    if cfg.data.num_workers > cores:  # more would only contend (torch workers, FFCV threads)
         data_cfg = dataclasses.replace(cfg.data, num_workers=cores)
         notes.append(
             f"data.num_workers={cfg.data.num_workers}: {cores} cores here, {cores} workers"

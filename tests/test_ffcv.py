@@ -26,6 +26,7 @@ from dist_icm.config import DataConfig
 from dist_icm.data.datasets import DataError, build_datasets
 from dist_icm.data.pipeline import build_data
 from dist_icm.data.write import WriteOptions, ensure_betons, require_ffcv
+from dist_icm.job import available_cores
 
 try:
     require_ffcv()
@@ -357,13 +358,14 @@ def test_two_gloo_processes_split_each_global_batch(cache, tree):
 def test_trainer_cli_with_ffcv_matches_the_torch_loader(tmp_path, cache):
     write("digits", cache)  # already written: the runs read it
     env = os.environ | {"DIST_ICM_CACHE": str(cache)}
-    loss = {}
+    loss, stderr, cores = {}, {}, available_cores()
     for loader in ("ffcv", "torch"):
         run = tmp_path / loader
-        run_train(
+        out = run_train(
             run,
             "experiment=quickstart",
             f"data.loader={loader}",
+            f"data.num_workers={cores + 3 if loader == 'ffcv' else 0}",
             "train.max_steps=5",
             "train.log_every=1",
             "train.progress=false",
@@ -371,7 +373,9 @@ def test_trainer_cli_with_ffcv_matches_the_torch_loader(tmp_path, cache):
             env=env,
             timeout=300,
         )
-        loss[loader] = list(losses(run).values())
+        loss[loader], stderr[loader] = list(losses(run).values()), out.stderr
+    # more decoding threads than cores: as many as there are, and a line at start says so
+    assert f"data.num_workers={cores + 3}: {cores} cores here, {cores} workers" in stderr["ffcv"]
     assert len(loss["ffcv"]) == 5 and np.allclose(loss["ffcv"], loss["torch"], rtol=1e-5)
 
 

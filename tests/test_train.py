@@ -307,3 +307,20 @@ def test_more_loader_workers_than_cores_are_capped_with_a_note(tmp_path):
     assert f"data.num_workers={cores + 2}: {cores} cores here, {cores} workers" in out.stderr
     assert "worker processes in total" not in out.stderr, out.stderr[-2000:]
     assert summary(tmp_path)["config"]["data"]["num_workers"] == cores + 2  # what was asked
+
+
+def test_more_threads_than_cores_are_capped_with_a_note():
+    # 1,000 threads on 2 cores ran at 0.1% of the speed; the run takes as many as there are cores
+    from cli import setup_job
+
+    from dist_icm.job import available_cores
+
+    cores, before = available_cores(), torch.get_num_threads()
+    try:
+        job = setup_job(["experiment=quickstart", f"runtime.threads={cores + 5}"])
+        assert torch.get_num_threads() == cores
+        assert f"runtime.threads={cores + 5}: {cores} cores here, {cores} threads" in job.notes
+        setup_job(["experiment=quickstart", "runtime.threads=1"])  # fewer: as asked, no note
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

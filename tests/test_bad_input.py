@@ -446,6 +446,10 @@ DATA_CASES = [
     ("digits --workers -3", "argument --workers: must be >= 0 (0: all cores), got -3 "
      "(see dist-icm-data --help)"),
     ("digits --quality 0", "--quality must lie in [1, 100], got 0"),
+    ("digits --seed -1", "argument --seed: must lie in [0, 2^32), got -1 (see dist-icm-data "
+     "--help)"),
+    ("digits --seed 4294967296", "argument --seed: must lie in [0, 2^32), got 4294967296 "
+     "(see dist-icm-data --help)"),
     ("digits --max-side 3", "--max-side must be >= 8, got 3"),
     ("cifar10", "CIFAR-10 needs a root folder: set --root to where it is (or goes)"),
     ("imagefolder --root {missing}", "--root '{missing}' is not a folder (dist-icm-data "

@@ -85,6 +85,7 @@ BAD = [
     ("comm --worlds 1", "comm: error: argument --worlds: 1 is less than 2"),
     ("step --batch x", "step: error: argument --batch: 'x' is not an integer"),
     ("step --model nosuch", "step: error: --model: unknown model 'nosuch': use one of "),
+    ("data --step nosuch", "data: error: --step: unknown model 'nosuch': use one of "),
     ("data --root {empty}", "data: error: --root {empty} holds no train/ folder: point it at "
      "a JPEG ImageFolder tree"),
     ("trainer --root {tree} model=nosuch", "trainer: error: unknown model option 'nosuch' "),

@@ -189,16 +189,21 @@ def _fail(what: str, message: str) -> NoReturn:
 
 
 def _check(args: argparse.Namespace) -> None:
-    """What argparse cannot check alone: a visible GPU for --device cuda, a model name."""
+    """What argparse cannot check alone: a visible GPU for --device cuda, a model name (step's
+    --model, data's --step)."""
     if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         _fail(args.what, "--device cuda: no CUDA device is visible")
-    if args.what == "step":
+    flag, name = {
+        "step": ("--model", getattr(args, "model", None)),
+        "data": ("--step", getattr(args, "step", None)),
+    }.get(args.what, (None, None))
+    if name is not None:  # before any timing starts
         from dist_icm.models import build_model
 
         try:
-            build_model(args.model, args.classes)
+            build_model(name, getattr(args, "classes", 10))
         except ValueError as e:
-            _fail(args.what, f"--model: {str(e).splitlines()[0]}")
+            _fail(args.what, f"{flag}: {str(e).splitlines()[0]}")
 
 
 def _run_or_fail(what: str, overrides: list[str], run):

@@ -279,6 +279,17 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _seed(text: str) -> int:
+    """``--seed``: an integer in [0, 2^32), as ``train.seed``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2^32), got {value}")
+    return value
+
+
 def _count(text: str) -> int:
     """``--workers``: an integer >= 0."""
     try:
@@ -309,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-side", type=int, help="cap the longer image side (RGB, > 64 px)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (mode jpg)")
     parser.add_argument("--workers", type=_count, default=0, help="writer processes (0: all cores)")
-    parser.add_argument("--seed", type=int, default=0, help="digits' train/test split seed")
+    parser.add_argument("--seed", type=_seed, default=0, help="digits' train/test split seed")
     parser.add_argument("--no-download", action="store_true", help="CIFAR: never download")
     return parser
 

@@ -130,8 +130,8 @@ class RuntimeConfig:
             raise ConfigError(
                 f"runtime.threads must be >= 1 (or null: torch's), got {self.threads}"
             )
-        if not self.timeout_s > 0:
-            raise ConfigError(f"runtime.timeout_s must be > 0, got {self.timeout_s}")
+        if not self.timeout_s >= 5:  # the process group's start, too, must fit in it
+            raise ConfigError(f"runtime.timeout_s must be >= 5 (seconds), got {self.timeout_s}")
         if self.channels_last and self.zero_stage:
             raise ConfigError(
                 "runtime.channels_last=true does not work under DeepSpeed ZeRO (its engine "

@@ -73,6 +73,8 @@ def test_defaults_are_the_paper_where_it_speaks():
         ("model.bn_group=0", "model.bn_group must be >= 1"),
         ("model.bn_group=8,model.sync_bn=true", "exclude each other"),
         ("model.dropout=1", r"model.dropout must lie in \[0, 1\), got 1"),
+        # 1 ms failed the process group's own start with a traceback
+        ("runtime.timeout_s=0.001", r"runtime.timeout_s must be >= 5 \(seconds\), got 0.001"),
         ("model.name=resnet18,model.dropout=0.1", "'resnet18' is not one of them"),
         ("resume_force=maybe", "resume_force"),
         ("runtime.cuda_graph=maybe", "cuda_graph"),

@@ -38,7 +38,7 @@ def hydra_error_message(error: BaseException, overrides: list[str] | tuple = ())
         for override in overrides:
             group, _, value = override.partition("=")
             options = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml")) if group else []
-            if options and re.fullmatch(r"[-+.\deE]+|true|false", value):  # not a name
+            if options and re.fullmatch(r"[-+.\deE]+|true|false|null", value):  # not a name
                 return f"unknown {group} option {value} ({group} options: {', '.join(options)})"
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
     if mark is not None and getattr(mark, "name", None):  # yaml's MarkedYAMLError
@@ -52,7 +52,9 @@ def hydra_error_message(error: BaseException, overrides: list[str] | tuple = ())
         )
     if isinstance(error, MissingConfigException) and error.options is not None:
         group, _, option = str(error.missing_cfg_file or "").rpartition("/")
-        options = ", ".join(sorted(error.options))
+        found = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml")) if group else []
+        # Hydra lists a nested group's parent's options (experiment/paper/x: experiment's)
+        options = ", ".join(found or sorted(error.options))
         more = "; or model.name=<a torchvision/timm model>" if group == "model" else ""
         return f"unknown {group} option {option!r} ({group} options: {options}{more})"
     if isinstance(cause, ConfigKeyError | ConfigAttributeError) and getattr(

@@ -378,7 +378,7 @@ RANGES = [  # values of the right type outside what a key allows
 TOP = ["resume=true", "resume=[1]", "resume_force=maybe", "resume_force=3", "run_dir=[1]",
        "run_dir=''", "train.nosuch=1", "nosuch=1", "+data.nosuch=1", "model=nosuch",
        "data=nosuch", "loss=nosuch", "optim=nosuch", "schedule=nosuch", "runtime=nosuch",
-       "train=nosuch", "data=5", "optim=1.5"]  # fmt: skip
+       "train=nosuch", "data=5", "optim=1.5", "data=null", "experiment=paper/nosuch"]  # fmt: skip
 
 
 def _config_cases() -> list[str]:
@@ -429,6 +429,22 @@ def test_a_bad_value_of_any_key_is_one_line_naming_it(override, compose):
     assert "\n" not in message
     assert _key(override) in message, message
     assert re.search(r"must|one of|unknown|keys of", message), message
+
+
+@pytest.mark.parametrize(
+    "override, options",
+    [("data=null", "data options: cifair10, cifair100, cifar10, cifar100, digits, imagefolder"),
+     ("experiment=paper/nosuch", "experiment/paper options: birds, figure3, figure4, "
+      "table1_left, table1_right")],
+)  # fmt: skip
+def test_a_bad_group_option_lists_that_group_s_options(override, options, compose):
+    # Hydra's own message for data=null names no group, and for a nested group it lists the
+    # parent's options (experiment's quickstart ... for experiment/paper/nosuch)
+    from dist_icm.startup import hydra_error_message
+
+    with pytest.raises(Exception) as info:
+        compose("experiment=quickstart", override)
+    assert options in hydra_error_message(info.value, [override])
 
 
 @pytest.mark.slow

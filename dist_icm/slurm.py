@@ -67,14 +67,23 @@ def expand_nodelist(text: str) -> list[str]:
     return hosts
 
 
+def _int(key: str, value: str, low: int, high: int | None = None) -> int:
+    """``value`` of variable ``key`` as an integer in [low, high]; ValueError naming ``key``."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{key}={value!r} must be an integer {span}")
+    return number
+
+
 def _procs_per_node(env: Mapping[str, str]) -> int:
     for key in ("PROCS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
         value = env.get(key, "").strip()
-        if value:
-            count = int(value.split(":")[-1].split("(")[0])  # "8", "gpu:8", "gpu:a100:8"
-            if count < 1:
-                raise ValueError(f"{key}={value!r}: need at least one process per node")
-            return count
+        if value:  # "8", "gpu:8", "gpu:a100:8", "gpu:8(S:0-1)": the count, socket list left out
+            return _int(key, re.sub(r"\(.*\)$", "", value).split(":")[-1], 1)
     return 1
 
 
@@ -86,18 +95,21 @@ def node_command(env: Mapping[str, str], overrides: list[str]) -> list[str]:
         missing += [] if nodelist else ["SLURM_JOB_NODELIST"]
         raise ValueError(f"not inside a Slurm task: {', '.join(missing)} unset")
     nodes, node_id, job = (
-        int(env["SLURM_NNODES"]),
-        int(env["SLURM_NODEID"]),
-        int(env["SLURM_JOB_ID"]),
+        _int("SLURM_NNODES", env["SLURM_NNODES"], 1),
+        _int("SLURM_NODEID", env["SLURM_NODEID"], 0),
+        _int("SLURM_JOB_ID", env["SLURM_JOB_ID"], 0),
     )
-    hosts = expand_nodelist(nodelist)
+    try:
+        hosts = expand_nodelist(nodelist)
+    except ValueError:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is no Slurm host list") from None
     if len(hosts) != nodes or not 0 <= node_id < nodes:
         raise ValueError(
             f"SLURM_JOB_NODELIST={nodelist!r} does not hold {nodes} nodes with node {node_id}"
         )
     procs = _procs_per_node(env)
     main_addr = env.get("MAIN_ADDR") or hosts[0]
-    port = int(env.get("MAIN_PORT") or 20000 + job % 10000)
+    port = _int("MAIN_PORT", env.get("MAIN_PORT") or str(20000 + job % 10000), 1, 65535)
     run_dir = env.get("RUN_DIR") or f"outputs/slurm/{job}"
     return [
         env.get("PYTHON", sys.executable), "-m", "dist_icm.launch", "--multi_gpu",
@@ -122,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     verb, overrides = args[0], [a for a in args[1:] if a != "--"]
     try:
         cmd = node_command(os.environ, overrides)
-    except ValueError as e:
-        raise SystemExit(f"dist_icm: error: {e}") from None
+    except ValueError as e:  # bad input: one line and exit 2, as the trainer's
+        print(f"dist_icm: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if verb == "print":
         print(f"node {os.environ['SLURM_NODEID']}: {shlex.join(cmd)}", flush=True)
         return

@@ -67,6 +67,26 @@ def test_node_commands_take_slurm_s_gpu_counts_and_refuse_outside_a_task():
         node_command({k: v for k, v in env.items() if k != "SLURM_NODEID"}, [])
     with pytest.raises(ValueError, match="does not hold 2 nodes"):
         node_command(env | {"SLURM_NNODES": "2"}, [])
+    # a socket list after the count, as some Slurm versions write it
+    cmd = node_command(env | {"SLURM_GPUS_PER_NODE": "gpu:8(S:0-1)"}, [])
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+
+
+@pytest.mark.parametrize(
+    "key, value, line",
+    [("MAIN_PORT", "abc", "MAIN_PORT='abc' must be an integer in [1, 65535]"),
+     ("MAIN_PORT", "99999", "MAIN_PORT='99999' must be an integer in [1, 65535]"),
+     ("PROCS_PER_NODE", "abc", "PROCS_PER_NODE='abc' must be an integer >= 1"),
+     ("PROCS_PER_NODE", "0", "PROCS_PER_NODE='0' must be an integer >= 1"),
+     ("SLURM_NNODES", "two", "SLURM_NNODES='two' must be an integer >= 1"),
+     ("SLURM_JOB_NODELIST", "gpu[01-x]", "SLURM_JOB_NODELIST='gpu[01-x]' is no Slurm host list")],
+)  # fmt: skip
+def test_a_bad_variable_is_one_line_naming_it_and_exit_2(key, value, line):
+    env = os.environ | {"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "SLURM_NODEID": "0",
+                        "SLURM_JOB_NODELIST": "gpu[01-02]", key: value}  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "dist_icm.slurm", "print"], env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.splitlines() == [f"dist_icm: error: {line}"]
 
 
 @pytest.fixture(scope="module")

@@ -229,6 +229,15 @@ def restore(job: Job, found: Resumed) -> int:
         job.rt.unwrap(job.model).load_state_dict(state["model"])
         job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
+    # the next step's lr comes from this run's schedule, a pure function of the step (which
+    # train.epochs, and so a cosine schedule, may have changed), not from the lr the
+    # checkpoint's optimizer state holds: the old schedule's
+    sched = job.scheduler
+    for group, base, factor in zip(
+        sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
     job.rt.load_scaler_state(state.get("scaler"))
     checkpoint.set_rng_state(state["rng"])
     return state["step"]

@@ -135,6 +135,9 @@ GUARDED_CHANGES = {
 }
 FREE_CHANGES = {
     "train.epochs": 30,
+    "schedule.name": "cosine",
+    "schedule.epochs": 30,
+    "data.loader": "ffcv",
     "data.root": "/elsewhere",
     "data.num_workers": 4,
     "runtime.channels_last": False,
@@ -286,3 +289,24 @@ def test_resuming_an_earlier_checkpoint_removes_the_later_ones(tmp_path):
     ]  # fmt: skip
     again = run_train(run, *QUICK, "train.max_steps=4", "resume=auto")
     assert summary(run)["resumed_at_step"] == 4 and "removed" not in again.stderr
+
+
+def test_the_first_resumed_step_takes_the_lr_of_the_run_s_own_schedule(tmp_path):
+    # train.epochs (and with it a cosine schedule) may change on resume: the step after the
+    # checkpoint runs at the new schedule's lr for it, not at the lr the checkpoint's optimizer
+    # state holds (the old schedule's), as every later step does
+    from cli import setup_job
+
+    from dist_icm.resume import restore
+    from dist_icm.schedule import lr_factor
+
+    common = [*QUICK, "schedule=cosine", "train.tensorboard=false", f"run_dir={tmp_path}"]
+    run_train(tmp_path, *common, "train.max_steps=4", "train.ckpt_every_steps=4")
+    held = checkpoint.load(tmp_path / "checkpoints" / "ckpt-000000004.pt")
+    held = held["optimizer"]["param_groups"][0]["lr"]
+    job = setup_job([*common, "train.epochs=3", "resume=auto"])
+    step = restore(job, choose(job.ckpt_dir, "auto", None))
+    peak = job.scheduler.base_lrs[0]
+    new = peak * lr_factor(step, job.steps_per_epoch, job.cfg.schedule)
+    assert step == 4 and abs(new - held) > 1e-4  # the two schedules differ at step 4
+    assert job.optimizer.param_groups[0]["lr"] == new == job.scheduler.get_last_lr()[0]

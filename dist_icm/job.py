@@ -23,7 +23,7 @@ from dist_icm.data.bundle import DataBundle
 from dist_icm.data.pipeline import build_data
 from dist_icm.fused import unavailable as fused_unavailable
 from dist_icm.graphs import GraphedModel, model_eligible
-from dist_icm.models import build_model
+from dist_icm.models import build_model, check_input
 from dist_icm.norm import convert_ghost_bn, count_batch_norms
 from dist_icm.objectives import Objective
 from dist_icm.optim import build_optimizer
@@ -119,6 +119,10 @@ def setup(cfg: Config) -> Job:
 
     streams.seed_torch("init", cfg.train.seed)  # the same initial weights on every rank
     model = fresh_model()
+    try:
+        check_input(model, cfg.model.name, data.spec.in_channels, data.spec.image_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.model.bn_group is not None and not count_batch_norms(model):
         notes.append(f"model.bn_group={cfg.model.bn_group}: {cfg.model.name} has no BatchNorm")
     if cfg.loss.icm and cfg.loss.tile == "auto":  # what it picks for a micro-step's S̃ block

@@ -262,6 +262,25 @@ def build_model(
     )
 
 
+def check_input(model: nn.Module, name: str, channels: int, size: int) -> None:
+    """Raise ValueError (naming ``model.name``) where ``model`` cannot take ``size`` x ``size``
+    images (more downsampling than the image has pixels, e.g. AlexNet at 32 px): one forward of
+    a blank image in eval mode and without gradients, so that nothing in the model changes and
+    the run stops at start, not in its first step."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except RuntimeError as e:
+        why = str(e).strip().splitlines()[0][:160]
+        raise ValueError(
+            f"model.name={name} cannot take the data's {size}x{size} images ({why})"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
 def classifier(model: nn.Module) -> nn.Linear:
     """Return the final linear layer (the class weights W) of a model from :func:`build_model`."""
     fc = getattr(model, "fc", None)

@@ -178,3 +178,26 @@ def test_small_cnn_learns_digits() -> None:
         acc = (model(x_te).argmax(1) == y_te).float().mean().item()
     print(f"small_cnn digits: test accuracy {acc:.3f}, training {elapsed:.1f} s")
     assert acc > 0.9, acc
+
+
+def test_a_model_that_cannot_take_the_images_is_refused_at_start(cifar10_jpeg_root):
+    # AlexNet's five downsamplings leave nothing of a 32 px image: said at start, naming the
+    # model, instead of a traceback from the first training step
+    from cli import setup_job
+
+    from dist_icm.config import ConfigError
+    from dist_icm.models import check_input
+
+    alexnet = build_model("alexnet", 10, 3)
+    with pytest.raises(ValueError, match=r"model.name=alexnet cannot take the data's 32x32 "
+                       r"images \(Given input size"):  # fmt: skip
+        check_input(alexnet, "alexnet", 3, 32)
+    resnet = build_model("cifar_resnet18", 10, 3).train()
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    check_input(resnet, "cifar_resnet18", 3, 32)  # fits: nothing changes, not even BN's stats
+    after = resnet.state_dict()
+    assert resnet.training and all(torch.equal(before[k], v) for k, v in after.items())
+    with pytest.raises(ConfigError, match="model.name=alexnet cannot take the data's 32x32"):
+        setup_job(["experiment=quickstart", "data=imagefolder", f"data.root={cifar10_jpeg_root}",
+                   "data.num_workers=0", "data.global_batch=8", "loss.group_size=null",
+                   "data.fraction=0.01", "model.name=alexnet"])  # fmt: skip

@@ -20,8 +20,9 @@ choice), ``all_gather_object`` (every rank's outcome, to fail together), ``rank_
 statistics before an evaluation or a save). Where one rank stops on its own, ``tell_cause``
 leaves its reason in the group's store for the peers its exit fails (``peer_cause``).
 
-Every function takes the process group explicitly; ``None`` means "no group": one process, and
-the collectives are the identity. Nothing here multiplies by the world size.
+The collectives take the process group explicitly; ``None`` means "no group": one process, and
+they are the identity (``barrier(None)`` waits on the world group, and ``control_group`` makes
+a group of its own). Nothing here multiplies by the world size.
 
 ``count_bytes()`` counts what this rank sends through the tensor collectives above while it is
 open: per call, the per-rank send volume of the bandwidth-optimal (ring / pairwise) algorithm,

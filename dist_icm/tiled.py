@@ -9,7 +9,8 @@ them), only these per-row and per-column statistics of S̃ (m x k):
 
 ``lse_stats`` computes them by walking S̃ in tiles of at most ``tile x tile`` entries and folding
 each tile's logsumexps into running ones (``logaddexp``); the backward pass recomputes every tile
-instead of storing it. Memory is O(tile² + (m + k) + m·C) instead of O(m·k), the idea of Inf-CL
+instead of storing it. Memory is O(tile² + tile·C + (m + k) + m·C) instead of O(m·k) (the
+tile·C: a tile's dense slice of Ỹ; m·C: X and its gradient), the idea of Inf-CL
 (Cheng et al. 2024) for CLIP, here for the ICM score matrix, whose tile is a matmul with a
 dense slice of Ỹ (or two column gathers, see ``dist_icm.loss.mixed_scores``). With ``tile=0`` it
 forms S̃ whole and lets autograd keep it (the faster choice while n x N fits).
@@ -205,7 +206,8 @@ def lse_stats(x, a, b, lam, *, keys=None, tile: int = 0, dense: bool = True):
         x: (m, C) float scores X. a, b: (k,) int64 classes; lam: (k,) weights (x's dtype).
         keys: None, or (row_keys (m,), col_keys (k,)): S̃_ij is a positive iff the keys match.
         tile: 0 computes S̃ whole (autograd stores it); T > 0 walks it in T x T tiles and
-            recomputes them in the backward (memory independent of m and k).
+            recomputes them in the backward (memory beyond the inputs linear in m and k,
+            not O(m·k): the running statistics, with O(tile² + tile·C) per tile).
         dense: form each tile as a matmul with a dense Ỹ slice (True) or two column gathers.
 
     Returns:

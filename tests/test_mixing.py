@@ -46,6 +46,25 @@ def test_global_batch_is_the_same_on_one_or_three_ranks(per_sample):
         assert torch.equal(getattr(one, field), torch.cat([getattr(p, field) for p in parts]))
 
 
+def test_cutmix_s_global_batch_is_the_same_on_one_or_three_ranks():
+    # the box, λ and partners too are drawn from the step and the group, not from the rank
+    x = torch.randn(12, 3, 8, 8)
+    y = torch.arange(12) % 5
+    one = cutmix(x, y, alpha=1.0, ctx=MixContext(7, 2, group_size=2))
+    parts = [
+        cutmix(x[4 * r : 4 * r + 4], y[4 * r : 4 * r + 4], alpha=1.0,
+               ctx=MixContext(7, 2, group_size=2, first_group=2 * r))
+        for r in range(3)
+    ]  # fmt: skip
+    assert not torch.equal(one.x, x)  # a box was pasted
+    for field in ("x", "a", "b", "lam"):
+        assert torch.equal(getattr(one, field), torch.cat([getattr(p, field) for p in parts]))
+    # negative control: ranks that all count their groups from 0 draw other partners
+    alike = [cutmix(x[4 * r : 4 * r + 4], y[4 * r : 4 * r + 4], alpha=1.0,
+                    ctx=MixContext(7, 2, group_size=2)) for r in range(3)]  # fmt: skip
+    assert not torch.equal(one.x, torch.cat([p.x for p in alike]))
+
+
 def test_mixup_is_deterministic_under_a_seed_and_mixes_inputs():
     x, y = torch.randn(8, 2), torch.arange(8)
     m1 = mixup(x, y, alpha=0.4, ctx=MixContext(0, 9))

@@ -252,7 +252,7 @@ def _portable(error: Exception | None) -> Exception | None:
         pickle.loads(pickle.dumps(error))
         return error
     except Exception:
-        return RuntimeError(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+        return RuntimeError(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}")
 
 
 def average_buffers(module: torch.nn.Module, group: Group) -> None:

@@ -175,6 +175,34 @@ def test_rank_zero_first_fails_on_every_rank_together(tmp_path, fail_on):
         assert list(tmp_path.iterdir()) == []
 
 
+class _Unpicklable(Exception):
+    """An exception that cannot travel between processes: it holds a lambda."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.hook = lambda: None
+
+
+def _unpicklable_worker(rank, world, message):
+    def fetch():
+        if rank == world - 1:
+            raise _Unpicklable(*message)
+        return "fetched"
+
+    try:
+        return D.rank_zero_first(fetch, torch.distributed.group.WORLD)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize("message", [("rank 2 cannot\nfetch",), ()], ids=["text", "empty"])
+def test_an_exception_that_cannot_be_pickled_reaches_every_rank_as_one_line(message):
+    # rank 2's exception holds a lambda: every rank raises a RuntimeError with its first line
+    line = "rank 2 cannot" if message else ""
+    outcomes = run_group(_unpicklable_worker, 3, message)
+    assert outcomes == [f"RuntimeError: _Unpicklable: {line}"] * 3
+
+
 def _cause_worker(rank, world):
     before = D.peer_cause(wait_s=0.2)  # nobody told one yet
     D.barrier()

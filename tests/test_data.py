@@ -346,3 +346,40 @@ def test_sampler_validation() -> None:
         GlobalBatchSampler(100, 12, rank=-1, world_size=2)
     with pytest.raises(ValueError, match="start batch 9"):
         GlobalBatchSampler(100, 12).set_start_batch(9)
+
+
+def _unpack_worker(rank: int, world: int, archive: str, dest: str) -> list[str]:
+    import torch.distributed as dist
+
+    from dist_icm.data.unpack import unpack_once
+
+    dist.barrier()  # all at once
+    return sorted(
+        str(p.relative_to(dest)) for p in unpack_once(Path(archive), Path(dest)).rglob("*")
+    )
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale"])
+def test_processes_unpacking_at_once_each_get_the_whole_tree(tmp_path: Path, stale: bool) -> None:
+    # unpack.py: concurrent processes never leave or see a half-written tree (3 at once, into
+    # a missing folder or over a stale unpack of another archive), and leave no temp folder
+    import io
+    import tarfile
+
+    from multiproc import run_group
+
+    archive = tmp_path / "tree.tar"
+    with tarfile.open(archive, "w") as tar:
+        for i in range(2000):
+            info = tarfile.TarInfo(f"tree/f{i}.bin")
+            info.size = 1000
+            tar.addfile(info, io.BytesIO(bytes(1000)))
+    dest = tmp_path / "dest"
+    if stale:
+        (dest / "tree").mkdir(parents=True)
+        (dest / "tree" / "old.bin").write_bytes(b"old")
+        (dest / ".extracted").write_text("other.tar 1\n")
+    expected = sorted([".extracted", "tree"] + [f"tree/f{i}.bin" for i in range(2000)])
+    assert run_group(_unpack_worker, 3, str(archive), str(dest)) == [expected] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "tree.tar"]

@@ -41,7 +41,9 @@ def register_schema() -> None:
     defaults = OmegaConf.to_container(OmegaConf.structured(Config))
     # notes which folders of the run dir exist before Hydra makes it (see dist_icm.startup)
     watch = {"_target_": "dist_icm.startup.RunDirWatch"}
-    defaults["hydra"] = {"callbacks": {"dist_icm_run_dir": watch}}
+    # and validates every cell of a multirun before the first one runs
+    check = {"_target_": "dist_icm.startup.SweepCheck"}
+    defaults["hydra"] = {"callbacks": {"dist_icm_run_dir": watch, "dist_icm_sweep": check}}
     ConfigStore.instance().store(name="schema", node=defaults)
     # hydra.run.dir in configs/train.yaml: run_dir when given, else the timestamped default
     if not OmegaConf.has_resolver("dist_icm_or"):

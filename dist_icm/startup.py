@@ -4,7 +4,8 @@ folder a failed start leaves behind.
 Hydra raises (or prints) its composition errors before the job's own checks run;
 :func:`hydra_error_message` turns them into the one line the job prints. Hydra also makes the
 run folder before the job starts; :class:`RunDirWatch` notes which of its folders existed before,
-so that :func:`remove_unused_run_dir` removes only what a failed start made.
+so that :func:`remove_unused_run_dir` removes only what a failed start made. In a multirun,
+:class:`SweepCheck` checks every cell's config before the first cell runs.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import re
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from dist_icm.compose import unknown_key_message
+from dist_icm.compose import to_config, unknown_key_message
+from dist_icm.config import ConfigError
 from dist_icm.folders import missing_top, remove_empty
 
 # Hydra's config groups: the copy an installed wheel holds (dist_icm/configs), else the
@@ -121,3 +123,39 @@ def remove_unused_run_dir() -> bool:
     remove_empty(run_dir.parent, top)  # the parents it made
     RunDirWatch.run_dir = RunDirWatch.created = None
     return not run_dir.exists()
+
+
+class BadSweep(BaseException):
+    """A sweep cell's config is bad. A BaseException: Hydra turns a callback's Exception into a
+    warning, and this must reach the job's start (:mod:`dist_icm.train`), which prints it."""
+
+
+class SweepCheck(Callback):
+    """Hydra callback (set by :func:`register_schema`): before the first cell of a multirun
+    runs, compose every cell's config as Hydra's basic sweeper will (``hydra.sweeper.params``,
+    then the command line) and validate it as the job will (:func:`to_config`), so that a bad
+    value in a later cell stops the sweep at once, naming the cell, instead of after the
+    cells before it have trained. Other sweepers are left alone."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            return
+        loader = GlobalHydra.instance().config_loader()
+        sweeper = BasicSweeper(max_batch_size=None, params=config.hydra.sweeper.get("params"))
+        given = sweeper._parse_config() + list(config.hydra.overrides.task)
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(given)
+        (cells,) = BasicSweeper.split_arguments(parsed, None)
+        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+        for n, cell in enumerate(cells):
+            cfg = loader.load_sweep_config(master_config=config, sweep_overrides=list(cell))
+            with read_write(cfg), open_dict(cfg):  # what the job gets: no hydra node
+                del cfg["hydra"]
+            try:
+                to_config(cfg)
+            except ConfigError as e:
+                values = " ".join(o for o in cell if o.partition("=")[0] in swept)
+                raise BadSweep(f"sweep cell {n} ({values}): {e}") from None

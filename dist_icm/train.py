@@ -38,7 +38,7 @@ from dist_icm.launch import tell_exit_code
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted
 from dist_icm.report import LOG
 from dist_icm.resume import find_checkpoint
-from dist_icm.startup import CONFIG_DIR, hydra_error_message, remove_unused_run_dir
+from dist_icm.startup import CONFIG_DIR, BadSweep, hydra_error_message, remove_unused_run_dir
 from dist_icm.trainer import Diverged, train
 
 START_ERRORS = (ConfigError, DataError, CheckpointError, ValueError)
@@ -314,6 +314,8 @@ def _main() -> None:
         if e.code == 1 and not _STARTED:  # Hydra's own exits before the job starts
             sys.exit(2)
         raise
+    except BadSweep as e:  # a multirun's cell, before any cell ran
+        _bad_start(str(e))
     except Exception as e:
         if _STARTED:
             raise

@@ -289,12 +289,27 @@ def test_a_corrupt_jpeg_found_mid_training_is_one_line_and_exit_2(places, tmp_pa
 
 
 def test_a_multirun_stops_at_the_first_cell_that_fails(tmp_path):
-    sweep = tmp_path / "sweep"
-    out = run_train(None, "-m", *QUICK, "train.epochs=0,1", f"hydra.sweep.dir={sweep}",
-                    check=False, cwd=tmp_path, env=_env())  # fmt: skip
+    # a data error shows when its cell starts: that cell's folder stays, no later cell runs
+    sweep, empty = tmp_path / "sweep", tmp_path / "empty"
+    empty.mkdir()
+    out = run_train(None, "-m", *QUICK, "data=imagefolder", f"data.root={empty},{tmp_path}",
+                    f"hydra.sweep.dir={sweep}", check=False, cwd=tmp_path, env=_env())  # fmt: skip
     assert out.returncode == 2, out.stderr[-3000:]
-    assert _error_line(out) == "train.epochs must be >= 1, got 0"
+    assert _error_line(out).startswith(f"imagefolder root '{empty}' must hold train/")
     assert (sweep / "0" / ".hydra").is_dir() and not (sweep / "1").exists()
+
+
+def test_a_multirun_checks_every_cell_s_config_before_the_first_runs(tmp_path):
+    # a bad value in the last cell stops the sweep before cell 0 trains, naming the cell
+    sweep = tmp_path / "sweep"
+    out = run_train(None, "-m", *QUICK, "loss.alpha=0.2,-1", "train.epochs=1,2",
+                    f"hydra.sweep.dir={sweep}", check=False, cwd=tmp_path, env=_env())  # fmt: skip
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert _error_line(out) == (
+        "sweep cell 2 (loss.alpha=-1 train.epochs=1): loss.alpha must be > 0 (null: the "
+        "method's), got -1.0"
+    )
+    assert not sweep.exists() and "Traceback" not in out.stderr
 
 
 def test_a_folder_that_existed_is_never_removed(tmp_path):

@@ -83,6 +83,7 @@ BAD = [
     ("loss --tile 0", "loss: error: argument --tile: 0 is less than 1"),
     ("loss --classes 1", "loss: error: argument --classes: 1 is less than 2"),
     ("comm --worlds 1", "comm: error: argument --worlds: 1 is less than 2"),
+    ("comm --batch 31 --worlds 2", "comm: error: --batch 31 is not divisible by world size 2"),
     ("step --batch x", "step: error: argument --batch: 'x' is not an integer"),
     ("step --model nosuch", "step: error: --model: unknown model 'nosuch': use one of "),
     ("data --step nosuch", "data: error: --step: unknown model 'nosuch': use one of "),

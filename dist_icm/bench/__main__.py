@@ -193,6 +193,10 @@ def _check(args: argparse.Namespace) -> None:
     --model, data's --step)."""
     if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         _fail(args.what, "--device cuda: no CUDA device is visible")
+    if args.what == "comm":  # before the first world's processes start
+        for world in args.worlds:
+            if args.batch % world:
+                _fail("comm", f"--batch {args.batch} is not divisible by world size {world}")
     flag, name = {
         "step": ("--model", getattr(args, "model", None)),
         "data": ("--step", getattr(args, "step", None)),

@@ -76,7 +76,7 @@ def bench_comm(batch: int, classes: int, worlds: list[int], repeats: int) -> dic
     }
     for world in worlds:
         if batch % world:
-            raise SystemExit(f"bench comm: --batch {batch} is not divisible by world size {world}")
+            raise ValueError(f"--batch {batch} is not divisible by world size {world}")
         with tempfile.TemporaryDirectory() as folder:
             mp.start_processes(
                 _rank_main,

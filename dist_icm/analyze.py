@@ -30,6 +30,7 @@ import torch
 from dist_icm.checkpoint import CheckpointError
 from dist_icm.config import ConfigError
 from dist_icm.data.datasets import DataError
+from dist_icm.folders import missing_top
 from dist_icm.interpolation import STEPS, AnalysisError, score_pairs
 from dist_icm.reload import Run, TestImages, build_model_for, load_run, test_images
 
@@ -215,6 +216,9 @@ def analyze(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AnalysisError(f"--out {out} is a file, not a folder")
+    top = missing_top(out)  # the folder is made at the end: say now if it cannot be
+    if top is not None and not top.parent.is_dir():
+        raise AnalysisError(f"--out {out}: cannot create the folder ({top.parent} is a file)")
     runs = [load_run(p) for p in args.checkpoints]
     check_same_data(runs)
     labels = list(args.labels) if args.labels is not None else default_labels(runs)

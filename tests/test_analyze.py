@@ -320,6 +320,8 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
     damaged.write_bytes(bytes(flipped))
     _expect_exit_2(capsys, [str(damaged), *out], "is unreadable")
     _expect_exit_2(capsys, [str(tmp_path), *out], "without a readable checkpoint")
+    under_a_file = ["--out", str(junk / "x"), "--device", "cpu"]  # said before any work
+    _expect_exit_2(capsys, [good, *under_a_file], f"cannot create the folder ({junk} is a file)")
 
     def other_data(state):
         state["config"]["data"]["name"] = "cifar10"

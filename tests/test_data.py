@@ -138,6 +138,11 @@ def test_unknown_name_and_missing_roots(tmp_path: Path) -> None:
         build_datasets("imagefolder", str(tmp_path))  # a folder, without train/ and test/
     with pytest.raises(DataError, match="needs data.root"):
         build_datasets("imagefolder", None)
+    for split in ("train", "test"):  # one class: named, not a model's "num_classes >= 2"
+        (tmp_path / "one" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "one" / split / "cat" / "0.jpg")
+    with pytest.raises(DataError, match=r"train has 1 class folder\(s\): classification needs"):
+        build_datasets("imagefolder", str(tmp_path / "one"))
 
 
 def test_imagefolder_cifar10_jpeg(cifar10_jpeg_root: Path) -> None:

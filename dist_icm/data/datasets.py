@@ -310,6 +310,10 @@ def _imagefolder(root: str | None, names: dict[str, str]) -> tuple[Dataset, Data
         ) from e
     if test.classes != train.classes:
         raise DataError(f"{train_dir} and {test_dir} have different class folders: make them match")
+    if len(train.classes) < 2:
+        raise DataError(
+            f"{train_dir} has {len(train.classes)} class folder(s): classification needs 2 or more"
+        )
     mean, std = (
         (CIFAR10_MEAN, CIFAR10_STD) if train.image_size == 32 else (IMAGENET_MEAN, IMAGENET_STD)
     )

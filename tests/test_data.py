@@ -138,6 +138,9 @@ def test_unknown_name_and_missing_roots(tmp_path: Path) -> None:
         build_datasets("imagefolder", str(tmp_path))  # a folder, without train/ and test/
     with pytest.raises(DataError, match="needs data.root"):
         build_datasets("imagefolder", None)
+    (tmp_path / "afile").write_text("")  # not "could not be downloaded (FileExistsError ...)"
+    with pytest.raises(DataError, match=r"data.root '.*afile' is a file: CIFAR-100 needs a folder"):
+        build_datasets("cifar100", str(tmp_path / "afile"))
     for split in ("train", "test"):  # one class: named, not a model's "num_classes >= 2"
         (tmp_path / "one" / split / "cat").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "one" / split / "cat" / "0.jpg")

@@ -237,7 +237,8 @@ def ensure_betons(
     ident = {
         "format": FORMAT,
         "name": name,
-        "root": str(Path(root).expanduser().resolve()) if root else None,
+        # digits come from scikit-learn, whatever the root: one entry for all roots
+        "root": str(Path(root).expanduser().resolve()) if root and name != "digits" else None,
         "seed": seed if name == "digits" else None,  # only digits' split depends on it
         "sizes": [len(train), len(test)],  # type: ignore[arg-type]
         "classes": list(spec.class_names),

@@ -180,6 +180,22 @@ def test_fused_stats_on_cuda_equal_the_float64_torch_form(c):
         assert (o.detach().cpu().double() - r.detach()).norm() <= 1e-5 * r.detach().norm()
 
 
+def test_fused_stats_on_cuda_are_the_same_bits_on_every_call():
+    """fused.py: no atomics, so the statistics and the gradient do not depend on how the GPU
+    schedules the kernels' blocks: two calls on the same inputs agree bit for bit."""
+    from dist_icm.fused import fused_stats
+
+    x, a, b, lam = _problem_cuda(4096, 1000)
+    weights = [torch.randn(k, device="cuda") for k in (4096, 4096, 4096)]
+    runs = []
+    for _ in range(2):
+        xf = x.detach().clone().requires_grad_()
+        got = fused_stats(xf, a, b, lam, 0)
+        sum((w * t).sum() for w, t in zip(weights, got, strict=True)).backward()
+        runs.append([t.detach() for t in got] + [xf.grad])
+    assert all(torch.equal(p, q) for p, q in zip(*runs, strict=True))
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_blend_on_cuda_is_torch_s_blend_bit_for_bit(channels_last):
     """The compiled blend kernel (``loss.fused``'s Mixup) against torch's CUDA kernels for

@@ -36,6 +36,8 @@ GPU work.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
 from collections.abc import Callable
 
@@ -128,6 +130,23 @@ class _OwnGradient(torch.autograd.Function):
         return grad.clone()
 
 
+@contextlib.contextmanager
+def _no_collection():
+    """No Python garbage collection during a capture. A dead reference cycle that holds an
+    older CUDA graph (an earlier Objective and its GraphedLoss), collected mid-capture, destroys
+    that graph while the stream captures, which invalidates the capture (on an H200 with torch
+    2.11, which no longer collects before a capture, the second test's capture failed every
+    time). So: collect first, then hold the collector off until the capture is done."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class GraphedLoss:
     """``loss_fn(logits, a, b, lam) -> scalar``, replayed from CUDA graphs where ``usable``.
 
@@ -168,7 +187,7 @@ class GraphedLoss:
         try:
             # outside the caller's autocast (make_graphed_callables refuses its weight cache);
             # the loss runs its own math in float32 with autocast off anyway
-            with torch.autocast(logits.device.type, enabled=False):
+            with torch.autocast(logits.device.type, enabled=False), _no_collection():
                 return torch.cuda.make_graphed_callables(self.loss_fn, samples)
         except RuntimeError as err:  # torch.AcceleratorError included
             _warn_failed(
@@ -264,7 +283,7 @@ class GraphedModel:
         region = _Region(self.model, enabled, dtype)
         saved = [b.detach().clone() for b in self.model.buffers()]
         try:
-            with torch.autocast("cuda", enabled=False):
+            with torch.autocast("cuda", enabled=False), _no_collection():
                 return torch.cuda.make_graphed_callables(region, (x.detach().clone(),))
         except RuntimeError as err:  # torch.AcceleratorError included
             _warn_failed("the model", err, "it runs eagerly")

@@ -194,3 +194,29 @@ def test_graphs_only_for_the_configurations_they_replay_exactly(change, expected
 def test_the_model_is_graphed_only_on_one_gpu_without_zero_or_compile(change, expected):
     where = {"device": "cuda", "world": 1, "zero_stage": 0, "compile": False} | change
     assert graphs.model_eligible(**where) is expected
+
+
+def test_no_collection_collects_first_and_holds_the_collector_off_during_a_capture():
+    # graphs._no_collection: a dead cycle holding an old CUDA graph must not be collected
+    # mid-capture (that invalidated the second capture of a process on an H200)
+    import gc
+    import weakref
+
+    from dist_icm.graphs import _no_collection
+
+    class Cycle:
+        pass
+
+    dead = Cycle()
+    dead.me = dead
+    alive = weakref.ref(dead)
+    del dead
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        with _no_collection():
+            assert alive() is None  # collected before the capture
+            assert not gc.isenabled()  # and no collection during it
+        assert gc.isenabled()
+    finally:
+        gc.enable() if was else gc.disable()

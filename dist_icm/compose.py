@@ -205,7 +205,9 @@ def to_config(cfg: DictConfig) -> Config:
             f"or resume=auto with run_dir={resume}"
         )
     schedule, train = parts["schedule"], parts["train"]
-    if schedule.epochs < train.epochs:  # a longer schedule is a run trained in parts
+    # cosine's lr reaches its floor at schedule.epochs (step's milestones are epochs of their
+    # own, constant has no end); a longer schedule is a run trained in parts
+    if schedule.name == "cosine" and schedule.epochs < train.epochs:
         raise ConfigError(
             f"schedule.epochs={schedule.epochs} is shorter than train.epochs={train.epochs}: "
             f"the lr would stay at the schedule's end for the last "

@@ -25,7 +25,7 @@ from dist_icm.fused import unavailable as fused_unavailable
 from dist_icm.graphs import GraphedModel, model_eligible
 from dist_icm.models import build_model, check_input
 from dist_icm.norm import convert_ghost_bn, count_batch_norms
-from dist_icm.objectives import Objective
+from dist_icm.objectives import SCOPED, Objective, unused_options
 from dist_icm.optim import build_optimizer
 from dist_icm.runtime import Runtime
 from dist_icm.schedule import lambda_for, scaled_lr
@@ -125,6 +125,10 @@ def setup(cfg: Config) -> Job:
         raise ConfigError(str(e)) from None
     if cfg.model.bn_group is not None and not count_batch_norms(model):
         notes.append(f"model.bn_group={cfg.model.bn_group}: {cfg.model.name} has no BatchNorm")
+    for key, value in unused_options(dataclasses.asdict(cfg.loss)).items():  # a sweep's cell
+        shown = str(value).lower() if isinstance(value, bool) else value  # as Hydra writes it
+        users = ", ".join(SCOPED[key])
+        notes.append(f"loss.{key}={shown}: loss.name={cfg.loss.name} does not use it ({users} do)")
     if cfg.loss.icm and cfg.loss.tile == "auto":  # what it picks for a micro-step's S̃ block
         n, big = plan.per_device, plan.micro_global
         tile = resolve_tile("auto", n, big, 4)

@@ -272,8 +272,8 @@ def check_input(model: nn.Module, name: str, channels: int, size: int) -> None:
     try:
         with torch.no_grad():
             model(torch.zeros(1, channels, size, size))
-    except RuntimeError as e:
-        why = str(e).strip().splitlines()[0][:160]
+    except (RuntimeError, ValueError, AssertionError) as e:  # timm's fixed sizes: assertions
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ValueError(
             f"model.name={name} cannot take the data's {size}x{size} images ({why})"
         ) from None

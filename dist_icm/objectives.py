@@ -40,6 +40,20 @@ SCOPED = {
 }
 
 
+def unread_options(name: str) -> tuple[str, ...]:
+    """The options of :data:`SCOPED` that loss ``name`` does not read: settings the study does
+    not tell its runs apart by."""
+    return tuple(key for key, users in SCOPED.items() if name not in users)
+
+
+def unused_options(loss: dict) -> dict[str, object]:
+    """The options of a loss config (as a dict: a config's ``loss`` section) that are set away
+    from their defaults but that its loss does not read, with their values (a start-up note)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ObjectiveConfig)}
+    unread = unread_options(loss.get("name", defaults["name"]))
+    return {k: loss[k] for k in unread if k in loss and loss[k] != defaults[k]}
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
     name: str = "icm_mixup"
@@ -86,14 +100,6 @@ class ObjectiveConfig:
             raise ValueError(f"loss.tau must lie in [0, 1], got {self.tau}")
         if not self.kappa >= 1:
             raise ValueError(f"loss.kappa must be >= 1, got {self.kappa}")
-        for f in dataclasses.fields(self):  # an option this loss ignores is a mistake, not a run
-            value, users = getattr(self, f.name), SCOPED.get(f.name)
-            if users is not None and value != f.default and self.name not in users:
-                value = str(value).lower() if isinstance(value, bool) else value
-                raise ValueError(
-                    f"loss.{f.name}={value} does not apply to loss.name={self.name}: only "
-                    f"{', '.join(users)} use it (leave it out)"
-                )
 
     @property
     def icm(self) -> bool:

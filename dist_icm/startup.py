@@ -54,8 +54,10 @@ def hydra_error_message(error: BaseException, overrides: list[str] | tuple = ())
         )
     if isinstance(error, MissingConfigException) and error.options is not None:
         group, _, option = str(error.missing_cfg_file or "").rpartition("/")
-        found = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml")) if group else []
-        # Hydra lists a nested group's parent's options (experiment/paper/x: experiment's)
+        # Hydra lists a nested group's parent's options (experiment/paper/x: experiment's); its
+        # own groups (hydra/...) have options elsewhere too, which it lists right
+        ours = group and not group.startswith("hydra/")
+        found = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml")) if ours else []
         options = ", ".join(found or sorted(error.options))
         more = "; or model.name=<a torchvision/timm model>" if group == "model" else ""
         return f"unknown {group} option {option!r} ({group} options: {options}{more})"
@@ -138,24 +140,54 @@ class SweepCheck(Callback):
     cells before it have trained. Other sweepers are left alone."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            cells, swept = self._cells(config)
+        except Exception:  # a sweep this cannot read: Hydra's sweeper reports it as before
+            return
+        for n, cell in enumerate(cells):
+            line = _check_cell(config, cell)
+            if line is not None:
+                values = " ".join(o for o in cell if o.partition("=")[0] in swept)
+                raise BadSweep(f"sweep cell {n} ({values or 'no swept values'}): {line}")
+
+    @staticmethod
+    def _cells(config: DictConfig) -> tuple[list[list[str]], set[str]]:
+        """The basic sweeper's cells (each a list of overrides) and the swept keys; none for
+        another sweeper."""
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.global_hydra import GlobalHydra
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
-            return
+            return [], set()
         loader = GlobalHydra.instance().config_loader()
         sweeper = BasicSweeper(max_batch_size=None, params=config.hydra.sweeper.get("params"))
         given = sweeper._parse_config() + list(config.hydra.overrides.task)
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(given)
         (cells,) = BasicSweeper.split_arguments(parsed, None)
-        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
-        for n, cell in enumerate(cells):
-            cfg = loader.load_sweep_config(master_config=config, sweep_overrides=list(cell))
-            with read_write(cfg), open_dict(cfg):  # what the job gets: no hydra node
-                del cfg["hydra"]
-            try:
-                to_config(cfg)
-            except ConfigError as e:
-                values = " ".join(o for o in cell if o.partition("=")[0] in swept)
-                raise BadSweep(f"sweep cell {n} ({values}): {e}") from None
+        return cells, {o.get_key_element() for o in parsed if o.is_sweep_override()}
+
+
+def _check_cell(config: DictConfig, cell: list[str]) -> str | None:
+    """Why this cell cannot start, as the job would say it (None: it may): its composition,
+    its config's values and its batch plan for this world size."""
+    import os
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    from dist_icm.config import plan_batches
+
+    loader = GlobalHydra.instance().config_loader()
+    try:
+        cfg = loader.load_sweep_config(master_config=config, sweep_overrides=list(cell))
+        with read_write(cfg), open_dict(cfg):  # what the job gets: no hydra node
+            del cfg["hydra"]
+        plan_batches(to_config(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        return str(e)
+    except (HydraException, OmegaConfBaseException) as e:
+        return hydra_error_message(e, list(cell))
+    except Exception:  # anything else: the cell reports it when it starts, as before
+        return None
+    return None

@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from dist_icm.compose import PAPER_RESULTS
+from dist_icm.objectives import unread_options
 from dist_icm.study_table import CSV_KEYS, METRICS, markdown, plot, write_csv
 
 NEEDED = (
@@ -117,8 +118,11 @@ def load_run(run_dir: Path) -> dict:
         raw = flatten(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {})
         derived = {k for k, v in raw.items() if isinstance(v, str) and "${" in v}
     loss = summary["config"].get("loss", {})
-    method = loss.get("name", "?") + "+dedup" * bool(loss.get("dedup"))
-    method += "+per_sample" * bool(loss.get("per_sample"))
+    unused = {f"loss.{k}" for k in unread_options(loss.get("name"))}  # Remix's tau for CE
+    method = loss.get("name", "?") + "+dedup" * bool(
+        loss.get("dedup") and "loss.dedup" not in unused
+    )
+    method += "+per_sample" * bool(loss.get("per_sample") and "loss.per_sample" not in unused)
     resumed = summary["resumed_at_step"] is not None
     overrides = {}
     for item in summary.get("overrides") or []:
@@ -138,7 +142,7 @@ def load_run(run_dir: Path) -> dict:
         "settings": {
             k: v
             for k, v in flat.items()
-            if k not in IGNORED | derived | {*METHOD_KEYS, BATCH_KEY, SEED_KEY}
+            if k not in IGNORED | derived | unused | {*METHOD_KEYS, BATCH_KEY, SEED_KEY}
         },
         "wall_s": summary["run_train_s"] if resumed else summary["session_wall_s"],
     }

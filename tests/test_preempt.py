@@ -13,6 +13,7 @@ import pytest
 from cli import CPU_CONFIG, REPO, last_logged, losses, records, run_train, summary
 from multiproc import run_group
 
+from dist_icm import preempt
 from dist_icm.checkpoint import list_checkpoints
 from dist_icm.preempt import PREEMPTED_EXIT, StopFlags
 
@@ -191,19 +192,22 @@ def _clock_checkpoint_steps(rank: int, world_size: int, steps: int) -> list[int]
 
     from dist_icm import dist, preempt
 
-    now = [0.0]
-    preempt.time = SimpleNamespace(monotonic=lambda: now[0])  # this process's copy only
+    now, real = [0.0], preempt.time
+    preempt.time = SimpleNamespace(monotonic=lambda: now[0])  # put back below
     group = dist.default_group() if world_size > 1 else None
-    flags = StopFlags(group, is_main=rank == 0, ckpt_every_min=5 / 60)
     written = []
     try:
-        for step in range(1, steps + 1):
-            now[0] = float(step)
-            if flags.poll().checkpoint:
-                written.append(step)
-                flags.checkpoint_written()
+        flags = StopFlags(group, is_main=rank == 0, ckpt_every_min=5 / 60)
+        try:
+            for step in range(1, steps + 1):
+                now[0] = float(step)
+                if flags.poll().checkpoint:
+                    written.append(step)
+                    flags.checkpoint_written()
+        finally:
+            flags.close()
     finally:
-        flags.close()
+        preempt.time = real
     return written
 
 
@@ -212,6 +216,7 @@ def test_a_clock_s_checkpoint_is_written_once_on_two_processes():
     # due every 5 s; one process writes at once, two one step late (the flags' reduction), but
     # each due checkpoint once: rank 0 asking again at the step the save comes wrote a second one
     assert _clock_checkpoint_steps(0, 1, 24) == [5, 10, 15, 20]
+    assert preempt.time is time  # the fake clock was this call's alone
     assert run_group(_clock_checkpoint_steps, 2, 24) == [[6, 12, 18, 24]] * 2
 
 

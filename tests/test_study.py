@@ -179,6 +179,22 @@ def test_a_resumed_runs_wall_time_is_its_training_time_over_all_sessions(tmp_pat
     assert "† resumed runs: wall time is run_train_s" in out.stdout
 
 
+def test_an_option_a_run_s_loss_does_not_read_neither_labels_nor_flags_it(sweep, tmp_path):
+    # a sweep over losses sets loss.dedup (and a Remix option) for its CE cells too: they stay
+    # "ce", in the rows of the other CE runs, and no warning names the options
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    for path in runs.glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        if summary["config"]["loss"]["name"] == "ce" and summary["config"]["train"]["seed"] == 1:
+            summary["config"]["loss"] |= {"dedup": True, "tau": 0.7}
+            path.write_text(json.dumps(summary))
+    out = study(runs)
+    assert out.returncode == 0, out.stderr
+    assert sorted({r["method"] for r in table(out.stdout)}) == ["ce", "icm_mixup"]
+    assert all(r["n"] == "2" for r in table(out.stdout)) and "warning" not in out.stderr
+
+
 def test_unfinished_run_is_listed_as_skipped(sweep, tmp_path):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(sweep / "0", unfinished)  # a run killed after its first logged step

@@ -76,6 +76,19 @@ def test_step_bench_reports_icm_over_ce():
     assert set(out["queue"]) == {"ce", "icm"}  # icm_eager only on CUDA
     for form in out["queue"].values():  # on the CPU, queueing a step is running it
         assert 0 < form["host_ms"] <= form["step_ms"]
+    assert "profile" not in out  # only with --profile
+
+
+def test_step_bench_profile_lists_where_icm_spends_more_than_ce():
+    out = _bench("step", "--model", "small_cnn", "--batch", "16", "--image", "8", "--steps", "2",
+                 "--repeats", "1", "--warmup", "1", "--device", "cpu", "--profile")  # fmt: skip
+    prof = out["profile"]
+    assert prof["what"] == "CPU operators (self time)"
+    # the mixing and the loss add operators to the step: more calls per step than CE's
+    assert prof["icm"]["calls_per_step"] > prof["ce"]["calls_per_step"] > 0
+    extra = prof["icm_over_ce"]
+    assert 0 < len(extra) <= 15 and {"name", "extra_calls", "extra_us"} == set(extra[0])
+    assert [e["extra_us"] for e in extra] == sorted((e["extra_us"] for e in extra), reverse=True)
 
 
 BAD = [

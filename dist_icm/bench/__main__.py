@@ -133,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace a block of each form: where ICM spends more than CE, kernel by kernel",
+    )
+    s.add_argument(
         "--epochs", type=POSITIVE, default=200, help="epochs of the wall-time projection"
     )
 
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             args.channels_last,
             args.compile,
             epochs=args.epochs,
+            profile=args.profile,
         )
     elif args.what == "trainer":
         root = data.find_cifar10(args.root, "trainer")

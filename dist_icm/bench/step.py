@@ -25,6 +25,9 @@ channels-last as in the trainer (``--no-channels-last``: NCHW); ``--compile`` wr
 ``torch.compile``. It also times a forward-only evaluation pass and projects the wall time of
 ``--epochs`` epochs over 50,000 training and 10,000 test images (CIFAR) from these rates: model
 compute only, with the data loader assumed to keep up (``bench data`` measures loaders).
+``--profile`` then traces a block of each of ``ce``, ``icm`` (and ``icm_fused``) with
+``torch.profiler`` and lists where ICM spends more than CE, kernel by kernel (on the CPU:
+operator by operator): what to fuse, or to move into the graphs, next.
 """
 
 from __future__ import annotations
@@ -77,6 +80,43 @@ def queue_time(run, first: int, count: int, device: str) -> dict:
     }
 
 
+def profile_forms(step, forms: list[str], first: int, count: int, device: str, k: int = 15):
+    """``--profile``: ``count`` steps of each form under ``torch.profiler``. Per form, the
+    device time and the kernels per step (on the CPU: self time and operators), and where ICM
+    spends more than CE: the ``k`` kernels (operators) with the most extra time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    per: dict[str, dict[str, tuple[float, float]]] = {}  # form: name -> (calls, µs) per step
+    out: dict[str, object] = {"what": "CUDA kernels" if cuda else "CPU operators (self time)"}
+    for form in forms:
+        _sync(device)
+        with profile(activities=activities) as prof:
+            for i in range(first, first + count):
+                step(form, i)
+            _sync(device)
+        events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda]
+        timed = "self_device_time_total" if cuda else "self_cpu_time_total"
+        per[form] = {e.key: (e.count / count, getattr(e, timed) / count) for e in events}
+        out[form] = {
+            "ms_per_step": round(sum(t for _, t in per[form].values()) / 1e3, 3),
+            "calls_per_step": round(sum(c for c, _ in per[form].values()), 1),
+        }
+    base = per.get("ce", {})
+    for form in (f for f in forms if f != "ce"):
+        extra = {
+            name: (calls - base.get(name, (0.0, 0.0))[0], us - base.get(name, (0.0, 0.0))[1])
+            for name, (calls, us) in per[form].items()
+        }
+        top = sorted(extra.items(), key=lambda item: item[1][1], reverse=True)[:k]
+        out[f"{form}_over_ce"] = [
+            {"name": name[:120], "extra_calls": round(c, 1), "extra_us": round(us, 1)}
+            for name, (c, us) in top
+        ]
+    return out
+
+
 def bench_step(
     model_name: str,
     batch: int,
@@ -92,6 +132,7 @@ def bench_step(
     train_images: int = 50_000,
     test_images: int = 10_000,
     epochs: int = 200,
+    profile: bool = False,
 ) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, image, image, generator=gen).to(device)
@@ -161,6 +202,11 @@ def bench_step(
         _sync(device)
         return time.perf_counter() - start
 
+    traced = {}
+    if profile:  # after the timing, so the profiler's overhead never reaches the figures
+        forms = [k for k in ("ce", "icm", "icm_fused") if k in objectives]
+        first = warmup + repeats * steps
+        traced = {"profile": profile_forms(step, forms, first, steps, device)}
     for _ in range(warmup):
         evaluate()
     eval_s = statistics.median(evaluate() for _ in range(max(steps, 3)))
@@ -209,4 +255,5 @@ def bench_step(
         # model compute only (no data loading): train + test images per epoch, at these rates
         "epoch_s": round(epoch_s, 2),
         f"projected_{epochs}_epochs_h": round(epochs * epoch_s / 3600, 3),
+        **traced,
     }

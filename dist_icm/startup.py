@@ -30,6 +30,11 @@ CONFIG_DIR = next(
 )
 
 
+def _group_options(group: str) -> list[str]:
+    """The options of config group ``group`` (its folder under ``configs/``), sorted."""
+    return sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml"))
+
+
 def hydra_error_message(error: BaseException, overrides: list[str] | tuple = ()) -> str:
     """One line for an error Hydra raises before the job starts (composition, the run folder);
     ``overrides`` (the command line's) name the group of a group override that is no name."""
@@ -39,7 +44,7 @@ def hydra_error_message(error: BaseException, overrides: list[str] | tuple = ())
     if str(error).startswith("Config group override must be a string"):  # e.g. data=5
         for override in overrides:
             group, _, value = override.partition("=")
-            options = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml")) if group else []
+            options = _group_options(group) if group else []
             if options and re.fullmatch(r"[-+.\deE]+|true|false|null", value):  # not a name
                 return f"unknown {group} option {value} ({group} options: {', '.join(options)})"
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
@@ -57,7 +62,7 @@ def hydra_error_message(error: BaseException, overrides: list[str] | tuple = ())
         # Hydra lists a nested group's parent's options (experiment/paper/x: experiment's); its
         # own groups (hydra/...) have options elsewhere too, which it lists right
         ours = group and not group.startswith("hydra/")
-        found = sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml")) if ours else []
+        found = _group_options(group) if ours else []
         options = ", ".join(found or sorted(error.options))
         more = "; or model.name=<a torchvision/timm model>" if group == "model" else ""
         return f"unknown {group} option {option!r} ({group} options: {options}{more})"

@@ -119,10 +119,9 @@ def load_run(run_dir: Path) -> dict:
         derived = {k for k, v in raw.items() if isinstance(v, str) and "${" in v}
     loss = summary["config"].get("loss", {})
     unused = {f"loss.{k}" for k in unread_options(loss.get("name"))}  # Remix's tau for CE
-    method = loss.get("name", "?") + "+dedup" * bool(
-        loss.get("dedup") and "loss.dedup" not in unused
-    )
-    method += "+per_sample" * bool(loss.get("per_sample") and "loss.per_sample" not in unused)
+    method = loss.get("name", "?")
+    for key in ("dedup", "per_sample"):  # the ICM variants, where the loss reads them
+        method += f"+{key}" * bool(loss.get(key) and f"loss.{key}" not in unused)
     resumed = summary["resumed_at_step"] is not None
     overrides = {}
     for item in summary.get("overrides") or []:
@@ -185,7 +184,7 @@ def paper_results(path: Path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise StudyError(f"--paper-results {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         why = str(e).splitlines()[0][:200]
         raise StudyError(f"--paper-results {path}: unreadable ({why})") from None
     results = data.get("results", data) if isinstance(data, dict) else None

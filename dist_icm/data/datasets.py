@@ -255,7 +255,7 @@ def _cifar(
         raise DataError(
             f"{pretty} needs a root folder: set {names['root']} to where it is (or goes)"
         )
-    if Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
+    if (where := Path(root).expanduser()).exists() and not where.is_dir():
         raise DataError(f"{names['root']} '{root}' is a file: {pretty} needs a folder")
     splits = []
     made = missing_top(Path(root))  # what a failed download would leave behind, empty

@@ -8,6 +8,7 @@
   elastic agent's failure table.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -29,9 +30,17 @@ def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def _launch(cwd: Path, *overrides: str, launcher: str = "dist_icm.launch"):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cwd: Path, *overrides: str, launcher: str = "dist_icm.launch", multirun=False):
+    # a port of its own: accelerate warns on stderr when its default one is taken
     cmd = [sys.executable, "-m", launcher, "--config_file", str(CPU_CONFIG), "--num_processes",
-           "2", "-m", "dist_icm.train", *ARGS, *overrides]  # fmt: skip
+           "2", "--main_process_port", str(_free_port()), "-m", "dist_icm.train",
+           *(["-m"] if multirun else []), *ARGS, *overrides]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(REPO)}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -67,6 +76,24 @@ def test_a_diverging_run_s_code_from_the_launcher_too(tmp_path):
     assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr
 
 
+def test_a_multirun_on_two_processes_checks_each_cell_for_that_world(tmp_path):
+    # every rank composes the sweep alike: a cell whose batch plan only 2 processes break
+    # (16 images a rank cannot hold mixing groups of 16 on 2 x 8) stops the sweep before cell 0
+    # trains, one line printed once; the same sweep on 2 processes with a plan that fits runs
+    # each cell on both ranks, in a folder of its own
+    out = _launch(tmp_path, "data.global_batch=64,16", "hydra.sweep.dir=bad", multirun=True)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert _lines(out.stderr) == [
+        "dist_icm: error: sweep cell 1 (data.global_batch=16): loss.group_size=16 must divide "
+        "the per-device batch 8 (global 16 / world 2 / accumulation 1)"
+    ]
+    assert not (tmp_path / "bad").exists()
+    out = _launch(tmp_path, "data.global_batch=64,32", "hydra.sweep.dir=ok", multirun=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [json.loads((tmp_path / "ok" / c / "summary.json").read_text()) for c in "01"]
+    assert [(s["world_size"], s["global_batch"]) for s in summaries] == [(2, 64), (2, 32)]
+
+
 def test_negative_control_plain_accelerate_launch_adds_its_report(tmp_path):
     out = _launch(tmp_path, "data.global_batch=0", launcher="accelerate.commands.launch")
     assert out.returncode == 1
@@ -88,9 +115,7 @@ def nodes(tmp_path, request):
 
 
 def test_bad_data_on_one_node_is_one_line_from_rank_0(tmp_path, nodes):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     procs = []
     for rank in range(2):  # two programs, as on two nodes
         env = os.environ | {

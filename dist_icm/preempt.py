@@ -17,8 +17,11 @@ training step never waits for the flags (nor, on a GPU, for the device).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -101,6 +104,37 @@ class StopFlags:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def quiet_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the trainer's DataLoaders: their worker processes leave the stop
+    signals to the trainer. Slurm signals every process of a job step (on preemption, and
+    ``launch/slurm.sbatch`` forwards a stop that way) and torch's launcher its ranks' process
+    groups; a worker killed by that SIGTERM (or USR1) made the trainer raise at its next batch,
+    or in its SIGCHLD handler mid-checkpoint, instead of stopping with a checkpoint.
+
+    SIGUSR1 and SIGINT are ignored. A SIGTERM from the worker's own trainer (torch and
+    multiprocessing shut a worker down with one) still ends it, any other is ignored: a thread
+    reads who sent it. On Linux the kernel also kills the worker when its trainer exits."""
+    del worker_id
+    for sig in (signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS: there torch's handling stays
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads made later too
+        threading.Thread(target=_end_on_parent_s_sigterm, args=(os.getppid(),), daemon=True).start()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() == 1:  # the trainer exited before the request was made
+            os._exit(0)
+
+
+def _end_on_parent_s_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def mark(run_dir: Path, step: int, reason: str) -> None:

@@ -327,13 +327,30 @@ def test_global_batches_match_single_process(world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 3])
-def test_set_start_batch_resumes_and_is_one_shot(world: int) -> None:
+def test_set_start_batch_resumes_until_the_next_epoch(world: int) -> None:
     full = _epoch(world, epoch=2)
     assert _epoch(world, epoch=2, start=3) == full[3:]
     s = GlobalBatchSampler(100, 12, seed=5)
     s.set_epoch(2)
     s.set_start_batch(5)
-    assert len(list(s)) == 3 and len(s) == 8 and len(list(s)) == 8
+    assert len(list(s)) == len(list(s)) == len(s) == 3  # every pass (a loader may make two)
+    s.set_epoch(3)
+    assert len(list(s)) == len(s) == 8
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_resumes_at_its_start_batch_with_workers_too(workers: int) -> None:
+    # torch's loader with worker processes iterates its sampler twice as it starts: a start
+    # batch used up by the first pass replayed the epoch from its first batch
+    from torch.utils.data import TensorDataset
+
+    s = GlobalBatchSampler(100, 12, seed=5)
+    loader = make_loader(TensorDataset(torch.arange(100)), s, num_workers=workers)
+    s.set_epoch(2)
+    full = [b[0].tolist() for b in loader]
+    s.set_epoch(2)
+    s.set_start_batch(3)
+    assert [b[0].tolist() for b in loader] == full[3:]
 
 
 def test_no_shuffle_and_no_drop_last() -> None:

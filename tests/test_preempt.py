@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from cli import CPU_CONFIG, REPO, last_logged, losses, records, run_train, summary
 from multiproc import run_group
 
@@ -27,9 +28,10 @@ def _launch(run_dir: Path, world: int, *extra: str, via: str = "accelerate.comma
         launcher += ["-m", via, "--config_file", str(CPU_CONFIG)]
         launcher += ["--num_processes", str(world)]
     cmd = [*launcher, "-m", "dist_icm.train", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen(  # a session of its own: a signal to its process group is to it
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
 
 
 def _logged_steps(run_dir: Path) -> int:
@@ -37,14 +39,18 @@ def _logged_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _interrupt(run_dir: Path, world: int, sig: signal.Signals, after: int = 25, **launch):
-    proc = _launch(run_dir, world, **launch)
+def _interrupt(run_dir: Path, world: int, sig: signal.Signals, after: int = 25, extra=(),
+               group=False, **launch):  # fmt: skip
+    proc = _launch(run_dir, world, *extra, **launch)
     deadline = time.monotonic() + 120
     while _logged_steps(run_dir) < after:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.monotonic() < deadline, "the run did not get going"
         time.sleep(0.02)
-    os.kill(proc.pid, sig)  # the launcher's pid under accelerate launch: it forwards the signal
+    if group:  # every process of the run, DataLoader workers too, as Slurm signals a job step
+        os.killpg(proc.pid, sig)
+    else:  # the launcher's pid under accelerate launch: it forwards the signal
+        os.kill(proc.pid, sig)
     t0 = time.monotonic()
     out, err = proc.communicate(timeout=60)
     return proc.returncode, err, time.monotonic() - t0
@@ -62,20 +68,25 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
-    "world, sig",
+    "world, sig, workers",
     [
-        (1, signal.SIGTERM),
-        pytest.param(1, signal.SIGUSR1, marks=pytest.mark.slow),  # Slurm's: test_slurm has it
-        pytest.param(1, signal.SIGINT, marks=pytest.mark.slow),  # the same handler
+        (1, signal.SIGTERM, 0),
+        pytest.param(1, signal.SIGUSR1, 0, marks=pytest.mark.slow),  # Slurm's: test_slurm too
+        pytest.param(1, signal.SIGINT, 0, marks=pytest.mark.slow),  # the same handler
         # 2 processes stopping at one step: also test_slurm's 2-node warning-signal test
-        pytest.param(2, signal.SIGTERM, marks=pytest.mark.slow),
+        pytest.param(2, signal.SIGTERM, 0, marks=pytest.mark.slow),
+        # to every process, DataLoader workers too (Slurm's preemption), and a resume mid-epoch
+        # with workers (the whole run, with none, is the same run)
+        (1, signal.SIGTERM, 2),
+        pytest.param(1, signal.SIGUSR1, 2, marks=pytest.mark.slow),
     ],
 )
 def test_a_signal_checkpoints_the_step_and_the_resumed_run_is_exact(
-    tmp_path, uninterrupted, world, sig
+    tmp_path, uninterrupted, world, sig, workers
 ):
     run = tmp_path / "run"
-    code, err, took = _interrupt(run, world, sig)
+    loader = [f"data.num_workers={workers}"]
+    code, err, took = _interrupt(run, world, sig, extra=loader, group=workers > 0)
     # one process exits with the documented code; accelerate's launcher reports its own failure
     assert code == PREEMPTED_EXIT if world == 1 else code != 0, err[-2000:]
     assert took < 30
@@ -86,7 +97,7 @@ def test_a_signal_checkpoints_the_step_and_the_resumed_run_is_exact(
     assert max(losses(run)) == stopped  # nothing was trained past the checkpoint
     assert f"stopped at step {stopped} on {sig.name}: checkpoint written" in err
     assert f"stopped at step {stopped} on {sig.name}: checkpoint written" in last_logged(run)
-    run_train(run, *ARGS, "resume=auto", world=world)
+    run_train(run, *ARGS, *loader, "resume=auto", world=world)
     assert not (run / "preempted.json").exists()
     whole = uninterrupted[world]
     assert losses(run) == losses(whole)
@@ -233,3 +244,39 @@ def test_checkpoints_every_few_epochs_and_the_newest_kept(tmp_path):
     per_epoch = summary(tmp_path)["steps"] // 5
     steps = [int(p.name[5:-3]) for p in list_checkpoints(tmp_path / "checkpoints")]
     assert steps == [3 * per_epoch, 4 * per_epoch, 5 * per_epoch]
+
+
+class _Slow(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> int:
+        time.sleep(0.01)
+        return i
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet_worker", "negative_control"])
+def test_a_loader_s_workers_leave_the_stop_signals_to_the_trainer(quiet):
+    # Slurm signals every process of a step: a worker killed by another process's SIGTERM (or
+    # USR1) made the trainer raise; with quiet_worker only its own trainer's SIGTERM ends it
+    init = preempt.quiet_worker if quiet else None
+    loader = torch.utils.data.DataLoader(_Slow(), batch_size=4, num_workers=2, worker_init_fn=init)
+    batches = iter(loader)
+    first = next(batches)
+    workers = list(batches._workers)
+    for sig in ("TERM", "USR1", "INT"):  # sent by another process, as Slurm's are
+        subprocess.run(["kill", f"-{sig}", str(workers[0].pid)], check=True)
+    if not quiet:  # (torch's SIGCHLD handler may raise it at once)
+        with pytest.raises(RuntimeError, match="DataLoader worker"):
+            time.sleep(0.5)
+            list(batches)
+        return
+    time.sleep(0.5)
+    rest = list(batches)
+    assert torch.cat([first, *rest]).tolist() == list(range(64))
+    it = iter(loader)  # new workers: the trainer's own SIGTERM (multiprocessing's terminate)
+    next(it)
+    worker = it._workers[0]
+    worker.terminate()
+    worker.join(timeout=10)
+    assert worker.exitcode == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from dist_icm import preempt
 from dist_icm.data.augment import Augmented, normalize_only
 from dist_icm.data.bundle import (
     DataBundle,
@@ -80,5 +81,6 @@ def build_data(
         Subset(normalize_only(test, mean, std), shard),
         batch_size=data_cfg.eval_batch,
         num_workers=data_cfg.num_workers,
+        worker_init_fn=preempt.quiet_worker,
     )
     return DataBundle(train_aug, sampler, loader, test_loader, spec, counts, len(train_aug))

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dist_icm import streams
+from dist_icm import preempt, streams
 
 __all__ = ["GlobalBatchSampler", "make_loader"]
 
@@ -64,14 +64,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return full + int(rest > 0 and not self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (its permutation); call before iterating, on every rank alike."""
-        self.epoch = int(epoch)
+        """Select the epoch (its permutation), from its first batch; call before iterating, on
+        every rank alike."""
+        self.epoch, self.start_batch = int(epoch), 0
 
     def set_start_batch(self, k: int) -> None:
         """Skip the first ``k`` global batches of the current epoch when resuming mid-epoch.
 
-        One-shot: it applies to the next iteration only (consumed when ``iter`` is called);
-        later iterations start at batch 0 again. ``len`` counts from the start batch until then.
+        It holds for every iteration until the next :meth:`set_epoch`: a DataLoader with worker
+        processes iterates its sampler twice as it starts (torch 2.14), and a skip used up by the
+        first pass trained the epoch's first batches again on resume. ``len`` counts from it.
         """
         if not 0 <= k <= self.batches_per_epoch:
             raise ValueError(f"start batch {k} is outside [0, {self.batches_per_epoch}]")
@@ -89,8 +91,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return order[:total]
 
     def __iter__(self) -> Iterator[list[int]]:
-        start, self.start_batch = self.start_batch, 0  # consumed now, not lazily
-        batches = self.global_order().reshape(-1, self.global_batch)[start:]
+        batches = self.global_order().reshape(-1, self.global_batch)[self.start_batch :]
         local = batches[:, self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
         return iter(local.tolist())
 
@@ -101,7 +102,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
 def make_loader(
     dataset: Dataset, sampler: GlobalBatchSampler, *, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
-    """A DataLoader driven by ``sampler`` (default collation, non-persistent workers).
+    """A DataLoader driven by ``sampler`` (default collation, non-persistent workers that leave
+    the stop signals to the trainer: :func:`dist_icm.preempt.quiet_worker`).
 
     Per epoch call ``sampler.set_epoch(e)`` and, for :class:`~dist_icm.data.augment.Augmented`
     data, ``dataset.set_epoch(e)`` before iterating the loader.
@@ -112,4 +114,5 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=preempt.quiet_worker,
     )

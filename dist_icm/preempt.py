@@ -51,10 +51,17 @@ class Decision:
 
 
 class StopFlags:
-    """The agreed [stop, checkpoint] flags of every rank, polled once per optimizer step."""
+    """The agreed [stop, checkpoint] flags of every rank, polled once per optimizer step.
 
-    def __init__(self, group: dist.Group, *, is_main: bool, ckpt_every_min: float | None) -> None:
-        self.group, self.is_main, self.every_s = group, is_main, ckpt_every_min
+    The signals are caught from construction on: the main job makes its flags before it sets
+    the run up (which may take minutes, e.g. writing FFCV files), so that a stop met there is
+    acted on at the first step (checkpoint, exit 75: requeued) instead of killing the process;
+    the trainer then :meth:`join` s them to the run's group and clock. Until then a Ctrl-C,
+    with nothing to save yet, stops at once."""
+
+    def __init__(self) -> None:
+        self.group, self.is_main, self.every_s = None, True, None
+        self._joined = False
         self.received: str | None = None
         self._interrupts = 0
         self._last_ckpt = time.monotonic()
@@ -67,10 +74,19 @@ class StopFlags:
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT:
             self._interrupts += 1
-            if self._interrupts > 1:  # a second Ctrl-C: stop now
+            if self._interrupts > 1 or not self._joined:  # a second Ctrl-C, or one before
+                self._interrupts = 0  # training, when nothing is to be saved: stop now
                 self.close()
                 raise KeyboardInterrupt
         self.received = self.received or signal.Signals(signum).name
+
+    def join(self, group: dist.Group, *, is_main: bool, ckpt_every_min: float | None) -> StopFlags:
+        """Agree over ``group`` from now on, with rank 0's clock starting now; a signal caught
+        before is kept. Returns the flags."""
+        self.group, self.is_main, self.every_s = group, is_main, ckpt_every_min
+        self._joined = True
+        self._last_ckpt = time.monotonic()
+        return self
 
     def checkpoint_written(self) -> None:
         """Restart the clock of ``train.ckpt_every_min``."""

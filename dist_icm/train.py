@@ -35,7 +35,7 @@ from dist_icm.config import Config, ConfigError
 from dist_icm.data.datasets import DataError
 from dist_icm.job import setup
 from dist_icm.launch import tell_exit_code
-from dist_icm.preempt import PREEMPTED_EXIT, Preempted
+from dist_icm.preempt import PREEMPTED_EXIT, Preempted, StopFlags
 from dist_icm.report import LOG
 from dist_icm.resume import find_checkpoint
 from dist_icm.startup import CONFIG_DIR, BadSweep, hydra_error_message, remove_unused_run_dir
@@ -59,6 +59,14 @@ def run(cfg: Config, labels: dict | None = None) -> dict:
     # a log line that cannot be written (a full disk) is dropped instead of printing a traceback
     # per line; the metrics file's next write then stops the run (WRITE_EXIT) with one line
     logging.raiseExceptions = False
+    flags = StopFlags()  # a stop signal met while the run is set up: acted on at its first step
+    try:
+        return _run(cfg, labels, flags)
+    finally:
+        flags.close()
+
+
+def _run(cfg: Config, labels: dict | None, flags: StopFlags) -> dict:
     try:
         job = setup(cfg)
         job.labels = dict(labels or {})  # recorded in summary.json
@@ -68,7 +76,7 @@ def run(cfg: Config, labels: dict | None = None) -> dict:
     # from here on the run's folder stays, and the line that ends a run early also goes to its
     # train.log (rank 0's), as the last of the lines the run showed
     try:
-        return train(job, found)
+        return train(job, found, flags)
     except Preempted as stop:
         if job.rt.is_main:
             line = (

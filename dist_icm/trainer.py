@@ -139,12 +139,15 @@ def _log_step(job: Job, report: Report, step: int, mean_loss, rate: float, skipp
     return record
 
 
-def train(job: Job, found: resume.Resumed | None = None) -> dict:
+def train(
+    job: Job, found: resume.Resumed | None = None, flags: preempt.StopFlags | None = None
+) -> dict:
     """Train from ``found`` (a checkpoint) or from scratch to ``total_steps``, evaluating and
     checkpointing on the way; returns the summary (on every rank).
 
     Raises :class:`~dist_icm.preempt.Preempted` after checkpointing the step it stopped at
-    when a signal asked it to stop (see :mod:`dist_icm.preempt`).
+    when a signal asked it to stop (see :mod:`dist_icm.preempt`); ``flags`` are the stop flags
+    that caught signals before (new ones if None), closed on return.
     """
     t_start = time.perf_counter()
     cfg, rt, data, spe = job.cfg, job.rt, job.data, job.steps_per_epoch
@@ -152,9 +155,8 @@ def train(job: Job, found: resume.Resumed | None = None) -> dict:
     start = step = resume.restore(job, found) if found is not None else 0
     before = dict(state.get("run", {})) if state is not None else {}
     report = _open_report(job, step, resumed=state is not None)
-    flags = preempt.StopFlags(
-        job.control, is_main=rt.is_main, ckpt_every_min=cfg.train.ckpt_every_min
-    )
+    flags = preempt.StopFlags() if flags is None else flags  # the main job's: from its start
+    flags.join(job.control, is_main=rt.is_main, ckpt_every_min=cfg.train.ckpt_every_min)
     seen, train_time, metrics, saved, stopping = 0, 0.0, {}, step, False
     dup_shares: list[float] = []  # this session's, one per logged step (their mean: summary)
     loss_sum, loss_count = torch.zeros((), device=rt.device), 0

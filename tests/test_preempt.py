@@ -162,7 +162,7 @@ def test_a_second_ctrl_c_stops_at_once():
     """The first SIGINT asks for a checkpoint and a stop; the second raises KeyboardInterrupt
     there and then, and gives the signals back to their previous handlers."""
     before = signal.getsignal(signal.SIGINT)
-    flags = StopFlags(None, is_main=True, ckpt_every_min=None)
+    flags = StopFlags().join(None, is_main=True, ckpt_every_min=None)
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # the handler runs in this (the main) thread, at its next instruction
@@ -208,7 +208,7 @@ def _clock_checkpoint_steps(rank: int, world_size: int, steps: int) -> list[int]
     group = dist.default_group() if world_size > 1 else None
     written = []
     try:
-        flags = StopFlags(group, is_main=rank == 0, ckpt_every_min=5 / 60)
+        flags = StopFlags().join(group, is_main=rank == 0, ckpt_every_min=5 / 60)
         try:
             for step in range(1, steps + 1):
                 now[0] = float(step)
@@ -280,3 +280,37 @@ def test_a_loader_s_workers_leave_the_stop_signals_to_the_trainer(quiet):
     worker.terminate()
     worker.join(timeout=10)
     assert worker.exitcode == 0
+
+
+_SIGNAL_IN_SETUP = """
+import os, signal, sys
+import dist_icm.train as main_job
+real, sig = main_job.setup, getattr(signal, sys.argv.pop(1))
+def setup(cfg):  # the signal reaches the run while it is being set up
+    os.kill(os.getpid(), sig)
+    return real(cfg)
+main_job.setup = setup
+main_job.main()
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGUSR1", marks=pytest.mark.slow)])
+def test_a_signal_while_the_run_is_set_up_stops_it_at_its_first_step(tmp_path, uninterrupted, sig):
+    # setting a run up may take minutes (FFCV files): a stop there used to kill the process
+    # (exit 143 / 138), which the batch script does not requeue
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", _SIGNAL_IN_SETUP, sig, *ARGS, f"hydra.run.dir={run}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == PREEMPTED_EXIT, out.stderr[-2000:]
+    assert f"stopped at step 1 on {sig}: checkpoint written" in out.stderr
+    assert json.loads((run / "preempted.json").read_text())["step"] == 1
+    run_train(run, *ARGS, "resume=auto")
+    assert losses(run) == losses(uninterrupted[1])
+
+
+def test_a_ctrl_c_while_the_run_is_set_up_stops_it_at_once(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", _SIGNAL_IN_SETUP, "SIGINT", *ARGS, f"hydra.run.dir={run}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode not in (0, PREEMPTED_EXIT) and "KeyboardInterrupt" in out.stderr
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()

@@ -41,6 +41,7 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 Group = dist.ProcessGroup | None
 
@@ -112,6 +113,7 @@ class _AllGather(torch.autograd.Function):
         return torch.cat(_gather_list(x, group), dim=0)
 
     @staticmethod
+    @once_differentiable  # the collective below is not recorded: a second order would be wrong
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         out = grad.new_empty((ctx.n, *grad.shape[1:]))
@@ -156,6 +158,7 @@ class _SelfAdjoint(torch.autograd.Function):
         return collective(x, group)
 
     @staticmethod
+    @once_differentiable  # as _AllGather's
     def backward(ctx, grad: torch.Tensor):
         return ctx.collective(grad, ctx.group), None, None
 
@@ -231,6 +234,19 @@ def rank_zero_first(fn, group: Group):
         raise first
     if me != 0:
         result, error = _attempt(fn)
+    return _agreed(result, error, group)
+
+
+def agree(fn, group: Group):
+    """``fn()`` on every rank at once; if it raises on any rank, every rank raises that rank's
+    exception (the first failing rank's), so that a check one rank fails (its node's software,
+    its copy of the data) stops them all alike instead of leaving the others in a collective."""
+    if not is_distributed(group):
+        return fn()
+    return _agreed(*_attempt(fn), group)
+
+
+def _agreed(result, error: Exception | None, group: Group):
     for failed in all_gather_object(_portable(error), group):
         if failed is not None:
             raise failed
@@ -360,6 +376,13 @@ def peer_cause(wait_s: float = 1.0) -> str | None:
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.05)
+
+
+def start_gloo(rank: int, world: int, init_method: str) -> Group:
+    """Join a gloo group of ``world`` CPU processes started without a launcher (the
+    benchmarks'); returns the world group."""
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    return dist.group.WORLD
 
 
 def shutdown() -> None:

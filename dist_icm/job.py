@@ -19,7 +19,7 @@ import torch
 
 from dist_icm import dist, streams
 from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
-from dist_icm.data.bundle import DataBundle
+from dist_icm.data.bundle import DataBundle, check_same_data, fingerprint
 from dist_icm.data.pipeline import build_data
 from dist_icm.fused import unavailable as fused_unavailable
 from dist_icm.graphs import GraphedModel, model_eligible
@@ -76,11 +76,15 @@ def available_cores() -> int:
 def setup(cfg: Config) -> Job:
     """Runtime, data, model, optimizer, schedule and objective, validated against each other."""
     rt = Runtime(cfg.runtime)
-    rt.check(cfg.model)
-    if cfg.loss.icm and cfg.loss.fused and (why := fused_unavailable(rt.device)):
-        raise ConfigError(why)
-    plan = plan_batches(cfg, rt.world_size)
     group = rt.process_group
+
+    def node_checks() -> None:  # this rank's device and software: each node's own
+        rt.check(cfg.model)
+        if cfg.loss.icm and cfg.loss.fused and (why := fused_unavailable(rt.device)):
+            raise ConfigError(why)
+
+    dist.agree(node_checks, group)
+    plan = plan_batches(cfg, rt.world_size)
 
     notes = []
     data_cfg, cores = cfg.data, available_cores()
@@ -105,6 +109,7 @@ def setup(cfg: Config) -> Job:
         )
 
     data = dist.rank_zero_first(data, group)
+    check_same_data(dist.all_gather_object(fingerprint(data), group))  # one data set, each copy
     check_against_data(cfg, data.spec.num_classes, data.train_size)
     spe = data.sampler.batches_per_epoch // plan.grad_accum  # optimizer steps per epoch
     if spe < 1:

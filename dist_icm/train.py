@@ -15,8 +15,10 @@ import ctypes
 import errno
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -303,7 +305,13 @@ def _main() -> None:
     if not rank0:
         if not any(a.startswith("hydra.run.dir=") for a in sys.argv):
             sys.argv.append("hydra.run.dir=.")  # rank 0's run dir is broadcast at start
+        # a multirun's sweep folder is rank 0's: this rank's Hydra writes its multirun.yaml
+        # (and makes the cells' folders) in a scratch folder, removed at exit
+        scratch = tempfile.mkdtemp(prefix="dist_icm-sweep-")
+        atexit.register(shutil.rmtree, scratch, True)
+        sys.argv = [a for a in sys.argv if not a.startswith("hydra.sweep.dir=")]
         sys.argv += [
+            f"hydra.sweep.dir={scratch}",
             "hydra.output_subdir=null",
             "hydra/job_logging=disabled",
             "hydra/hydra_logging=disabled",

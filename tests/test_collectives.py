@@ -48,6 +48,19 @@ def _worker(rank, world):
         D.all_gather_nograd(_shard(rank), group)
     out["a2a"], out["a2a_grad"], out["sent"] = swapped.detach(), x.grad.clone(), dict(sent)
 
+    # a second order is refused: the backward's collectives are not recorded by autograd
+    # (they used to give a wrong one silently: 2 where a whole-batch reference gives 4)
+    out["second_order"] = []
+    for collective in (D.all_gather, D.all_reduce_sum, D.all_to_all):
+        x = _shard(rank, n=world).requires_grad_()
+        (g,) = torch.autograd.grad(collective(x, group).pow(2).sum(), x, create_graph=True)
+        try:
+            g.sum().backward()
+            out["second_order"].append("computed")
+        except RuntimeError as e:
+            out["second_order"].append("once_differentiable" * ("twice" in str(e)))
+
+    out["mean"] = D.all_reduce_mean(_shard(rank), group)
     out["max"] = D.all_reduce_max(_shard(rank), group)
     out["nograd"] = D.all_gather_nograd(_shard(rank), group)
     out["size"], out["rank"] = D.size(group), D.rank(group)
@@ -70,6 +83,12 @@ def test_collectives_match_single_process(world):
         assert torch.allclose(out["sum"], sum(shards), rtol=1e-13)
         assert torch.allclose(out["sum_grad"], s_total, rtol=1e-13)
         assert torch.equal(out["max"], torch.stack(shards).amax(0))
+        assert not torch.equal(out["max"], shards[r])  # (a local max would not pass)
+        assert torch.allclose(out["mean"], sum(shards) / world, rtol=1e-13)
+        assert not torch.allclose(out["mean"], sum(shards), rtol=1e-3)  # nor the plain sum
+        assert out["second_order"] == ["once_differentiable"] * 3
+        # a backward that kept the gradient local would give rank r's own weights
+        assert not torch.allclose(out["sum_grad"], _weights(r, shards[0].shape), rtol=1e-3)
         assert torch.equal(out["nograd"], full)
         # the negative control really is wrong: it misses the other ranks' gradient
         assert not torch.allclose(out["naive_grad"], w_total[3 * r : 3 * r + 3], rtol=1e-3)
@@ -173,6 +192,28 @@ def test_rank_zero_first_fails_on_every_rank_together(tmp_path, fail_on):
     assert outcomes == [f"error: rank {fail_on} could not fetch"] * 3
     if fail_on == 0:  # the others never tried
         assert list(tmp_path.iterdir()) == []
+
+
+def _agree_worker(rank, world, fail_on, agreed):
+    def check():
+        if rank in fail_on:
+            raise ValueError(f"rank {rank}: no Triton here")
+        return rank * 10
+
+    try:
+        return D.agree(check, torch.distributed.group.WORLD) if agreed else check()
+    except ValueError as e:
+        return f"error: {e}"
+
+
+@pytest.mark.parametrize("fail_on", [(), (2,), (1, 2)], ids=["none", "rank 2", "ranks 1, 2"])
+def test_agree_stops_every_rank_with_the_first_failing_rank_s_error(fail_on):
+    outcomes = run_group(_agree_worker, 3, fail_on, True)
+    first = f"error: rank {min(fail_on)}: no Triton here" if fail_on else None
+    assert outcomes == ([first] * 3 if fail_on else [0, 10, 20])  # each its own result
+    if fail_on:  # negative control: each rank alone, the others go on (into a collective)
+        alone = run_group(_agree_worker, 3, fail_on, False)
+        assert alone[0] == 0 and alone != outcomes
 
 
 class _Unpicklable(Exception):

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist_
 import torch.multiprocessing as mp
 
 from dist_icm import dist
@@ -33,10 +32,7 @@ def _name(gather: str, dedup: bool) -> str:
 
 def _rank_main(rank, world, folder, batch, classes, repeats):
     torch.set_num_threads(1)
-    dist_.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
-    )
-    group, n = dist_.group.WORLD, batch // world
+    group, n = dist.start_gloo(rank, world, f"file://{folder}/store"), batch // world
     gen = torch.Generator().manual_seed(rank)
     logits = torch.randn(n, classes, generator=gen) * 3
     a = torch.randint(0, classes, (n,), generator=gen)
@@ -47,7 +43,7 @@ def _rank_main(rank, world, folder, batch, classes, repeats):
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
             x = logits.clone().requires_grad_()
-            dist_.barrier(group)
+            dist.barrier(group)
             with dist.count_bytes() as sent:
                 start = time.perf_counter()
                 icm_loss(
@@ -61,7 +57,7 @@ def _rank_main(rank, world, folder, batch, classes, repeats):
         }
     if rank == 0:
         torch.save(out, Path(folder) / "out.pt")
-    dist_.destroy_process_group()
+    dist.shutdown()
 
 
 def bench_comm(batch: int, classes: int, worlds: list[int], repeats: int) -> dict:

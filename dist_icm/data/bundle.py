@@ -20,7 +20,15 @@ from dist_icm.data.datasets import DataError, DatasetSpec
 from dist_icm.data.sampler import GlobalBatchSampler
 from dist_icm.data.subsets import long_tailed, stratified_fraction
 
-__all__ = ["DataBundle", "augment_mode", "normalization", "test_shard", "train_indices"]
+__all__ = [
+    "DataBundle",
+    "augment_mode",
+    "check_same_data",
+    "fingerprint",
+    "normalization",
+    "test_shard",
+    "train_indices",
+]
 
 
 @dataclass
@@ -34,6 +42,35 @@ class DataBundle:
     spec: DatasetSpec
     class_counts: torch.Tensor  # of the (sub-sampled) training set, for Remix
     train_size: int
+    test_size: int  # the whole test set's, of which test_loader reads this rank's shard
+
+
+def fingerprint(data: DataBundle) -> tuple:
+    """What every rank's copy of the data must agree on (ranks on several nodes may each read
+    their own copy): the sizes, the classes, and the training set's count per class."""
+    s = data.spec
+    counts = tuple(int(c) for c in data.class_counts.tolist())
+    return (data.train_size, data.test_size, s.num_classes, s.image_size, s.in_channels, counts)
+
+
+def check_same_data(prints: list[tuple]) -> None:
+    """Raise a :class:`DataError` naming the first rank whose :func:`fingerprint` (``prints``,
+    in rank order) is not rank 0's: their steps per epoch, test shards or classes would differ,
+    and the run hang or stop in a collective, or report metrics on no one data set."""
+    for rank, mine in enumerate(prints):
+        if mine != prints[0]:
+            raise DataError(
+                f"rank {rank} reads other data than rank 0 ({_shape(mine)}, against "
+                f"{_shape(prints[0])}): every rank's data.root must hold the same data set"
+            )
+
+
+def _shape(p: tuple) -> str:
+    train, test, classes, size, channels, counts = p
+    return (
+        f"{train} training and {test} test images, {classes} classes, {size} px x {channels}, "
+        f"{counts[:4]}{'...' if len(counts) > 4 else ''} images a class"
+    )
 
 
 def augment_mode(requested: str, spec: DatasetSpec) -> str:

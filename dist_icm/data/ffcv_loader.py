@@ -273,4 +273,4 @@ def build_ffcv_data(
         indices=np.asarray(test_shard(n_test, rank, world_size), dtype=np.int64),
     )
     counts = torch.as_tensor(class_counts(labels[subset], spec.num_classes))
-    return DataBundle(state, sampler, train_loader, test_loader, spec, counts, len(subset))
+    return DataBundle(state, sampler, train_loader, test_loader, spec, counts, len(subset), n_test)

@@ -83,4 +83,6 @@ def build_data(
         num_workers=data_cfg.num_workers,
         worker_init_fn=preempt.quiet_worker,
     )
-    return DataBundle(train_aug, sampler, loader, test_loader, spec, counts, len(train_aug))
+    return DataBundle(
+        train_aug, sampler, loader, test_loader, spec, counts, len(train_aug), len(test)
+    )

@@ -19,7 +19,7 @@ import torch
 
 from dist_icm import dist, streams
 from dist_icm.config import BatchPlan, Config, ConfigError, check_against_data, plan_batches
-from dist_icm.data.bundle import DataBundle, check_same_data, fingerprint
+from dist_icm.data.bundle import DataBundle, augment_mode, check_same_data, fingerprint
 from dist_icm.data.pipeline import build_data
 from dist_icm.fused import unavailable as fused_unavailable
 from dist_icm.graphs import GraphedModel, model_eligible
@@ -111,6 +111,12 @@ def setup(cfg: Config) -> Job:
     data = dist.rank_zero_first(data, group)
     check_same_data(dist.all_gather_object(fingerprint(data), group))  # one data set, each copy
     check_against_data(cfg, data.spec.num_classes, data.train_size)
+    if data_cfg.loader == "ffcv" and augment_mode(data_cfg.augment, data.spec) == "imagenet":
+        notes.append(
+            "data.augment=imagenet with data.loader=ffcv: FFCV draws its random-resized crops "
+            "from an unseeded generator, so this run will not repeat, nor resume, bit for bit "
+            "(data.loader=torch does)"
+        )
     spe = data.sampler.batches_per_epoch // plan.grad_accum  # optimizer steps per epoch
     if spe < 1:
         raise ConfigError(f"data.global_batch={plan.global_batch} leaves no full step per epoch")

@@ -408,3 +408,29 @@ def test_cifar10_accuracy_is_similar_with_both_loaders(tmp_path, cache, cifar10_
         top1[loader] = summary["top1"]
         print(loader, json.dumps(summary))
     assert top1["torch"] > 35 and abs(top1["ffcv"] - top1["torch"]) < 3.0, top1
+
+
+@pytest.mark.parametrize("loader", ["ffcv", "torch"])
+def test_a_run_whose_crops_ffcv_draws_unseeded_says_so_at_start(tmp_path, loader):
+    # FFCV's random-resized crop (images over 32 px) draws from numba's unseeded generator
+    from cli import setup_job
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for split in ("train", "test"):
+        for label in range(2):
+            (tmp_path / "tree" / split / str(label)).mkdir(parents=True)
+            for i in np.flatnonzero(digits.target == label)[:8]:
+                pixels = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).convert("RGB").resize((48, 48)).save(
+                    tmp_path / "tree" / split / str(label) / f"{i}.jpg"
+                )
+    job = setup_job(["experiment=quickstart", "data=imagefolder", f"data.root={tmp_path}/tree",
+                     f"data.loader={loader}", f"data.ffcv_cache={tmp_path}/ffcv",
+                     "data.global_batch=8", "loss.group_size=null",
+                     "data.num_workers=0"])  # fmt: skip
+    noted = [n for n in job.notes if "unseeded" in n]
+    assert noted == ([] if loader == "torch" else [
+        "data.augment=imagenet with data.loader=ffcv: FFCV draws its random-resized crops from "
+        "an unseeded generator, so this run will not repeat, nor resume, bit for bit "
+        "(data.loader=torch does)"])  # fmt: skip

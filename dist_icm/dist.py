@@ -15,7 +15,8 @@ exactly the one a single process would get on the whole batch:
   logsumexp, and integer data such as the mixing triples).
 
 And the few things ranks must agree on, decided once and shared: ``broadcast_object`` (rank 0's
-choice), ``all_gather_object`` (every rank's outcome, to fail together), ``rank_zero_first``
+choice), ``all_gather_object`` (every rank's outcome, to fail together), ``agree`` (a check each rank
+makes for itself, failed by one rank: that rank's error on every rank), ``rank_zero_first``
 (rank 0 does it, e.g. a download, then the others) and ``average_buffers`` (one set of BatchNorm
 statistics before an evaluation or a save). Where one rank stops on its own, ``tell_cause``
 leaves its reason in the group's store for the peers its exit fails (``peer_cause``).

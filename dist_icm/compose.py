@@ -214,4 +214,13 @@ def to_config(cfg: DictConfig) -> Config:
             f"{train.epochs - schedule.epochs} epochs (leave schedule.epochs to follow "
             "train.epochs)"
         )
+    optim, runtime = parts["optim"], parts["runtime"]
+    # ZeRO hands the optimizer each rank's flat shard of a parameter group, so a per-layer
+    # trust ratio (LARS, LAMB) would be one rank's shard's: it trains, but not as on DDP
+    if optim.name in ("lars", "lamb") and runtime.zero_stage:
+        raise ConfigError(
+            f"optim.name={optim.name} with runtime.zero_stage={runtime.zero_stage}: under ZeRO "
+            f"its per-layer trust ratio would come from each rank's shard of the parameters, "
+            f"not from each layer (use plain DDP, the default runtime, or sgd/adamw)"
+        )
     return Config(**{name: parts[name] for name in SECTIONS}, **top)

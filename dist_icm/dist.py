@@ -15,11 +15,12 @@ exactly the one a single process would get on the whole batch:
   logsumexp, and integer data such as the mixing triples).
 
 And the few things ranks must agree on, decided once and shared: ``broadcast_object`` (rank 0's
-choice), ``all_gather_object`` (every rank's outcome, to fail together), ``agree`` (a check each rank
-makes for itself, failed by one rank: that rank's error on every rank), ``rank_zero_first``
-(rank 0 does it, e.g. a download, then the others) and ``average_buffers`` (one set of BatchNorm
-statistics before an evaluation or a save). Where one rank stops on its own, ``tell_cause``
-leaves its reason in the group's store for the peers its exit fails (``peer_cause``).
+choice), ``all_gather_object`` (every rank's outcome, to fail together), ``agree`` (a check
+each rank makes for itself, failed by one rank: that rank's error on every rank),
+``rank_zero_first`` (rank 0 does it, e.g. a download, then the others) and
+``average_buffers`` (one set of BatchNorm statistics for an evaluation or a save). Where one
+rank stops on its own, ``tell_cause`` leaves its reason in the group's store for the peers its
+exit fails (``peer_cause``).
 
 The collectives take the process group explicitly; ``None`` means "no group": one process, and
 they are the identity (``barrier(None)`` waits on the world group, and ``control_group`` makes

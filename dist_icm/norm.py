@@ -18,10 +18,21 @@ process would hold after the same steps on the whole global batch.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-__all__ = ["GhostBatchNorm", "convert_ghost_bn", "count_batch_norms"]
+from dist_icm import dist
+
+__all__ = [
+    "GhostBatchNorm",
+    "convert_ghost_bn",
+    "count_batch_norms",
+    "rank_averaged",
+    "restore_stats",
+    "running_stats",
+]
 
 
 class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -106,3 +117,39 @@ def convert_ghost_bn(module: nn.Module, group: int) -> nn.Module:
 def count_batch_norms(module: nn.Module) -> int:
     """How many BatchNorm-like layers (plain, sync or ghost) ``module`` holds."""
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def running_stats(module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s BatchNorm running means and variances, in module order: what
+    :func:`dist_icm.dist.average_buffers` averages over ranks."""
+    return [
+        t
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for t in (m.running_mean, m.running_var)
+    ]
+
+
+@contextlib.contextmanager
+def rank_averaged(module: nn.Module, group: dist.Group):
+    """Inside, ``module``'s running statistics are averaged over ranks (the one model the
+    ranks evaluate and save); after, each rank's own again. Averaging in place for good made
+    every evaluation and checkpoint a step in training's rounding, so a run cut and resumed
+    (one more checkpoint) came out in the last digits unlike the whole run. Yields this rank's
+    own statistics (copies), which a checkpoint keeps for an exact resume."""
+    if not dist.is_distributed(group):
+        yield None
+        return
+    own = [t.detach().clone() for t in running_stats(module)]
+    dist.average_buffers(module, group)
+    try:
+        yield own
+    finally:
+        restore_stats(module, own)
+
+
+def restore_stats(module: nn.Module, stats: list[torch.Tensor]) -> None:
+    """Put ``stats`` (as :func:`running_stats` lists them) back into ``module``."""
+    with torch.no_grad():
+        for t, saved in zip(running_stats(module), stats, strict=True):
+            t.copy_(saved)

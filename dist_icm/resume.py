@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from dist_icm import checkpoint, dist
 from dist_icm.checkpoint import CheckpointError, CheckpointWriteError
 from dist_icm.config import ConfigError
+from dist_icm.norm import rank_averaged, restore_stats
 
 if TYPE_CHECKING:
     from dist_icm.job import Job
@@ -200,6 +201,12 @@ def find_checkpoint(job: Job) -> Resumed | None:
             job.notes.append(f"resume=auto: {what} in {job.ckpt_dir}; starting at step 0")
         return None
     saved = found.state.get("config")
+    world, was = job.rt.world_size, found.state.get("world_size")
+    if job.rt.engine is not None and was not in (None, world):  # (none: an older checkpoint)
+        raise CheckpointError(
+            f"resume: the checkpoint of step {found.step} holds ZeRO shards of {was} processes, "
+            f"this run has {world}: resume on {was} (DeepSpeed's ds_to_universal can reshard)"
+        )
     note = check_config(saved, asdict(cfg), force=cfg.resume_force, step=found.step)
     job.notes += [note] if note else []
     # resume=PATH may name an older checkpoint than the folder's newest (resume=auto takes the
@@ -238,18 +245,29 @@ def restore(job: Job, found: Resumed) -> int:
     ):
         group["lr"] = base * factor(sched.last_epoch)
     sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+    stats = state.get("rank_stats")  # "model" holds their average over the ranks
+    if stats is not None and len(stats) == job.rt.world_size:
+        restore_stats(job.rt.unwrap(job.model), stats[job.rt.rank])
     job.rt.load_scaler_state(state.get("scaler"))
     checkpoint.set_rng_state(state["rng"])
     return state["step"]
 
 
 def save(job: Job, step: int, run: dict) -> None:
-    """An atomic checkpoint of the (rank-averaged) model, written by rank 0; under DeepSpeed
-    every rank first writes its shards into the checkpoint's companion folder. Every rank
-    waits for it, and learns its outcome: a failed write (e.g. a full disk) raises
-    :class:`CheckpointWriteError` with the same line on every rank."""
+    """An atomic checkpoint of the (rank-averaged) model, and of each rank's own BatchNorm
+    statistics, written by rank 0; under DeepSpeed every rank first writes its shards into the
+    checkpoint's companion folder. Every rank waits for it, and learns its outcome: a failed
+    write (e.g. a full disk) raises :class:`CheckpointWriteError` with the same line on every
+    rank."""
+    group = job.rt.process_group
+    with rank_averaged(job.rt.unwrap(job.model), group) as own:
+        # each rank's own BatchNorm statistics too: a resume on as many ranks goes on from them
+        stats = None if own is None else dist.all_gather_object([t.cpu() for t in own], group)
+        _save(job, step, run, stats)
+
+
+def _save(job: Job, step: int, run: dict, rank_stats: list | None) -> None:
     rt, group, folder = job.rt, job.rt.process_group, job.ckpt_dir
-    dist.average_buffers(rt.unwrap(job.model), group)
     if rt.engine is not None:
         model = rt.full_state_dict(job.model)  # gathered on every rank under ZeRO-3
         tmp = checkpoint.engine_tmp(folder, step)
@@ -276,6 +294,8 @@ def save(job: Job, step: int, run: dict) -> None:
                 "step": step,
                 "config": asdict(job.cfg),
                 "run": dict(run),  # training time and images over all sessions so far
+                "rank_stats": rank_stats,  # each rank's BatchNorm statistics, on several
+                "world_size": rt.world_size,  # ZeRO's shards are resumed on as many
             }
             checkpoint.save(folder, step, state, keep=job.cfg.train.keep_ckpts)
         except CheckpointWriteError as e:

@@ -30,6 +30,7 @@ from dist_icm import dist, preempt, resume, streams
 from dist_icm.job import Job
 from dist_icm.metrics import evaluate_sums, finalize
 from dist_icm.mixing import MixContext
+from dist_icm.norm import rank_averaged
 from dist_icm.report import Report
 from dist_icm.schedule import plot_schedule
 
@@ -40,13 +41,13 @@ def evaluate(job: Job) -> dict:
     (float32, every parameter on every rank), as a checkpoint stores it."""
     rt = job.rt
     model = rt.unwrap(job.model)
-    dist.average_buffers(model, rt.process_group)
-    if rt.engine is not None:
-        state = rt.full_state_dict(job.model)
-        model = job.fresh_model()
-        model.load_state_dict(state)
-        model.to(rt.device)
-    sums = evaluate_sums(model, job.data.test_loader, rt.device)
+    with rank_averaged(model, rt.process_group):  # each rank's own statistics again after
+        if rt.engine is not None:
+            state = rt.full_state_dict(job.model)
+            model = job.fresh_model()
+            model.load_state_dict(state)
+            model.to(rt.device)
+        sums = evaluate_sums(model, job.data.test_loader, rt.device)
     sums = dist.all_reduce_sum(sums.to(rt.device), rt.process_group).cpu()
     return {f"test/{k}": v for k, v in finalize(sums).items() if k != "count"}
 
@@ -92,6 +93,18 @@ def check_weights(job: Job, step: int, before: str) -> None:
     bad = dist.all_reduce_max(bad, rt.process_group)
     if bad.item():
         raise Diverged(f"step {step}: the weights are non-finite; stopped before {before}")
+
+
+def _loss_window(job: Job, window: dict | None) -> tuple[torch.Tensor, int]:
+    """This rank's sum of the losses trained since the last logged step, and their count, as a
+    checkpoint left them (each rank its own; on another number of ranks, their mean), so that
+    the first record a resumed run logs is the whole run's; zeros without one."""
+    device = job.rt.device
+    if not window or not window["count"]:
+        return torch.zeros((), device=device), 0
+    sums = window["sums"]
+    mine = sums[job.rt.rank] if len(sums) == job.rt.world_size else torch.stack(sums).mean()
+    return mine.to(device), window["count"]
 
 
 def _open_report(job: Job, step: int, resumed: bool) -> Report:
@@ -159,20 +172,26 @@ def train(
     flags.join(job.control, is_main=rt.is_main, ckpt_every_min=cfg.train.ckpt_every_min)
     seen, train_time, metrics, saved, stopping = 0, 0.0, {}, step, False
     dup_shares: list[float] = []  # this session's, one per logged step (their mean: summary)
-    loss_sum, loss_count = torch.zeros((), device=rt.device), 0
-    skipped, in_a_row = before.get("skipped", 0), 0  # non-finite steps: in all, and lately
+    end_share = None
+    dup_before = before.get("dup_shares", [0.0, 0])  # [sum, count] over the sessions before
+    loss_sum, loss_count = _loss_window(job, before.get("loss_window"))  # since the last log
+    skipped, in_a_row = before.get("skipped", 0), before.get("in_a_row", 0)  # non-finite steps
 
-    def run_totals(in_epoch_s: float = 0.0) -> dict:  # the whole run's time and images so far
-        now = train_time + in_epoch_s
+    def run_totals(in_epoch_s: float = 0.0) -> dict:  # the whole run so far: what a resume
+        now = train_time + in_epoch_s  # goes on from (summed in the whole run's order)
         return {
             "train_s": before.get("train_s", 0.0) + now,
             "images": before.get("images", 0) + seen,
             "skipped": skipped,
+            "in_a_row": in_a_row,
+            "dup_shares": [sum(dup_shares, dup_before[0]), dup_before[1] + len(dup_shares)],
         }
 
     def save(in_epoch_s: float = 0.0) -> int:  # a checkpoint of this step; returns the step
         check_weights(job, step, "its checkpoint")
-        resume.save(job, step, run_totals(in_epoch_s))
+        sums = dist.all_gather_object(loss_sum.cpu(), rt.process_group)  # each rank's own
+        window = {"loss_window": {"sums": sums, "count": loss_count}}
+        resume.save(job, step, run_totals(in_epoch_s) | window)
         flags.checkpoint_written()
         return step
 
@@ -198,13 +217,17 @@ def train(
                             f"step {step}: {in_a_row} non-finite steps in a row, more than "
                             f"train.max_skipped={cfg.train.max_skipped} ({why})"
                         )
-                if step % cfg.train.log_every == 0 or step == job.total_steps:
+                on_grid = step % cfg.train.log_every == 0
+                if on_grid or step == job.total_steps:
                     rate = seen / (train_time + time.perf_counter() - t0)
                     mean = loss_sum / loss_count if loss_count else None
                     record = _log_step(job, report, step, mean, rate, skipped)
-                    if record["train/dup_share"] is not None:
-                        dup_shares.append(record["train/dup_share"])
-                    loss_sum, loss_count = torch.zeros((), device=rt.device), 0
+                    share = record["train/dup_share"]
+                    if on_grid:
+                        dup_shares += [] if share is None else [share]
+                        loss_sum, loss_count = torch.zeros((), device=rt.device), 0
+                    else:  # the run's end, off the log grid: the window and share stay out of
+                        end_share = share  # a checkpoint's totals, as a resume goes on
                 decision = flags.poll()  # agreed by every rank (one step late on several)
                 stopping = decision.stop and step < job.total_steps
                 if step == job.total_steps or stopping:
@@ -235,6 +258,9 @@ def train(
     if not metrics:  # resumed at (or past) the end: nothing was trained, still report
         metrics = evaluate(job)
     run = run_totals()
+    total, count = run["dup_shares"]  # the logged steps' duplicate shares, the run's end too
+    if end_share is not None:
+        total, count = total + end_share, count + 1
     summary = {k.removeprefix("test/"): v for k, v in metrics.items()} | {
         "epochs": step / spe,
         "steps": step,
@@ -243,7 +269,7 @@ def train(
         # whether this session's training steps replayed the model from CUDA graphs
         "cuda_graphs": bool(getattr(job.forward, "captured", False)),
         "skipped_steps": skipped,  # non-finite steps skipped, over the whole run
-        "dup_share": sum(dup_shares) / len(dup_shares) if dup_shares else None,
+        "dup_share": total / count if count else None,
         "peak_lr": job.peak_lr,
         # this process (since its start, or its resume at `resumed_at_step`)
         "resumed_at_step": start if state is not None else None,

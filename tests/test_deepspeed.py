@@ -114,3 +114,24 @@ def test_zero_without_a_launcher_stops_with_one_line(tmp_path):
         "dist_icm: error: runtime.zero_stage needs the processes started by a launcher"
         in out.stderr
     )
+
+
+def test_zero_shards_resumed_on_another_number_of_processes_stop_in_one_line(tmp_path):
+    # DeepSpeed's own check raised a traceback on every rank (exit 1)
+    import subprocess
+    import sys
+
+    from cli import CPU_CONFIG, REPO
+
+    run_train(tmp_path / "run", *ARGS, "runtime=deepspeed_zero2", "train.max_steps=2", world=2)
+    cmd = [sys.executable, "-m", "dist_icm.launch", "--config_file", str(CPU_CONFIG),
+           "--num_processes", "1", "-m", "dist_icm.train", *ARGS, "runtime=deepspeed_zero2",
+           "train.max_steps=4", "resume=auto", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [x for x in out.stderr.splitlines() if x.startswith("dist_icm")]
+    assert lines == [
+        "dist_icm: error: resume: the checkpoint of step 2 holds ZeRO shards of 2 processes, "
+        "this run has 1: resume on 2 (DeepSpeed's ds_to_universal can reshard)"
+    ], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr

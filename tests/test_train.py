@@ -147,6 +147,46 @@ def test_resume_continues_exactly(tmp_path, dropout):
         assert torch.equal(tensor, b["state"]["model"][name]), name
 
 
+def _same_run(whole: Path, cut: Path, at: int) -> None:
+    """``cut`` (stopped by train.max_steps at step ``at``, resumed) logged what ``whole`` did,
+    but for the records its end at ``at`` added, and ends with the same summary."""
+
+    def kept(run):
+        return [{k: v for k, v in r.items() if k != "train/images_per_sec"}
+                for r in records(run) if r["step"] != at]  # fmt: skip
+
+    assert kept(cut) == kept(whole)
+    a, b = summary(whole), summary(cut)
+    assert [a[k] for k in ("top1", "nll", "ece", "dup_share", "skipped_steps")] == [
+        b[k] for k in ("top1", "nll", "ece", "dup_share", "skipped_steps")
+    ]
+
+
+def test_resume_off_the_log_grid_continues_the_logged_means_exactly(tmp_path):
+    # train.log_every=10: a cut at step 25 logs its end, and the checkpoint keeps the loss
+    # window 21-25 (and leaves step 25's duplicate share out of the run's totals), so the
+    # resumed run logs at step 30 the mean over 21-30, as the whole run does (it logged 26-30)
+    common = ["train.log_every=10", "train.ckpt_every=100"]
+    train(tmp_path / "whole", "train.max_steps=63", *common)
+    train(tmp_path / "cut", "train.max_steps=25", *common)
+    train(tmp_path / "cut", "train.max_steps=63", "resume=auto", *common)
+    assert 25 in losses(tmp_path / "cut") and 30 in losses(tmp_path / "whole")
+    _same_run(tmp_path / "whole", tmp_path / "cut", 25)
+
+
+def test_resume_keeps_the_count_of_non_finite_steps_in_a_row(tmp_path):
+    # every step non-finite (lr 1e30 on the second): a run allowed 3 in a row stops at the 4th,
+    # also when cut after 2 of them (the count used to start again at 0 on resume)
+    common = ["optim.lr=1e30", "train.max_skipped=3", "train.log_every=1"]
+    whole = train(tmp_path / "whole", "train.max_steps=20", *common, check=False)
+    cut = train(tmp_path / "cut", "train.max_steps=3", *common, check=False)
+    assert cut.returncode == 0, cut.stderr[-2000:]
+    resumed = train(tmp_path / "cut", "train.max_steps=20", "resume=auto", *common, check=False)
+    line = [x for x in whole.stderr.splitlines() if x.startswith("dist_icm: error:")]
+    assert whole.returncode == resumed.returncode == 3, resumed.stderr[-2000:]
+    assert line and line == [x for x in resumed.stderr.splitlines() if x.startswith("dist_icm")]
+
+
 @pytest.mark.parametrize(
     "overrides, optimizer",
     [

@@ -259,13 +259,44 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict:
         else:
             ours = isinstance(payload, dict) and payload.get("format") == FORMAT
             if ours and isinstance(payload.get("state"), dict):
-                return payload["state"]
-            reason = f"not a dist_icm checkpoint of format {FORMAT}"
+                state = payload["state"]
+                reason = _shards_unreadable(path, state)  # ZeRO: the weights come from them
+                if reason is None:
+                    return state
+            else:
+                reason = f"not a dist_icm checkpoint of format {FORMAT}"
     raise CheckpointError(
         f"checkpoint {path} is unreadable ({reason}): delete it or pass another",
         path=path,
         reason=reason,
     )
+
+
+def _shards_unreadable(path: Path, state: dict) -> str | None:
+    """Why the DeepSpeed shards beside the checkpoint at ``path`` cannot be resumed from (a
+    missing folder or rank's file, a truncated file, a member failing its CRC-32), None when
+    they can or the run had none. torch.load would read a damaged shard as it is."""
+    runtime = (state.get("config") or {}).get("runtime") or {}
+    if not runtime.get("zero_stage"):
+        return None
+    folder = path.with_suffix(_ENGINE_SUFFIX)
+    if not folder.is_dir():
+        return f"its ZeRO shards' folder {folder.name} is missing"
+    files = sorted(f for f in folder.rglob("*.pt") if f.is_file())
+    ranks = range(int(state.get("world_size") or 0))
+    for rank in ranks:
+        if not any(f.name.startswith(f"zero_pp_rank_{rank}_") for f in files):
+            return f"{folder.name} holds no shard of rank {rank}"
+    for f in files:
+        name = f.relative_to(folder)
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"shard {name} is unreadable ({_reason(e)})"
+        if bad is not None:
+            return f"shard {name}: {bad} fails its CRC-32 check"
+    return None
 
 
 def latest(

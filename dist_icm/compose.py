@@ -144,6 +144,18 @@ def _check_finite(section: str, merged: DictConfig) -> None:
 _ORDER = ("train", "data", "model", "loss", "optim", "schedule", "runtime")
 
 
+def _resume_folder(resume: str) -> str:
+    """The line for ``resume=<a folder>``: a ZeRO shards' folder names its checkpoint file, a
+    run's checkpoints/ folder the run folder, any other folder is taken for a run folder."""
+    folder = Path(resume.rstrip("/") or "/")
+    if folder.suffix == ".zero":  # ckpt-<step>.zero beside ckpt-<step>.pt
+        hint = f"resume={folder.with_suffix('.pt')} (the checkpoint those shards belong to)"
+    else:
+        run = folder.parent if folder.name == "checkpoints" else folder
+        hint = f"a checkpoint file (its checkpoints/ckpt-*.pt), or resume=auto with run_dir={run}"
+    return f"resume={resume} is a folder: name {hint}"
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Validate a composed Hydra config into a :class:`Config` (raises :class:`ConfigError`)."""
     unknown = set(cfg.keys()) - set(SECTIONS) - {*TOP_LEVEL, "experiment"}
@@ -200,10 +212,7 @@ def to_config(cfg: DictConfig) -> Config:
             )
     resume = top.get("resume")
     if resume not in (None, "auto") and Path(resume).expanduser().is_dir():
-        raise ConfigError(
-            f"resume={resume} is a folder: name a checkpoint file (its checkpoints/ckpt-*.pt), "
-            f"or resume=auto with run_dir={resume}"
-        )
+        raise ConfigError(_resume_folder(resume))
     schedule, train = parts["schedule"], parts["train"]
     # cosine's lr reaches its floor at schedule.epochs (step's milestones are epochs of their
     # own, constant has no end); a longer schedule is a run trained in parts

@@ -278,7 +278,12 @@ def _save(job: Job, step: int, run: dict, rank_stats: list | None) -> None:
 
         _agree(_attempt(make_tmp, tmp) if rt.is_main else None, group)
         _agree(_attempt(lambda: rt.save_engine(tmp), tmp), group, every_rank=True)
-        replace = lambda: os.replace(tmp, checkpoint.engine_dir(folder, step))  # noqa: E731
+
+        def replace():  # over the shards of an unreadable checkpoint of this step, skipped
+            target = checkpoint.engine_dir(folder, step)  # by resume=auto (a folder's rename
+            shutil.rmtree(target, ignore_errors=True)  # fails where one is in the way)
+            os.replace(tmp, target)
+
         _agree(_attempt(replace, tmp) if rt.is_main else None, group)
     else:
         model = rt.unwrap(job.model).state_dict()

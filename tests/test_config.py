@@ -217,3 +217,19 @@ def test_the_readme_names_every_config_group_option():
         if option.stem not in named and not (group.name == "train" and option.stem == "default")
     }
     assert not missing, f"the README's config groups leave out {sorted(missing)}"
+
+
+def test_resume_naming_a_folder_points_at_what_to_name(tmp_path):
+    # a ZeRO shards' folder pointed at a run folder inside the checkpoints (wrong: its .pt)
+    (tmp_path / "checkpoints" / "ckpt-000000025.zero").mkdir(parents=True)
+    zero, ckpts = tmp_path / "checkpoints" / "ckpt-000000025.zero", tmp_path / "checkpoints"
+    with pytest.raises(ConfigError) as info:
+        _compose(f"resume={zero}")
+    assert str(info.value) == (
+        f"resume={zero} is a folder: name resume={ckpts}/ckpt-000000025.pt (the checkpoint "
+        "those shards belong to)"
+    )
+    with pytest.raises(ConfigError, match=f"or resume=auto with run_dir={tmp_path}$"):
+        _compose(f"resume={ckpts}")
+    with pytest.raises(ConfigError, match=f"or resume=auto with run_dir={tmp_path}$"):
+        _compose(f"resume={tmp_path}")

@@ -135,3 +135,32 @@ def test_zero_shards_resumed_on_another_number_of_processes_stop_in_one_line(tmp
         "this run has 1: resume on 2 (DeepSpeed's ds_to_universal can reshard)"
     ], out.stderr[-3000:]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing"])
+def test_a_damaged_shard_folder_is_skipped_for_an_older_checkpoint(tmp_path, damage):
+    # the weights and optimizer state come from the shards: a flipped byte used to load as it
+    # was (a silently different run), a truncated or missing one to die in DeepSpeed (exit 1)
+    import shutil
+
+    zero = ["runtime=deepspeed_zero2", "train.ckpt_every_steps=2"]
+    run = tmp_path / "run"
+    run_train(run, *ARGS, *zero, "train.max_steps=4", world=2)
+    newest = run / "checkpoints" / "ckpt-000000004.zero"
+    shard = newest / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if damage == "missing":
+        shutil.rmtree(newest)
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:  # one byte in the middle of the file: inside a member's data
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        shard.write_bytes(bytes(data))
+    out = run_train(run, *ARGS, *zero, "train.max_steps=6", "resume=auto", world=2)
+    skipped = [x for x in out.stderr.splitlines() if "skipped for an older one" in x]
+    assert len(skipped) == 1 and "ckpt-000000004.pt" in skipped[0], out.stderr[-3000:]
+    why = {"missing": "its ZeRO shards' folder ckpt-000000004.zero is missing",
+           "truncated": "shard state/zero_pp_rank_1_mp_rank_00_optim_states.pt is unreadable",
+           "flipped": "fails its CRC-32 check"}[damage]  # fmt: skip
+    assert why in skipped[0], skipped[0]
+    assert summary(run)["resumed_at_step"] == 2

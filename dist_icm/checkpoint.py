@@ -285,7 +285,7 @@ def _shards_unreadable(path: Path, state: dict) -> str | None:
     files = sorted(f for f in folder.rglob("*.pt") if f.is_file())
     ranks = range(int(state.get("world_size") or 0))
     for rank in ranks:
-        if not any(f.name.startswith(f"zero_pp_rank_{rank}_") for f in files):
+        if not any(f"zero_pp_rank_{rank}_" in f.name for f in files):  # (bf16: "bf16_zero_...")
             return f"{folder.name} holds no shard of rank {rank}"
     for f in files:
         name = f.relative_to(folder)

@@ -156,7 +156,9 @@ def check_config(saved: dict | None, current: dict, *, force: bool, step: int) -
     The optimizer's settings (``optim.*`` but ``grad_clip``) never change, forced or not: the
     optimizer's state holds them (its name, its buffers, the hyper-parameters of its parameter
     groups, and the schedule's base learning rates), so loading it would either fail deep in
-    the first step or quietly bring the old values back."""
+    the first step or quietly bring the old values back. Nor does ``runtime.zero_stage``, but
+    between 1 and 2 (DDP is stage 0): the shards lay the optimizer state out for their stage.
+    """
     if saved is None:
         return None
     changed = changed_keys(saved, current)
@@ -166,6 +168,14 @@ def check_config(saved: dict | None, current: dict, *, force: bool, step: int) -
             f"the checkpoint at step {step} holds the optimizer state of {_changes(held)}: "
             "the optimizer's settings cannot change on resume (not even with resume_force); "
             "resume with them, or start a new run folder"
+        )
+    stage = [c for c in changed if c[0] == "runtime.zero_stage" and {c[1], c[2]} != {1, 2}]
+    if stage:  # the optimizer state's layout (and, from ZeRO-3, the weights'): 1 <-> 2 alone
+        (_, old, new) = stage[0]  # keep it (the same shards of the same optimizer state)
+        raise ConfigError(
+            f"the checkpoint at step {step} was written with runtime.zero_stage={old} (now "
+            f"{new}): its optimizer state is laid out for that stage, not even resume_force "
+            f"changes it; resume with runtime.zero_stage={old}, or start a new run folder"
         )
     if not changed:
         return None

@@ -181,6 +181,15 @@ def test_the_optimizer_s_settings_never_change_on_resume():
                 check_config(saved, _with(saved, key, value), force=force, step=5)
     note = check_config(saved, _with(saved, "optim.grad_clip", 1.0), force=True, step=5)
     assert "optim.grad_clip=None (now 1.0)" in note
+    # nor does ZeRO's stage (DDP: 0), whose shards lay the optimizer state out, but 1 <-> 2:
+    # forced, these died in DeepSpeed or accelerate with a traceback
+    for old, new in ((0, 2), (2, 0), (2, 3), (3, 1)):
+        with pytest.raises(ConfigError, match=f"runtime.zero_stage={old} \\(now {new}\\)"):
+            check_config(_with(saved, "runtime.zero_stage", old),
+                         _with(saved, "runtime.zero_stage", new), force=True, step=5)  # fmt: skip
+    one = _with(saved, "runtime.zero_stage", 1)
+    note = check_config(one, _with(saved, "runtime.zero_stage", 2), force=True, step=5)
+    assert "runtime.zero_stage=1 (now 2)" in note  # (a forced 1 -> 2 resumes exactly)
 
 
 def test_a_changed_config_is_refused_unless_forced(tmp_path):

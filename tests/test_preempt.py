@@ -263,16 +263,19 @@ def test_a_loader_s_workers_leave_the_stop_signals_to_the_trainer(quiet):
     loader = torch.utils.data.DataLoader(_Slow(), batch_size=4, num_workers=2, worker_init_fn=init)
     batches = iter(loader)
     first = next(batches)
-    workers = list(batches._workers)
-    for sig in ("TERM", "USR1", "INT"):  # sent by another process, as Slurm's are
-        subprocess.run(["kill", f"-{sig}", str(workers[0].pid)], check=True)
-    if not quiet:  # (torch's SIGCHLD handler may raise it at once)
+    worker = batches._workers[0]
+
+    def signal_and_drain() -> list:
+        for sig in ("TERM", "USR1", "INT"):  # sent by another process, as Slurm's are
+            subprocess.run(["kill", f"-{sig}", str(worker.pid)], capture_output=True)
+        time.sleep(0.5)
+        return list(batches)
+
+    if not quiet:  # (torch's SIGCHLD handler may raise it as soon as the worker dies)
         with pytest.raises(RuntimeError, match="DataLoader worker"):
-            time.sleep(0.5)
-            list(batches)
+            signal_and_drain()
         return
-    time.sleep(0.5)
-    rest = list(batches)
+    rest = signal_and_drain()  # every batch: the worker lived on
     assert torch.cat([first, *rest]).tolist() == list(range(64))
     it = iter(loader)  # new workers: the trainer's own SIGTERM (multiprocessing's terminate)
     next(it)

@@ -113,13 +113,18 @@ class StopFlags:
         return self.received or "a signal to another rank"
 
     def close(self) -> None:
-        """Finish the pending reduction and put the previous signal handlers back."""
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        """Finish the pending reduction and put the previous signal handlers back. The
+        reduction is waited for once: where a dead peer fails it, this raises that error the
+        first time, and a second close (the main job's, after the trainer's) only restores the
+        handlers, so the run still ends with its one line and exit 5."""
+        pending, self._pending = self._pending, None
+        try:
+            if pending is not None:
+                pending[0].wait()
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
 
 
 def quiet_worker(worker_id: int) -> None:

@@ -246,6 +246,23 @@ def test_checkpoints_every_few_epochs_and_the_newest_kept(tmp_path):
     assert steps == [3 * per_epoch, 4 * per_epoch, 5 * per_epoch]
 
 
+def test_a_reduction_a_dead_peer_failed_is_raised_once_and_the_handlers_come_back():
+    # the trainer closes the flags, then the main job: the second close waited on the failed
+    # reduction again and raised past the run's exit 5 (a traceback, exit 1; seen in CI)
+    class Failed:
+        def wait(self):
+            raise RuntimeError("Connection reset by peer")
+
+    before = signal.getsignal(signal.SIGTERM)
+    flags = StopFlags()
+    assert signal.getsignal(signal.SIGTERM) is not before
+    flags._pending = (Failed(), None)  # as poll() leaves the reduction it started
+    with pytest.raises(RuntimeError, match="reset by peer"):
+        flags.close()
+    assert signal.getsignal(signal.SIGTERM) is before  # restored all the same
+    flags.close()  # nothing left to wait for
+
+
 class _Slow(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 64

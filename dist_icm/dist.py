@@ -273,9 +273,10 @@ def _portable(error: Exception | None) -> Exception | None:
         return RuntimeError(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}")
 
 
-def average_buffers(module: torch.nn.Module, group: Group) -> None:
-    """Make ``module``'s buffers one across ranks, in place: BatchNorm running means and
-    variances become their mean over ranks; every other buffer (counters, constants) rank 0's.
+def average_buffers(module: torch.nn.Module, group: Group, means: list[torch.Tensor]) -> None:
+    """Make ``module``'s buffers one across ranks, in place: those in ``means`` (BatchNorm
+    running means and variances, :func:`dist_icm.norm.running_stats`) become their mean over
+    ranks; every other buffer (counters, constants) rank 0's.
 
     Averaging, not rank 0's copy: under DDP with ``broadcast_buffers=False`` each rank's running
     statistics follow its own share of every batch, and as the BatchNorm update is linear, their
@@ -284,12 +285,7 @@ def average_buffers(module: torch.nn.Module, group: Group) -> None:
     """
     if not is_distributed(group):
         return
-    averaged = {
-        id(t)
-        for m in module.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        for t in (m.running_mean, m.running_var)
-    }
+    averaged = {id(t) for t in means}
     buffers = [b for b in module.buffers() if b.numel()]
     mean = [b for b in buffers if id(b) in averaged]
     _coalesced(mean, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group))

@@ -140,8 +140,9 @@ def rank_averaged(module: nn.Module, group: dist.Group):
     if not dist.is_distributed(group):
         yield None
         return
-    own = [t.detach().clone() for t in running_stats(module)]
-    dist.average_buffers(module, group)
+    stats = running_stats(module)
+    own = [t.detach().clone() for t in stats]
+    dist.average_buffers(module, group, stats)
     try:
         yield own
     finally:

@@ -5,6 +5,7 @@ import torch
 from multiproc import run_group
 
 from dist_icm import dist as D
+from dist_icm.norm import running_stats
 
 pytestmark = pytest.mark.multiproc
 
@@ -128,7 +129,7 @@ def _bn_model(rank):
 def _buffers_worker(rank, world):
     group = torch.distributed.group.WORLD
     model = _bn_model(rank)
-    D.average_buffers(model, group)
+    D.average_buffers(model, group, running_stats(model))
     out = {k: v.clone() for k, v in model.state_dict().items()}
     out["objects"] = D.all_gather_object({"rank": rank}, group)
     return out

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_icm import dist as D
 from dist_icm.loss import icm_loss
-from dist_icm.norm import convert_ghost_bn
+from dist_icm.norm import convert_ghost_bn, running_stats
 
 pytestmark = pytest.mark.multiproc
 
@@ -58,7 +58,7 @@ def _worker(rank, world, momentum):
         for _ in range(2):  # two steps' worth of running-statistics updates
             model.zero_grad()
             icm_loss(ddp(x[sl]), a[sl], b[sl], lam[sl], process_group=group).backward()
-        D.average_buffers(model, group)
+        D.average_buffers(model, group, running_stats(model))
         out[ghost] = _state(model)
     return out
 

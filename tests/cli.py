@@ -3,8 +3,9 @@
 ``run_train(run_dir, *overrides, world=N)`` starts ``python -m dist_icm.train`` (one process) or
 ``accelerate launch`` with ``launch/accelerate/cpu.yaml`` (N processes, gloo) with
 ``hydra.run.dir=run_dir`` (unless it is None), from ``cwd`` (default: the repository);
-``check=True`` fails with the job's stderr when it does not exit 0. ``setup_job(overrides)``
-builds the trainer's job in this process instead, from the same configs.
+``check=True`` fails with the job's stderr when it does not exit 0. ``launcher(world)`` is
+that command's start, for tests that run the job themselves; ``setup_job(overrides)`` builds the
+trainer's job in this process instead, from the same configs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIG = REPO / "launch" / "accelerate" / "cpu.yaml"
 
 
+def launcher(world: int, via: str = "accelerate.commands.launch") -> list[str]:
+    """The command that starts ``world`` processes (``python -m via``, gloo, with the CPU config)
+    or one (plain ``python``), to which ``-m dist_icm.train ...`` is appended. Port 0: the
+    launcher picks a free one, so that tests run beside each other never clash on its default
+    port (on which accelerate also warns on stderr when it is taken)."""
+    if world == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", via, "--config_file", str(CPU_CONFIG),
+            "--num_processes", str(world), "--main_process_port", "0"]  # fmt: skip
+
+
 def run_train(
     run_dir: Path | None,
     *overrides: str,
@@ -30,12 +42,8 @@ def run_train(
 ) -> subprocess.CompletedProcess:
     module = ["-m", "dist_icm.train", *overrides]
     module += [] if run_dir is None else [f"hydra.run.dir={run_dir}"]
-    launcher = [sys.executable]
-    if world > 1:
-        launcher += ["-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
-        launcher += ["--num_processes", str(world)]
     out = subprocess.run(
-        launcher + module, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+        launcher(world) + module, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
     )
     if check and out.returncode != 0:
         raise AssertionError(f"train failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -67,6 +75,14 @@ def last_logged(run_dir: Path) -> str:
 def records(run_dir: Path) -> list[dict]:
     """The lines of the run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def records_but(run_dir: Path, step: int) -> list[dict]:
+    """The run's records without its images/s (timing) and without those of ``step``: what a run
+    cut at ``step`` and resumed must share with the uninterrupted one (the cut's end logged and
+    evaluated once more)."""
+    return [{k: v for k, v in r.items() if k != "train/images_per_sec"}
+            for r in records(run_dir) if r["step"] != step]  # fmt: skip
 
 
 def losses(run_dir: Path) -> dict[int, float]:

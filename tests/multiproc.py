@@ -5,6 +5,7 @@ through a file in a temporary folder (no ports to collide), calls ``fn(rank, wor
 in each and returns the list of the ranks' return values (anything torch.save can write). An
 exception on any rank fails the call with that rank's traceback.
 
+``free_port()`` is a port for tests that start ranks themselves.
 ``run_launched(fn, world_size, *args)`` instead sets the environment a launcher (torchrun,
 ``accelerate launch``) sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) and leaves the
 process group to the code under test, e.g. the trainer's Accelerate runtime.
@@ -57,12 +58,16 @@ def run_group(fn, world_size: int, *args) -> list:
     return _run(fn, world_size, args, None)
 
 
-def run_launched(fn, world_size: int, *args) -> list:
-    """Like :func:`run_group`, with a launcher's environment and no process group yet."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return _run(fn, world_size, args, port)
+        return s.getsockname()[1]
+
+
+def run_launched(fn, world_size: int, *args) -> list:
+    """Like :func:`run_group`, with a launcher's environment and no process group yet."""
+    return _run(fn, world_size, args, free_port())
 
 
 def _run(fn, world_size: int, args, port: int | None) -> list:

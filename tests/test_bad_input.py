@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli import CPU_CONFIG, REPO, last_logged, run_train
+from cli import REPO, last_logged, launcher, run_train
 
 from dist_icm.compose import SECTIONS, register_schema, to_config
 from dist_icm.config import Config, ConfigError
@@ -269,13 +269,8 @@ def test_a_corrupt_jpeg_found_mid_training_is_one_line_and_exit_2(places, tmp_pa
         overrides = [a.replace("group_size=8", "group_size=4") for a in overrides]
     job = ["-m", "dist_icm.train", "experiment=quickstart", "train.max_steps=2",  # one epoch:
            "train.progress=false", *overrides, f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
-    if world > 1:  # every training image is read
-        job = ["-m", "dist_icm.launch", "--config_file", str(CPU_CONFIG), "--num_processes",
-               str(world), *job]  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, *job], capture_output=True, text=True, cwd=tmp_path, env=_env(),
-        timeout=300,
-    )  # fmt: skip
+    cmd = [*launcher(world, "dist_icm.launch"), *job]  # several: every training image is read
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     errors = [x for x in out.stderr.splitlines() if x.startswith("dist_icm: error:")]

@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import CPU_CONFIG, REPO, records
+from cli import REPO, launcher, records
+from multiproc import free_port
 
 from dist_icm import checkpoint
 from dist_icm.checkpoint import CheckpointWriteError
@@ -43,12 +43,9 @@ TIMING = ("train/images_per_sec",)  # the only values that differ between two id
 
 
 def _command(run_dir: Path, world: int, loader: str, cache: Path, *extra: str) -> list[str]:
-    launcher = [sys.executable]
-    if world > 1:  # port 0: accelerate picks a free one (no clash with runs beside this one)
-        launcher += ["-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
-        launcher += ["--num_processes", str(world), "--main_process_port", "0"]
     data = [f"data.loader={loader}"] + ([f"data.ffcv_cache={cache}"] if loader == "ffcv" else [])
-    return [*launcher, "-m", "dist_icm.train", *ARGS, *data, *extra, f"hydra.run.dir={run_dir}"]
+    job = ["-m", "dist_icm.train", *ARGS, *data, *extra, f"hydra.run.dir={run_dir}"]
+    return [*launcher(world), *job]
 
 
 def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -374,18 +371,12 @@ def test_a_full_disk_keeps_every_earlier_checkpoint(tmpfs):
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ranks(run_dir: Path, world: int, *extra: str) -> list[subprocess.CompletedProcess]:
     """The job on ``world`` processes started as a launcher starts them (one ``python -m
     dist_icm.train`` per rank, RANK etc. set), so that each rank's exit code and output can be
     seen; a rank still running after 300 s fails the test (a hang)."""
     cmd = [sys.executable, "-m", "dist_icm.train", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = os.environ | {

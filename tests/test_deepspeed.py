@@ -125,8 +125,9 @@ def test_zero_shards_resumed_on_another_number_of_processes_stop_in_one_line(tmp
 
     run_train(tmp_path / "run", *ARGS, "runtime=deepspeed_zero2", "train.max_steps=2", world=2)
     cmd = [sys.executable, "-m", "dist_icm.launch", "--config_file", str(CPU_CONFIG),
-           "--num_processes", "1", "-m", "dist_icm.train", *ARGS, "runtime=deepspeed_zero2",
-           "train.max_steps=4", "resume=auto", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+           "--num_processes", "1", "--main_process_port", "0", "-m", "dist_icm.train", *ARGS,
+           "runtime=deepspeed_zero2", "train.max_steps=4", "resume=auto",
+           f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     lines = [x for x in out.stderr.splitlines() if x.startswith("dist_icm")]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli import CPU_CONFIG, REPO
+from cli import REPO, launcher
 
 from dist_icm.train import PEER_EXIT
 
@@ -98,16 +98,15 @@ def test_the_ranks_die_with_their_launcher(tmp_path, guarded):
     if not guarded:
         (tmp_path / "job.py").write_text(_UNGUARDED_JOB)
         job = [str(tmp_path / "job.py")]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-           "--num_processes", "2", *job, *ARGS, f"hydra.run.dir={run}"]  # fmt: skip
-    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [*launcher(2), *job, *ARGS, f"hydra.run.dir={run}"]
+    agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_for_steps(run, [launcher], 3)
-        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+        _wait_for_steps(run, [agent], 3)
+        ranks = [p for p in psutil.Process(agent.pid).children(recursive=True)
                  if job[-1] in " ".join(p.cmdline())]  # fmt: skip
         assert len(ranks) == 2
-        launcher.kill()
-        launcher.wait()
+        agent.kill()
+        agent.wait()
         logged = len((run / "metrics.jsonl").read_text().splitlines())
         gone, alive = psutil.wait_procs(ranks, timeout=15)
         trained_on = len((run / "metrics.jsonl").read_text().splitlines()) - logged

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import CPU_CONFIG, REPO, last_logged, losses, records, run_train, summary
+from cli import REPO, last_logged, launcher, losses, records, run_train, summary
 from multiproc import run_group
 
 from dist_icm import preempt
@@ -23,11 +23,7 @@ ARGS = ["experiment=quickstart", "train.max_steps=200", "train.log_every=1", "tr
 
 
 def _launch(run_dir: Path, world: int, *extra: str, via: str = "accelerate.commands.launch"):
-    launcher = [sys.executable]
-    if world > 1:
-        launcher += ["-m", via, "--config_file", str(CPU_CONFIG)]
-        launcher += ["--num_processes", str(world)]
-    cmd = [*launcher, "-m", "dist_icm.train", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+    cmd = [*launcher(world, via), "-m", "dist_icm.train", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
     return subprocess.Popen(  # a session of its own: a signal to its process group is to it
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,

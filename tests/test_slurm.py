@@ -3,7 +3,6 @@ and a real two-node Slurm cluster on this machine (training, preemption and requ
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import pytest
 import slurm_cluster
 from cli import REPO, losses, records, run_train
+from multiproc import free_port
 
 from dist_icm.slurm import expand_nodelist, node_command
 
@@ -101,16 +101,10 @@ def two_processes(tmp_path_factory):
     return losses(run)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiproc
 def test_two_nodes_without_slurm_train_like_two_local_processes(tmp_path, two_processes):
     # two launcher groups, as on two machines, meeting on 127.0.0.1
-    port, run = _free_port(), tmp_path / "run"
+    port, run = free_port(), tmp_path / "run"
     procs = [
         subprocess.Popen(
             [

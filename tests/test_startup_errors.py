@@ -10,7 +10,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from cli import CPU_CONFIG, REPO
+from cli import REPO, launcher
+from multiproc import free_port
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -32,16 +32,8 @@ def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(cwd: Path, *overrides: str, launcher: str = "dist_icm.launch", multirun=False):
-    # a port of its own: accelerate warns on stderr when its default one is taken
-    cmd = [sys.executable, "-m", launcher, "--config_file", str(CPU_CONFIG), "--num_processes",
-           "2", "--main_process_port", str(_free_port()), "-m", "dist_icm.train",
+def _launch(cwd: Path, *overrides: str, via: str = "dist_icm.launch", multirun=False):
+    cmd = [*launcher(2, via), "-m", "dist_icm.train",
            *(["-m"] if multirun else []), *ARGS, *overrides]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(REPO)}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -100,7 +92,7 @@ def test_a_multirun_on_two_processes_checks_each_cell_for_that_world(tmp_path):
 def test_a_multirun_s_hydra_files_are_rank_0_s_alone(tmp_path):
     # rank 1 starting later (as on another node) wrote its multirun.yaml (with its own Hydra
     # flags) over rank 0's, and made the cells' folders of a sweep folder of its own
-    port, sweep, procs = _free_port(), tmp_path / "sweep", []
+    port, sweep, procs = free_port(), tmp_path / "sweep", []
     for rank in range(2):
         env = os.environ | {
             "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
@@ -123,7 +115,7 @@ def test_a_multirun_s_hydra_files_are_rank_0_s_alone(tmp_path):
 
 
 def test_negative_control_plain_accelerate_launch_adds_its_report(tmp_path):
-    out = _launch(tmp_path, "data.global_batch=0", launcher="accelerate.commands.launch")
+    out = _launch(tmp_path, "data.global_batch=0", via="accelerate.commands.launch")
     assert out.returncode == 1
     assert "ChildFailedError" in out.stderr and "Traceback" in out.stderr
     assert out.stderr.count("dist_icm: error: data.global_batch must be >= 1, got 0") == 1
@@ -149,7 +141,7 @@ def _node_roots(tmp_path: Path) -> list[str]:
 def _two_programs(tmp_path: Path, *overrides: str, envs=({}, {})) -> list:
     """Ranks 0 and 1 started as two programs, as on two nodes (``envs``: each one's extra
     environment); their exit codes and stderr."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = os.environ | {

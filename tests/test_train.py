@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import REPO, losses, records, run_train, setup_job, summary
+from cli import REPO, losses, records, records_but, run_train, setup_job, summary
 
 from dist_icm import tiled
 
@@ -150,12 +150,7 @@ def test_resume_continues_exactly(tmp_path, dropout):
 def _same_run(whole: Path, cut: Path, at: int) -> None:
     """``cut`` (stopped by train.max_steps at step ``at``, resumed) logged what ``whole`` did,
     but for the records its end at ``at`` added, and ends with the same summary."""
-
-    def kept(run):
-        return [{k: v for k, v in r.items() if k != "train/images_per_sec"}
-                for r in records(run) if r["step"] != at]  # fmt: skip
-
-    assert kept(cut) == kept(whole)
+    assert records_but(cut, at) == records_but(whole, at)
     a, b = summary(whole), summary(cut)
     assert [a[k] for k in ("top1", "nll", "ece", "dup_share", "skipped_steps")] == [
         b[k] for k in ("top1", "nll", "ece", "dup_share", "skipped_steps")

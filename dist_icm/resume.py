@@ -16,7 +16,10 @@
   global batch and accumulation, the seed, the model, the loss and its mixing groups, but not
   ``loss.cuda_graph``: :data:`UNGUARDED`) is refused with one line naming them;
   ``resume_force=true`` continues anyway. The world size and the memory layout are free to
-  change: the global batch is the invariant.
+  change: the global batch is the invariant. What follows the per-device batch instead (mixing
+  groups of ``loss.group_size=null``, plain BatchNorm, dropout's per-rank masks) makes a run
+  moved to another number of processes go on as a run of that size would; a line at start
+  says so (:func:`moved_note`).
 * **Said once, in one line.** A newest checkpoint that does not load (torn by a crash, overwritten)
   is skipped for the one before, with one line per skipped file in the run's report. A save that
   fails (a full disk) raises :class:`~dist_icm.checkpoint.CheckpointWriteError` on every rank:
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING
 from dist_icm import checkpoint, dist
 from dist_icm.checkpoint import CheckpointError, CheckpointWriteError
 from dist_icm.config import ConfigError
-from dist_icm.norm import rank_averaged, restore_stats
+from dist_icm.norm import count_batch_norms, rank_averaged, restore_stats
 
 if TYPE_CHECKING:
     from dist_icm.job import Job
@@ -219,6 +222,8 @@ def find_checkpoint(job: Job) -> Resumed | None:
         )
     note = check_config(saved, asdict(cfg), force=cfg.resume_force, step=found.step)
     job.notes += [note] if note else []
+    note = moved_note(job, was)
+    job.notes += [note] if note else []
     # resume=PATH may name an older checkpoint than the folder's newest (resume=auto takes the
     # newest that loads, so what is newer there is unreadable, and was named as skipped)
     if job.rt.is_main and cfg.resume != "auto":  # every rank has read the chosen file by now
@@ -227,6 +232,32 @@ def find_checkpoint(job: Job) -> Resumed | None:
             names = ", ".join(p.name for p in dropped)
             job.notes.append(f"resumed at step {found.step}: removed the later {names}")
     return found
+
+
+def moved_note(job: Job, was: int | None) -> str | None:
+    """A start-up line when the run resumes on another number of processes than the
+    checkpoint's (``was``; None: an older checkpoint, which does not say) and its losses depend
+    on the per-device batch or the rank: then the resumed steps are those of a run on this many
+    processes, not those the uninterrupted run would have taken."""
+    cfg, world = job.cfg, job.rt.world_size
+    if was in (None, world):
+        return None
+    tied = []
+    if cfg.loss.name != "ce" and cfg.loss.group_size is None:
+        tied.append("the mixing groups (loss.group_size=null: each device's batch)")
+    plain_bn = cfg.model.bn_group is None and not cfg.model.sync_bn
+    if plain_bn and count_batch_norms(job.rt.unwrap(job.model)):
+        tied.append("BatchNorm's statistics (model.bn_group=null: each device's batch)")
+    if cfg.model.dropout:
+        tied.append("dropout's masks (drawn per rank)")
+    if not tied:
+        return None
+    procs = f"{world} process" + ("es" if world > 1 else "")
+    return (
+        f"resumed on {procs}, the checkpoint's run had {was}: "
+        + "; ".join(tied)
+        + f" depend on it, so the steps from here are a {world}-process run's, not the whole run's"
+    )
 
 
 def restore(job: Job, found: Resumed) -> int:

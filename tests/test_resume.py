@@ -319,3 +319,27 @@ def test_the_first_resumed_step_takes_the_lr_of_the_run_s_own_schedule(tmp_path)
     new = peak * lr_factor(step, job.steps_per_epoch, job.cfg.schedule)
     assert step == 4 and abs(new - held) > 1e-4  # the two schedules differ at step 4
     assert job.optimizer.param_groups[0]["lr"] == new == job.scheduler.get_last_lr()[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, tied",
+    [
+        ([], []),  # the quickstart: fixed mixing groups, no BatchNorm, no dropout
+        (["loss.group_size=null"], ["the mixing groups"]),
+        (["loss=ce", "loss.group_size=null"], []),  # CE mixes nothing
+        (["model=tiny_cnn"], ["BatchNorm's statistics"]),
+        (["model=tiny_cnn", "model.bn_group=4"], []),  # ghost BN: fixed groups of the batch
+        (["model.dropout=0.3", "loss.group_size=null"], ["the mixing groups", "dropout's masks"]),
+    ],
+)
+def test_a_run_moved_to_another_world_size_names_what_depends_on_it(overrides, tied):
+    from cli import setup_job
+
+    from dist_icm.resume import moved_note
+
+    job = setup_job([*QUICK, *overrides])
+    assert moved_note(job, 1) is None and moved_note(job, None) is None  # same size, or unknown
+    note = moved_note(job, 2) or ""
+    assert [part for part in tied if part in note] == tied
+    assert bool(note) == bool(tied), note
+    assert not tied or note.startswith("resumed on 1 process, the checkpoint's run had 2: ")

@@ -43,7 +43,13 @@ target are no longer pushed apart; the plain loss cannot go below log k for k du
 grouping, ``torch.unique``, reads its output size back from the device.)
 
 The loss runs in float32 (float64 for float64 logits) with autocast disabled, whatever the
-caller's autocast state.
+caller's autocast state, and so does its backward pass, also where ``backward()`` is called
+under autocast.
+
+A non-finite logit reaches the loss where its class takes part in S̃: always on the dense
+(matmul) forms, whose 0 · NaN is NaN, but only where a target names its class on the gather
+and fused forms. In a model such a logit comes from non-finite features or classifier weights,
+whose gradients are then non-finite on every form, which is what the trainer's skip checks.
 """
 
 from __future__ import annotations

@@ -43,6 +43,23 @@ def tile_scores(x, a, b, lam, y):
     return x[:, a] * lam + x[:, b] * (1 - lam)
 
 
+class _Scores(torch.autograd.Function):
+    """S̃ = X Yᵀ, as ``tile_scores`` with y; its backward (dX = dS̃ Y) in X's dtype even when
+    ``backward()`` is called under autocast, which would run autograd's own matmul in bf16. Y,
+    made from the triples, takes no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(y)
+        return x @ y.T
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        with torch.autocast(y.device.type, enabled=False):
+            return g @ y, None
+
+
 def masked_lse(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     """logsumexp of ``s`` over the entries where ``mask`` holds; -inf, with a zero (not NaN)
     gradient, where it holds nowhere (e.g. a column with no positive among this rank's rows)."""
@@ -77,6 +94,12 @@ class _DenseLSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_rows, g_cols, g_diag):
+        s = ctx.saved_tensors[0]
+        with torch.autocast(s.device.type, enabled=False):  # a backward() called under autocast
+            return _DenseLSE._backward(ctx, g_rows, g_cols, g_diag)
+
+    @staticmethod
+    def _backward(ctx, g_rows, g_cols, g_diag):
         s, y, rows, cols = ctx.saved_tensors
         ds = None
         if g_rows is not None:  # d rows_i / d S̃_ij: the softmax of row i
@@ -163,7 +186,13 @@ class _TiledLSE(torch.autograd.Function):
         return rows, cols
 
     @staticmethod
-    def backward(ctx, g_rows, g_cols, g_prows=None, g_pcols=None):
+    def backward(ctx, *grads):
+        x = ctx.saved_tensors[0]
+        with torch.autocast(x.device.type, enabled=False):  # a backward() called under autocast
+            return _TiledLSE._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, g_rows, g_cols, g_prows=None, g_pcols=None):
         x, a, b, lam, rows, cols, *pos = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
@@ -218,7 +247,10 @@ def lse_stats(x, a, b, lam, *, keys=None, tile: int = 0, dense: bool = True):
     if tile:
         row_keys, col_keys = keys if keys is not None else (None, None)
         return _TiledLSE.apply(x, a, b, lam, row_keys, col_keys, tile, dense)
-    s = tile_scores(x, a, b, lam, dense_mixing(a, b, lam, x.shape[1], x) if dense else None)
+    if dense:
+        s = _Scores.apply(x, dense_mixing(a, b, lam, x.shape[1], x))
+    else:
+        s = tile_scores(x, a, b, lam, None)
     out = (s.logsumexp(1), s.logsumexp(0))
     if keys is None:
         return out

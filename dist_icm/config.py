@@ -130,8 +130,12 @@ class RuntimeConfig:
             raise ConfigError(
                 f"runtime.threads must be >= 1 (or null: torch's), got {self.threads}"
             )
-        if not self.timeout_s >= 5:  # the process group's start, too, must fit in it
-            raise ConfigError(f"runtime.timeout_s must be >= 5 (seconds), got {self.timeout_s}")
+        # at least 5: the process group's start, too, must fit in it; at most 1e8 (3 years):
+        # datetime's and torch's store's deadlines overflow from about 9e9
+        if not 5 <= self.timeout_s <= 1e8:
+            raise ConfigError(
+                f"runtime.timeout_s must lie in [5, 1e8] (seconds), got {self.timeout_s}"
+            )
         if self.channels_last and self.zero_stage:
             raise ConfigError(
                 "runtime.channels_last=true does not work under DeepSpeed ZeRO (its engine "

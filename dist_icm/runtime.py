@@ -119,8 +119,9 @@ class Runtime:
                 deepspeed_plugin=plugin,
                 kwargs_handlers=handlers,
             )
-        if cfg.threads is not None:  # after Accelerate, which may have set its own count
-            torch.set_num_threads(cfg.threads)
+        if cfg.threads is not None:  # after Accelerate, which may have set its own count;
+            # no more than the machine's cores (job.setup says so, and caps to this process's)
+            torch.set_num_threads(min(cfg.threads, os.cpu_count() or 1))
 
     @property
     def rank(self) -> int:

@@ -45,8 +45,11 @@ class ScheduleConfig:
             raise ValueError(
                 f"schedule.milestones must lie in (0, epochs={self.epochs}], got {list(ms)}"
             )
-        if self.gamma <= 0:
-            raise ValueError(f"schedule.gamma must be > 0, got {self.gamma}")
+        if not 0 < self.gamma <= 1:  # a decay: above 1, each milestone would raise the lr
+            raise ValueError(
+                f"schedule.gamma must lie in (0, 1] (the lr's factor at each milestone), "
+                f"got {self.gamma}"
+            )
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(
                 f"schedule.warmup_epochs must be in [0, epochs={self.epochs}), "

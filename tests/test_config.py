@@ -69,12 +69,16 @@ def test_defaults_are_the_paper_where_it_speaks():
         ("+data.colour=red", "colour"),
         ("data=imagefolder", "not a folder"),
         ("optim.lr=0", "lr"),
-        ("schedule.gamma=-1", "gamma"),
+        ("schedule.gamma=-1", r"schedule.gamma must lie in \(0, 1\]"),
         ("model.bn_group=0", "model.bn_group must be >= 1"),
         ("model.bn_group=8,model.sync_bn=true", "exclude each other"),
         ("model.dropout=1", r"model.dropout must lie in \[0, 1\), got 1"),
         # 1 ms failed the process group's own start with a traceback
-        ("runtime.timeout_s=0.001", r"runtime.timeout_s must be >= 5 \(seconds\), got 0.001"),
+        ("runtime.timeout_s=0.001", r"runtime.timeout_s must lie in \[5, 1e8\] \(seconds\), got"),
+        # 1e14 overflowed datetime (a traceback); 1e10 torch's store deadline on 2 processes
+        ("runtime.timeout_s=1e10", r"runtime.timeout_s must lie in \[5, 1e8\] \(seconds\), got"),
+        # a "decay" of 5 multiplied the lr by 5 at each milestone, without a word
+        ("schedule.gamma=5", r"schedule.gamma must lie in \(0, 1\]"),
         ("model.name=resnet18,model.dropout=0.1", "'resnet18' is not one of them"),
         ("resume_force=maybe", "resume_force"),
         ("runtime.cuda_graph=maybe", "cuda_graph"),

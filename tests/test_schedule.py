@@ -103,6 +103,9 @@ def test_scaled_lr() -> None:
         scaled_lr(0.1, 0)
 
 
+GAMMA = r"schedule.gamma must lie in \(0, 1\] \(the lr's factor at each milestone\)"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -112,8 +115,9 @@ def test_scaled_lr() -> None:
         ({"milestones": (50, 50)}, "schedule.milestones must be strictly increasing"),
         ({"milestones": (0, 50)}, r"schedule.milestones must lie in \(0, epochs=200\]"),
         ({"milestones": (50, 201)}, r"schedule.milestones must lie in \(0, epochs=200\]"),
-        ({"gamma": -1}, "schedule.gamma must be > 0, got -1"),
-        ({"gamma": 0}, "schedule.gamma must be > 0, got 0"),
+        ({"gamma": -1}, rf"{GAMMA}, got -1"),
+        ({"gamma": 0}, rf"{GAMMA}, got 0"),
+        ({"gamma": 1.5}, rf"{GAMMA}, got 1.5"),  # a "decay" that raises the lr
         ({"warmup_epochs": -1}, r"schedule.warmup_epochs must be in \[0, epochs=200\)"),
         ({"warmup_epochs": 200}, r"schedule.warmup_epochs must be in \[0, epochs=200\)"),
         ({"warmup_start_factor": 2}, "schedule.warmup_start_factor"),

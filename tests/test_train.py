@@ -355,6 +355,9 @@ def test_more_threads_than_cores_are_capped_with_a_note():
         job = setup_job(["experiment=quickstart", f"runtime.threads={cores + 5}"])
         assert torch.get_num_threads() == cores
         assert f"runtime.threads={cores + 5}: {cores} cores here, {cores} threads" in job.notes
+        many = 10**20  # overflowed torch.set_num_threads (one line, but naming no key)
+        job = setup_job(["experiment=quickstart", f"runtime.threads={many}"])
+        assert f"runtime.threads={many}: {cores} cores here, {cores} threads" in job.notes
         setup_job(["experiment=quickstart", "runtime.threads=1"])  # fewer: as asked, no note
         assert torch.get_num_threads() == 1
     finally:

@@ -202,10 +202,36 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def held_run(run_dir: Path, ckpt_dir: Path) -> str | None:
+    """Why a run that does not resume cannot start in ``run_dir`` (None: it may): the folder
+    holds an earlier run's checkpoints or logged steps. Started anyway, the new run logged its
+    steps after the old run's in one metrics.jsonl, and a later ``resume=auto`` took the old
+    run's newest checkpoint for its own."""
+    ckpts = checkpoint.list_checkpoints(ckpt_dir)
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if ckpts:
+        what = f"its checkpoints up to {ckpts[-1].name}"
+    elif metrics.is_file() and metrics.stat().st_size:
+        what = "its metrics.jsonl"
+    else:
+        return None
+    return (
+        f"run_dir {run_dir} holds an earlier run ({what}): resume=auto goes on from it; "
+        "to start afresh, name another run_dir or remove that one"
+    )
+
+
 def find_checkpoint(job: Job) -> Resumed | None:
     """The state every rank resumes from (chosen by rank 0; see :mod:`dist_icm.resume`), after
     checking that it was made with this run's config; None to start from scratch."""
     cfg, skipped = job.cfg, []
+    if cfg.resume is None:  # rank 0 looks, every rank stops alike
+        group = job.rt.process_group
+        held = held_run(job.run_dir, job.ckpt_dir) if dist.rank(group) == 0 else None
+        held = dist.broadcast_object(held, group)
+        if held is not None:
+            raise ConfigError(held)
+        return None
     found = choose(job.ckpt_dir, cfg.resume, job.rt.process_group, skipped)
     job.notes += [f"resume=auto: {line}" for line in skipped]
     if found is None:

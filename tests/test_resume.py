@@ -227,6 +227,24 @@ def test_resume_auto_in_a_fresh_folder_says_so(tmp_path):
     assert "resume=auto: no checkpoint in" in out.stderr and "starting at step 0" in out.stderr
 
 
+def test_a_new_run_in_the_folder_of_an_earlier_one_stops_in_one_line(tmp_path):
+    # it used to start: its steps were logged after the old run's in one metrics.jsonl, and a
+    # later resume=auto took the old run's newer checkpoint for its own
+    run = tmp_path / "run"
+    run_train(run, *QUICK, "train.max_steps=5", "train.ckpt_every_steps=5")
+    out = run_train(run, *QUICK, "train.max_steps=2", "loss.alpha=0.4", check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert [x for x in out.stderr.splitlines() if x.startswith("dist_icm")] == [
+        f"dist_icm: error: run_dir {run} holds an earlier run (its checkpoints up to "
+        "ckpt-000000005.pt): resume=auto goes on from it; to start afresh, name another run_dir "
+        "or remove that one"
+    ]
+    shutil.rmtree(run / "checkpoints")  # a run that ended before its first checkpoint
+    out = run_train(run, *QUICK, "train.max_steps=2", check=False)
+    assert out.returncode == 2 and "holds an earlier run (its metrics.jsonl)" in out.stderr
+    assert len(losses(run)) == 1  # the old run's one logged step (5), untouched
+
+
 def _scalars(tb: Path, tag: str) -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

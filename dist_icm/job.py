@@ -131,7 +131,10 @@ def setup(cfg: Config) -> Job:
     streams.seed_torch("init", cfg.train.seed)  # the same initial weights on every rank
     model = fresh_model()
     try:
-        check_input(model, cfg.model.name, data.spec.in_channels, data.spec.image_size)
+        bn_batch = cfg.model.bn_group or (
+            plan.micro_global if cfg.model.sync_bn and rt.world_size > 1 else plan.per_device
+        )  # the images a BatchNorm layer normalises over in training
+        check_input(model, cfg.model.name, data.spec.in_channels, data.spec.image_size, bn_batch)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.model.bn_group is not None and not count_batch_norms(model):

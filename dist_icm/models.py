@@ -262,11 +262,22 @@ def build_model(
     )
 
 
-def check_input(model: nn.Module, name: str, channels: int, size: int) -> None:
+def check_input(
+    model: nn.Module, name: str, channels: int, size: int, bn_batch: int | None = None
+) -> None:
     """Raise ValueError (naming ``model.name``) where ``model`` cannot take ``size`` x ``size``
-    images (more downsampling than the image has pixels, e.g. AlexNet at 32 px): one forward of
-    a blank image in eval mode and without gradients, so that nothing in the model changes and
-    the run stops at start, not in its first step."""
+    images (more downsampling than the image has pixels, e.g. AlexNet at 32 px), or where a
+    BatchNorm layer would have one value per channel to normalise in training: ``bn_batch``
+    images (the per-device batch, or the ghost group) of one value per channel each, as at the
+    end of a network on small images. One forward of a blank image in eval mode and without
+    gradients, so that nothing in the model changes and the run stops at start, not in its
+    first step."""
+    positions: list[int] = []  # a BatchNorm layer's values per channel in one image
+    hooks = [
+        m.register_forward_pre_hook(lambda _, args: positions.append(args[0][0, 0].numel()))
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -279,6 +290,14 @@ def check_input(model: nn.Module, name: str, channels: int, size: int) -> None:
         ) from None
     finally:
         model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    if bn_batch is not None and positions and bn_batch * min(positions) == 1:
+        raise ValueError(
+            f"model.name={name}: a BatchNorm layer would normalise {bn_batch} image of one "
+            f"value per channel (the data's {size}x{size} images, downsampled), so nothing: "
+            "it needs at least 2 images per device, or per model.bn_group"
+        )
 
 
 def classifier(model: nn.Module) -> nn.Linear:

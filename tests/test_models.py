@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_icm.models import MODEL_NAMES, build_model, classifier
+from dist_icm.norm import convert_ghost_bn
 
 # Parameter counts for num_classes=10 (published: ResNet-18 11.2M, ResNet-34 21.3M, WRN-16-8 11.0M).
 EXPECTED_PARAMS = {
@@ -201,3 +202,26 @@ def test_a_model_that_cannot_take_the_images_is_refused_at_start(cifar10_jpeg_ro
         setup_job(["experiment=quickstart", "data=imagefolder", f"data.root={cifar10_jpeg_root}",
                    "data.num_workers=0", "data.global_batch=8", "loss.group_size=null",
                    "data.fraction=0.01", "model.name=alexnet"])  # fmt: skip
+
+
+@pytest.mark.parametrize("ghost", [False, True], ids=["batchnorm", "ghost batchnorm"])
+def test_a_batchnorm_with_one_value_per_channel_stops_at_start(ghost):
+    # ResNet-18 on 8x8 digits ends in 1x1 maps: a per-device batch (or bn_group) of 1 gave the
+    # last BatchNorm layers one value per channel, and a traceback in the first training step
+    from cli import setup_job
+
+    from dist_icm.config import ConfigError
+    from dist_icm.models import check_input
+
+    resnet = build_model("cifar_resnet18", 10, 1)
+    resnet = convert_ghost_bn(resnet, 1) if ghost else resnet
+    line = r"a BatchNorm layer would normalise 1 image of one value per channel \(the data's 8x8"
+    with pytest.raises(ValueError, match=line):
+        check_input(resnet, "cifar_resnet18", 1, 8, bn_batch=1)
+    with pytest.raises((ValueError, RuntimeError)):  # what the first step met (the control)
+        resnet.train()(torch.zeros(1, 1, 8, 8))
+    check_input(resnet, "cifar_resnet18", 1, 8, bn_batch=2)  # two images: statistics to take
+    check_input(resnet, "cifar_resnet18", 1, 32, bn_batch=1)  # 32x32: 4x4 values at the end
+    setting = "model.bn_group=1" if ghost else "data.global_batch=1,loss.group_size=null"
+    with pytest.raises(ConfigError, match=line):
+        setup_job(["experiment=quickstart", "model=cifar_resnet18", *setting.split(","), "loss=ce"])

@@ -132,6 +132,9 @@ def remove_unused_run_dir() -> bool:
     return not run_dir.exists()
 
 
+RUN_DIR_IN_SWEEP = "run_dir names one run's folder: with -m set hydra.sweep.dir instead"
+
+
 class BadSweep(BaseException):
     """A sweep cell's config is bad. A BaseException: Hydra turns a callback's Exception into a
     warning, and this must reach the job's start (:mod:`dist_icm.train`), which prints it."""
@@ -145,6 +148,8 @@ class SweepCheck(Callback):
     cells before it have trained. Other sweepers are left alone."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("run_dir") is not None:  # every cell would stop on it, leaving folders
+            raise BadSweep(RUN_DIR_IN_SWEEP)
         try:
             cells, swept = self._cells(config)
         except Exception:  # a sweep this cannot read: Hydra's sweeper reports it as before

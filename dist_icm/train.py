@@ -40,7 +40,13 @@ from dist_icm.launch import tell_exit_code
 from dist_icm.preempt import PREEMPTED_EXIT, Preempted, StopFlags
 from dist_icm.report import LOG
 from dist_icm.resume import find_checkpoint
-from dist_icm.startup import CONFIG_DIR, BadSweep, hydra_error_message, remove_unused_run_dir
+from dist_icm.startup import (
+    CONFIG_DIR,
+    RUN_DIR_IN_SWEEP,
+    BadSweep,
+    hydra_error_message,
+    remove_unused_run_dir,
+)
 from dist_icm.trainer import Diverged, train
 
 START_ERRORS = (ConfigError, DataError, CheckpointError, ValueError)
@@ -166,7 +172,7 @@ def _hydra_main(raw: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     if cfg.run_dir is not None and hydra_cfg.mode == RunMode.MULTIRUN:
         _fail(
-            ConfigError("run_dir names one run's folder: with -m set hydra.sweep.dir instead"),
+            ConfigError(RUN_DIR_IN_SWEEP),  # (SweepCheck says it first, for the basic sweeper)
             BAD_INPUT_EXIT,
             rank_zero=True,
         )

@@ -97,8 +97,12 @@ def test_run_dir_is_honoured(tmp_path):
     cwd.mkdir()
     run_train(None, *QUICK, "train.max_steps=2", f"run_dir={tmp_path / 'mine'}", cwd=cwd)
     assert (tmp_path / "mine" / "summary.json").is_file()
-    out = run_train(None, "-m", *QUICK, "run_dir=somewhere", check=False, cwd=cwd)
-    assert out.returncode == 2 and "dist_icm: error: run_dir names one run's folder" in out.stderr
+    out = run_train(None, "-m", *QUICK, "run_dir=somewhere", "train.seed=0,1", check=False,
+                    cwd=cwd)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "dist_icm: error: run_dir names one run's folder: with -m set hydra.sweep.dir instead"
+    ]  # before the sweep starts: it used to launch, and leave multirun/.../0/ in cwd
+    assert not any(cwd.iterdir())
 
 
 def test_a_diverged_run_still_writes_strict_json(tmp_path):

@@ -26,9 +26,9 @@ from dist_icm.graphs import GraphedModel, model_eligible
 from dist_icm.models import build_model, check_input
 from dist_icm.norm import convert_ghost_bn, count_batch_norms
 from dist_icm.objectives import SCOPED, Objective, unused_options
-from dist_icm.optim import build_optimizer
+from dist_icm.optim import OptimConfig, build_optimizer
 from dist_icm.runtime import Runtime
-from dist_icm.schedule import lambda_for, scaled_lr
+from dist_icm.schedule import lambda_for, scaled_lr, unread_settings
 from dist_icm.tiled import resolve_tile
 
 
@@ -143,6 +143,13 @@ def setup(cfg: Config) -> Job:
         shown = str(value).lower() if isinstance(value, bool) else value  # as Hydra writes it
         users = ", ".join(SCOPED[key])
         notes.append(f"loss.{key}={shown}: loss.name={cfg.loss.name} does not use it ({users} do)")
+    for setting, why in unread_settings(cfg.schedule).items():
+        notes.append(f"schedule.{setting}: {why}")
+    if cfg.optim.lr_scaling == "none" and cfg.optim.reference_batch != OptimConfig.reference_batch:
+        notes.append(
+            f"optim.reference_batch={cfg.optim.reference_batch}: optim.lr_scaling=none does not "
+            "use it"
+        )
     if cfg.loss.icm and cfg.loss.tile == "auto":  # what it picks for a micro-step's S̃ block
         n, big = plan.per_device, plan.micro_global
         tile = resolve_tile("auto", n, big, 4)

@@ -63,6 +63,24 @@ class ScheduleConfig:
             raise ValueError(f"schedule.min_factor must be in [0, 1], got {self.min_factor}")
 
 
+def unread_settings(cfg: ScheduleConfig) -> dict[str, str]:
+    """The settings of ``cfg`` set away from their defaults that its schedule does not read,
+    each with why: a start-up note, as a sweep over them would change nothing."""
+    unread = {}
+    if cfg.name != "step":
+        unread |= dict.fromkeys(("milestones", "gamma"), f"schedule.name={cfg.name}")
+    if cfg.name != "cosine":
+        unread["min_factor"] = f"schedule.name={cfg.name}"
+    if not cfg.warmup_epochs:
+        unread["warmup_start_factor"] = "schedule.warmup_epochs=0"
+    defaults = ScheduleConfig()
+    return {
+        f"{key}={list(value) if isinstance(value, tuple) else value}": f"{why} does not use it"
+        for key, why in unread.items()
+        if (value := getattr(cfg, key)) != getattr(defaults, key)
+    }
+
+
 def _warmup(epoch: float, cfg: ScheduleConfig) -> float:
     """Linear warm-up multiplier at a fractional epoch: start factor at 0, 1 from warmup_epochs."""
     if epoch >= cfg.warmup_epochs:

@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from dist_icm.compose import register_schema, to_config
 from dist_icm.config import Config, ConfigError, plan_batches
+from dist_icm.schedule import unread_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ["data", "model", "loss", "optim", "schedule", "runtime", "train"]
@@ -37,6 +38,25 @@ def test_every_group_option_composes(group, option, tmp_path):
 def test_every_experiment_composes(experiment, tmp_path):
     cfg = _compose(f"experiment={experiment}", f"data.root={tmp_path}")
     assert cfg.data.global_batch >= 1
+    assert unread_settings(cfg.schedule) == {}  # nothing set that its schedule ignores
+
+
+def test_schedule_settings_the_schedule_ignores_are_noted_at_start():
+    # schedule.milestones under cosine used to change nothing, without a word (the loss's
+    # options had such notes); likewise the step decay's gamma, a warm-up's start without one
+    from cli import setup_job
+
+    job = setup_job(["experiment=quickstart", "schedule.milestones=[1,2]", "schedule.gamma=0.1",
+                     "schedule.warmup_start_factor=0.5", "optim.reference_batch=128"])  # fmt: skip
+    assert [n for n in job.notes if n.startswith(("schedule", "optim"))] == [
+        "schedule.milestones=[1, 2]: schedule.name=cosine does not use it",
+        "schedule.gamma=0.1: schedule.name=cosine does not use it",
+        "schedule.warmup_start_factor=0.5: schedule.warmup_epochs=0 does not use it",
+        "optim.reference_batch=128: optim.lr_scaling=none does not use it",
+    ]
+    cfg = _compose("schedule=step", "schedule.min_factor=0.1", "schedule.warmup_epochs=1",
+                   "schedule.warmup_start_factor=0.5")  # fmt: skip
+    assert unread_settings(cfg.schedule) == {"min_factor=0.1": "schedule.name=step does not use it"}
 
 
 def test_defaults_are_the_paper_where_it_speaks():

@@ -23,6 +23,7 @@ from dist_icm.compose import PAPER_RESULTS, paper_entries, register_schema, to_c
 from dist_icm.config import Config, ConfigError
 from dist_icm.data import datasets
 from dist_icm.data.datasets import CIFAIR, DataError, build_datasets
+from dist_icm.schedule import unread_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER = sorted(p.stem for p in (CONFIGS / "experiment" / "paper").glob("*.yaml"))
@@ -69,6 +70,7 @@ def test_every_cell_composes_with_three_seeds_and_a_known_paper_key(name, tmp_pa
     entries = paper_entries()
     assert cells and all(c.paper in entries for c in cells)
     assert len(_keys(cells)) == len(cells), "two cells of one sweep share a paper key"
+    assert all(unread_settings(c.schedule) == {} for c in cells)  # no setting left unused
     if name != "birds":
         assert all(c.data.augment == "cifar_rot15" for c in cells)
 

@@ -14,12 +14,14 @@
 * **The same run.** A checkpoint holds its config. Resuming with other values of the keys that
   define what a step is and what the weights are (:data:`GUARDED`: the data and its subset, the
   global batch and accumulation, the seed, the model, the loss and its mixing groups, but not
-  ``loss.cuda_graph``: :data:`UNGUARDED`) is refused with one line naming them;
-  ``resume_force=true`` continues anyway. The world size and the memory layout are free to
-  change: the global batch is the invariant. What follows the per-device batch instead (mixing
-  groups of ``loss.group_size=null``, plain BatchNorm, dropout's per-rank masks) makes a run
-  moved to another number of processes go on as a run of that size would; a line at start
-  says so (:func:`moved_note`).
+  ``loss.cuda_graph``, ``loss.tile`` and ``loss.fused``: :data:`UNGUARDED`) is refused with one
+  line naming them; ``resume_force=true`` continues anyway. The world size (but under ZeRO,
+  whose shards are per rank) and the memory layout are free to change: the global batch is the
+  invariant. What follows the per-device batch instead (mixing groups of
+  ``loss.group_size=null``, plain BatchNorm, dropout's per-rank masks) makes a run moved to
+  another number of processes go on as a run of that size would; a line at start says so
+  (:func:`moved_note`). A run that does not resume may not start in a folder that holds an
+  earlier run's checkpoints or logged steps (:func:`held_run`).
 * **Said once, in one line.** A newest checkpoint that does not load (torn by a crash, overwritten)
   is skipped for the one before, with one line per skipped file in the run's report. A save that
   fails (a full disk) raises :class:`~dist_icm.checkpoint.CheckpointWriteError` on every rank:

@@ -171,7 +171,7 @@ def train(
     flags = preempt.StopFlags() if flags is None else flags  # the main job's: from its start
     flags.join(job.control, is_main=rt.is_main, ckpt_every_min=cfg.train.ckpt_every_min)
     seen, train_time, metrics, saved, stopping = 0, 0.0, {}, step, False
-    dup_shares: list[float] = []  # this session's, one per logged step (their mean: summary)
+    dup_shares: list[float] = []  # this session's, one per logged step (with dup_before: summary)
     end_share = None
     dup_before = before.get("dup_shares", [0.0, 0])  # [sum, count] over the sessions before
     loss_sum, loss_count = _loss_window(job, before.get("loss_window"))  # since the last log

@@ -1,5 +1,6 @@
 """Every config in configs/ composes and validates; bad values fail with one clear line."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -241,6 +242,11 @@ def test_the_readme_names_every_config_group_option():
         if option.stem not in named and not (group.name == "train" and option.stem == "default")
     }
     assert not missing, f"the README's config groups leave out {sorted(missing)}"
+    # and every option of the loss section (loss.per_sample and Remix's were left out)
+    from dist_icm.objectives import ObjectiveConfig
+
+    unnamed = [f.name for f in dataclasses.fields(ObjectiveConfig) if f"loss.{f.name}" not in text]
+    assert not unnamed, f"the README's config groups leave out loss.{unnamed}"
 
 
 def test_resume_naming_a_folder_points_at_what_to_name(tmp_path):

@@ -87,18 +87,23 @@ train.main()
 """
 
 
-@pytest.mark.parametrize("guarded", [True, False], ids=["deathsig", "negative-control"])
-def test_the_ranks_die_with_their_launcher(tmp_path, guarded):
-    """``accelerate launch`` killed outright (SIGKILL, nothing forwarded): its ranks, each in
-    its own session, must not train on and write checkpoints for nobody (and without the
-    kernel's death signal they do)."""
+@pytest.mark.parametrize(
+    "guarded, via",
+    [(True, "accelerate.commands.launch"), (True, "dist_icm.launch"),
+     (False, "accelerate.commands.launch")],
+    ids=["deathsig", "deathsig-dist-icm-launch", "negative-control"],
+)  # fmt: skip
+def test_the_ranks_die_with_their_launcher(tmp_path, guarded, via):
+    """``accelerate launch`` (or ``dist-icm-launch``, which runs it in its own process) killed
+    outright (SIGKILL, nothing forwarded): its ranks, each in its own session, must not train
+    on and write checkpoints for nobody (and without the kernel's death signal they do)."""
     psutil = pytest.importorskip("psutil")
     run = tmp_path / "run"
     job = ["-m", "dist_icm.train"]
     if not guarded:
         (tmp_path / "job.py").write_text(_UNGUARDED_JOB)
         job = [str(tmp_path / "job.py")]
-    cmd = [*launcher(2), *job, *ARGS, f"hydra.run.dir={run}"]
+    cmd = [*launcher(2, via), *job, *ARGS, f"hydra.run.dir={run}"]
     agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for_steps(run, [agent], 3)

@@ -140,6 +140,16 @@ def test_torchrun_runs_the_job_as_accelerate_launch_does(tmp_path):
     assert _close(_losses(records(tmp_path / "two")), _losses(one))
 
 
+def test_accelerate_s_cpu_flag_starts_one_process_whatever_the_count(tmp_path):
+    # README: `accelerate launch --cpu --num_processes N` starts a single process (Accelerate
+    # 1.x sends --cpu to its one-process launcher); --multi_gpu is the way to several
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "-m", "dist_icm.train", *ARGS, f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert summary(tmp_path / "run")["world_size"] == 1
+
+
 def test_a_run_resumes_on_another_number_of_processes(tmp_path):
     # 6 steps on 1 process, then 6 more on 2 from its checkpoint: the losses of one 12-step run
     # (the quickstart is world-size invariant), and the run's figures cover both sessions

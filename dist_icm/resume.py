@@ -11,17 +11,9 @@
   them goes on. With node-local disks, a slow network file system or a read error on one rank,
   the ranks therefore either resume from the same step or stop together with one message,
   instead of training different weights until a collective hangs.
-* **The same run.** A checkpoint holds its config. Resuming with other values of the keys that
-  define what a step is and what the weights are (:data:`GUARDED`: the data and its subset, the
-  global batch and accumulation, the seed, the model, the loss and its mixing groups, but not
-  ``loss.cuda_graph``, ``loss.tile`` and ``loss.fused``: :data:`UNGUARDED`) is refused with one
-  line naming them; ``resume_force=true`` continues anyway. The world size (but under ZeRO,
-  whose shards are per rank) and the memory layout are free to change: the global batch is the
-  invariant. What follows the per-device batch instead (mixing groups of
-  ``loss.group_size=null``, plain BatchNorm, dropout's per-rank masks) makes a run moved to
-  another number of processes go on as a run of that size would; a line at start says so
-  (:func:`moved_note`). A run that does not resume may not start in a folder that holds an
-  earlier run's checkpoints or logged steps (:func:`held_run`).
+* **The same run.** A checkpoint holds its config, and a resumed run may change only what
+  leaves its steps the same (:mod:`dist_icm.same_run`); a run that does not resume may not
+  start in the folder of another.
 * **Said once, in one line.** A newest checkpoint that does not load (torn by a crash, overwritten)
   is skipped for the one before, with one line per skipped file in the run's report. A save that
   fails (a full disk) raises :class:`~dist_icm.checkpoint.CheckpointWriteError` on every rank:
@@ -39,29 +31,11 @@ from typing import TYPE_CHECKING
 from dist_icm import checkpoint, dist
 from dist_icm.checkpoint import CheckpointError, CheckpointWriteError
 from dist_icm.config import ConfigError
-from dist_icm.norm import count_batch_norms, rank_averaged, restore_stats
+from dist_icm.norm import rank_averaged, restore_stats
+from dist_icm.same_run import check_config, held_run, moved_note
 
 if TYPE_CHECKING:
     from dist_icm.job import Job
-
-# Config keys (or whole sections) that must match between a checkpoint and the resumed run.
-GUARDED = (
-    "data.name",
-    "data.fraction",
-    "data.long_tail",
-    "data.global_batch",
-    "data.augment",
-    "runtime.grad_accum",
-    "runtime.zero_stage",  # DeepSpeed's sharded optimizer state is not DDP's, nor another stage's
-    "train.seed",
-    "model",
-    "loss",
-    "optim",  # its state holds all but grad_clip (see check_config)
-)
-# inside a guarded section, but the same step either way: the loss replayed from CUDA graphs
-# is the eager loss bit for bit (graphs.py), and the tiled and fused forms are the same loss up
-# to float rounding (as another memory layout is), so a run may switch them and resume
-UNGUARDED = ("loss.cuda_graph", "loss.tile", "loss.fused")
 
 
 @dataclass
@@ -137,92 +111,6 @@ def _load(path) -> tuple[dict | None, str | None]:
         return None, str(e).splitlines()[0]
 
 
-def changed_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, current value) for each :data:`GUARDED` key that differs."""
-    saved_flat, current_flat = _flatten(saved), _flatten(current)
-    changed = []
-    for key in sorted(set(saved_flat) | set(current_flat)):
-        guarded = any(key == g or key.startswith(g + ".") for g in GUARDED)
-        if guarded and key not in UNGUARDED:
-            old, new = saved_flat.get(key), current_flat.get(key)
-            if old != new:
-                changed.append((key, old, new))
-    return changed
-
-
-def _changes(changed) -> str:
-    return ", ".join(f"{k}={old!r} (now {new!r})" for k, old, new in changed)
-
-
-def check_config(saved: dict | None, current: dict, *, force: bool, step: int) -> str | None:
-    """Raise ConfigError when the checkpoint's config differs in a guarded key (one line);
-    with ``force``, return the line to show instead. None when nothing differs.
-
-    The optimizer's settings (``optim.*`` but ``grad_clip``) never change, forced or not: the
-    optimizer's state holds them (its name, its buffers, the hyper-parameters of its parameter
-    groups, and the schedule's base learning rates), so loading it would either fail deep in
-    the first step or quietly bring the old values back. Nor does ``runtime.zero_stage``, but
-    between 1 and 2 (DDP is stage 0): the shards lay the optimizer state out for their stage.
-    """
-    if saved is None:
-        return None
-    changed = changed_keys(saved, current)
-    held = [c for c in changed if c[0].startswith("optim.") and c[0] != "optim.grad_clip"]
-    if held:
-        raise ConfigError(
-            f"the checkpoint at step {step} holds the optimizer state of {_changes(held)}: "
-            "the optimizer's settings cannot change on resume (not even with resume_force); "
-            "resume with them, or start a new run folder"
-        )
-    stage = [c for c in changed if c[0] == "runtime.zero_stage" and {c[1], c[2]} != {1, 2}]
-    if stage:  # the optimizer state's layout (and, from ZeRO-3, the weights'): 1 <-> 2 alone
-        (_, old, new) = stage[0]  # keep it (the same shards of the same optimizer state)
-        raise ConfigError(
-            f"the checkpoint at step {step} was written with runtime.zero_stage={old} (now "
-            f"{new}): its optimizer state is laid out for that stage, not even resume_force "
-            f"changes it; resume with runtime.zero_stage={old}, or start a new run folder"
-        )
-    if not changed:
-        return None
-    what = _changes(changed)
-    if force:
-        return f"resume_force=true: resuming step {step} despite a changed config: {what}"
-    raise ConfigError(
-        f"the checkpoint at step {step} was made with {what}: its steps would mean something "
-        "else now; use a new run folder, or resume_force=true to continue anyway"
-    )
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out |= _flatten(value, name + ".")
-        else:
-            out[name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def held_run(run_dir: Path, ckpt_dir: Path) -> str | None:
-    """Why a run that does not resume cannot start in ``run_dir`` (None: it may): the folder
-    holds an earlier run's checkpoints or logged steps. Started anyway, the new run logged its
-    steps after the old run's in one metrics.jsonl, and a later ``resume=auto`` took the old
-    run's newest checkpoint for its own."""
-    ckpts = checkpoint.list_checkpoints(ckpt_dir)
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if ckpts:
-        what = f"its checkpoints up to {ckpts[-1].name}"
-    elif metrics.is_file() and metrics.stat().st_size:
-        what = "its metrics.jsonl"
-    else:
-        return None
-    return (
-        f"run_dir {run_dir} holds an earlier run ({what}): resume=auto goes on from it; "
-        "to start afresh, name another run_dir or remove that one"
-    )
-
-
 def find_checkpoint(job: Job) -> Resumed | None:
     """The state every rank resumes from (chosen by rank 0; see :mod:`dist_icm.resume`), after
     checking that it was made with this run's config; None to start from scratch."""
@@ -260,32 +148,6 @@ def find_checkpoint(job: Job) -> Resumed | None:
             names = ", ".join(p.name for p in dropped)
             job.notes.append(f"resumed at step {found.step}: removed the later {names}")
     return found
-
-
-def moved_note(job: Job, was: int | None) -> str | None:
-    """A start-up line when the run resumes on another number of processes than the
-    checkpoint's (``was``; None: an older checkpoint, which does not say) and its losses depend
-    on the per-device batch or the rank: then the resumed steps are those of a run on this many
-    processes, not those the uninterrupted run would have taken."""
-    cfg, world = job.cfg, job.rt.world_size
-    if was in (None, world):
-        return None
-    tied = []
-    if cfg.loss.name != "ce" and cfg.loss.group_size is None:
-        tied.append("the mixing groups (loss.group_size=null: each device's batch)")
-    plain_bn = cfg.model.bn_group is None and not cfg.model.sync_bn
-    if plain_bn and count_batch_norms(job.rt.unwrap(job.model)):
-        tied.append("BatchNorm's statistics (model.bn_group=null: each device's batch)")
-    if cfg.model.dropout:
-        tied.append("dropout's masks (drawn per rank)")
-    if not tied:
-        return None
-    procs = f"{world} process" + ("es" if world > 1 else "")
-    return (
-        f"resumed on {procs}, the checkpoint's run had {was}: "
-        + "; ".join(tied)
-        + f" depend on it, so the steps from here are a {world}-process run's, not the whole run's"
-    )
 
 
 def restore(job: Job, found: Resumed) -> int:

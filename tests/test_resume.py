@@ -13,7 +13,8 @@ from multiproc import run_group
 from dist_icm import checkpoint
 from dist_icm.checkpoint import CheckpointError
 from dist_icm.config import ConfigError
-from dist_icm.resume import GUARDED, changed_keys, check_config, choose
+from dist_icm.resume import choose
+from dist_icm.same_run import GUARDED, changed_keys, check_config
 
 QUICK = ["experiment=quickstart", "train.progress=false"]
 
@@ -353,7 +354,7 @@ def test_the_first_resumed_step_takes_the_lr_of_the_run_s_own_schedule(tmp_path)
 def test_a_run_moved_to_another_world_size_names_what_depends_on_it(overrides, tied):
     from cli import setup_job
 
-    from dist_icm.resume import moved_note
+    from dist_icm.same_run import moved_note
 
     job = setup_job([*QUICK, *overrides])
     assert moved_note(job, 1) is None and moved_note(job, None) is None  # same size, or unknown

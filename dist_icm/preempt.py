@@ -159,8 +159,11 @@ def _end_on_parent_s_sigterm(parent: int) -> None:
 
 
 def mark(run_dir: Path, step: int, reason: str) -> None:
-    """Record where and why the run stopped (rank 0, after the checkpoint is written)."""
-    (run_dir / MARKER).write_text(json.dumps({"step": step, "signal": reason}) + "\n")
+    """Record where and why the run stopped (rank 0, after the checkpoint is written): whole or
+    not at all (a temporary file renamed over it), should the job be killed while writing."""
+    tmp = run_dir / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps({"step": step, "signal": reason}) + "\n")
+    os.replace(tmp, run_dir / MARKER)
 
 
 def unmark(run_dir: Path) -> None:

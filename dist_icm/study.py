@@ -13,7 +13,8 @@ session is only part of it, so there it is ``run_train_s`` (training time over e
 and the row is marked ``†``.
 
 Settings: each run's whole config, flattened, less paths (``run_dir``, ``data.root``,
-``data.ffcv_cache``), ``resume`` and derived values (interpolations in ``.hydra/config.yaml``).
+``data.ffcv_cache``), ``resume``, derived values (interpolations in ``.hydra/config.yaml``) and
+the loss options its loss does not read (compared only between runs whose losses read them).
 A setting that differs between runs splits them into separate rows, never averaged together.
 It is *swept* when it is a method, batch or seed key, in a config's ``sweep_keys``, or set on
 the command line of every run with more than one value (a group override such as ``loss=ce``
@@ -86,10 +87,14 @@ def find_runs(patterns: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def why_unfinished(run_dir: Path) -> str:
-    marker = run_dir / "preempted.json"
+    marker, note = run_dir / "preempted.json", ""
     if marker.is_file():
-        mark = json.loads(marker.read_text())
-        return f"no summary.json: stopped at step {mark['step']} ({mark['signal']}); resume=auto"
+        try:
+            mark = json.loads(marker.read_text())
+            stopped = f"stopped at step {mark['step']} ({mark['signal']})"
+            return f"no summary.json: {stopped}; resume=auto"
+        except (OSError, ValueError, KeyError, TypeError):  # cut short, or not the trainer's
+            note = "unreadable preempted.json, "
     steps = []
     if (run_dir / "metrics.jsonl").is_file():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -98,7 +103,35 @@ def why_unfinished(run_dir: Path) -> str:
             except (ValueError, KeyError, TypeError):
                 pass
     last = f", last logged step {max(steps)}" if steps else ", nothing logged"
-    return f"no summary.json (unfinished or crashed{last})"
+    return f"no summary.json ({note}unfinished or crashed{last})"
+
+
+def wrong_types(summary: dict) -> list[str]:
+    """The keys of a summary whose values the study cannot use: metrics that are not numbers
+    (or null), sizes that are not integers, a loss that is not a section with a string name."""
+
+    def number(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def strings(value) -> bool:
+        return value is None or isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    metrics = [key for key, _, _ in METRICS.values() if key] + ["session_wall_s", "run_train_s"]
+    wrong = [k for k in metrics if summary.get(k) is not None and not number(summary[k])]
+    wrong += [k for k in ("global_batch", "world_size") if not integer(summary[k])]
+    step = summary["resumed_at_step"]
+    wrong += ["resumed_at_step"] * (step is not None and not integer(step))
+    wrong += [k for k in ("overrides", "sweep_keys") if not strings(summary.get(k))]
+    loss, paper = summary["config"].get("loss", {}), summary["config"].get("paper")
+    if not isinstance(loss, dict):
+        wrong.append("config.loss")
+    elif not isinstance(loss.get("name", "?"), str):
+        wrong.append("config.loss.name")
+    wrong += ["config.paper"] * (paper is not None and not isinstance(paper, str))
+    return wrong
 
 
 def load_run(run_dir: Path) -> dict:
@@ -112,6 +145,9 @@ def load_run(run_dir: Path) -> dict:
         raise StudyError(
             f"{path}: damaged summary.json (missing {', '.join(missing or ['config'])})"
         )
+    wrong = wrong_types(summary)
+    if wrong:
+        raise StudyError(f"{path}: damaged summary.json (wrong type: {', '.join(wrong)})")
     flat = flatten(summary["config"])
     derived = set()
     if (run_dir / ".hydra" / "config.yaml").is_file():
@@ -138,6 +174,7 @@ def load_run(run_dir: Path) -> dict:
         "resumed": resumed,
         "overrides": overrides,
         "sweep_keys": set(summary.get("sweep_keys") or []),
+        "unread": unused,
         "settings": {
             k: v
             for k, v in flat.items()
@@ -147,6 +184,17 @@ def load_run(run_dir: Path) -> dict:
     }
 
 
+def values(runs: list[dict], key: str) -> list:
+    """``key``'s value in each run whose loss reads it (a CE run has no ``loss.axis``: that
+    tells it apart from no ICM run)."""
+    return [r["settings"].get(key) for r in runs if key not in r["unread"]]
+
+
+def labelled(run: dict, keys: list[str]) -> list[str]:
+    """``key=value`` of the run for each of ``keys`` that its loss reads."""
+    return [f"{k}={run['settings'].get(k)}" for k in keys if k not in run["unread"]]
+
+
 def classify(runs: list[dict]) -> tuple[list[str], list[str]]:
     """Settings that differ between runs: (swept ones that split a method, flagged ones)."""
     swept = set().union(*(r["sweep_keys"] for r in runs))
@@ -154,12 +202,13 @@ def classify(runs: list[dict]) -> tuple[list[str], list[str]]:
         if len({r["overrides"][key] for r in runs}) > 1:
             swept.add(key)
     keys = set().union(*(r["settings"] for r in runs))
-    differ = sorted(k for k in keys if len({repr(r["settings"].get(k)) for r in runs}) > 1)
+    differ = sorted(k for k in keys if len({repr(v) for v in values(runs, k)}) > 1)
     flagged = [k for k in differ if not any(k == s or k.startswith(s + ".") for s in swept)]
     by_method = defaultdict(set)
     for r in runs:
         for k in differ:
-            by_method[(r["method"], k)].add(repr(r["settings"].get(k)))
+            if k not in r["unread"]:
+                by_method[(r["method"], k)].add(repr(r["settings"].get(k)))
     split = [
         k
         for k in differ
@@ -204,8 +253,8 @@ def paper_number(name, metric: str, results: dict):
 def make_rows(runs: list[dict], split: list[str], flagged: list[str], paper: dict, metric):
     cells = defaultdict(list)
     for r in runs:
-        label = " ".join([r["method"]] + [f"{k}={r['settings'].get(k)}" for k in split])
-        flag = " ".join(f"{k}={r['settings'].get(k)}" for k in flagged)
+        label = " ".join([r["method"], *labelled(r, split)])
+        flag = " ".join(labelled(r, flagged))
         cells[(label, flag, r["world"], r["batch"])].append(r)
     rows = []
     for (label, flag, world, batch), members in sorted(cells.items(), key=lambda c: str(c[0])):
@@ -255,44 +304,55 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StudyError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+        split, flagged = classify(runs)
+        rows = make_rows(runs, split, flagged, paper, args.metric)
+        wrote = write_outputs(rows, out, args.metric)
     except StudyError as e:
         print(f"dist_icm.study: error: {e}", file=sys.stderr)
         return 2
-    split, flagged = classify(runs)
     for key in flagged:
-        counts = Counter(str(r["settings"].get(key)) for r in runs)
-        values = ", ".join(f"{v} ({n} runs)" for v, n in counts.most_common())
+        counts = Counter(map(str, values(runs, key)))
+        listed = ", ".join(f"{v} ({n} runs)" for v, n in counts.most_common())
         print(
-            f"warning: runs differ in {key}, which is not swept: {values}; "
+            f"warning: runs differ in {key}, which is not swept: {listed}; "
             "kept in separate rows (column 'flagged')",
             file=sys.stderr,
         )
-    rows = make_rows(runs, split, flagged, paper, args.metric)
     print(markdown(rows, args.metric))
-    write_csv(rows, out / "study.csv")
-    wrote = [out / "study.csv"]
-    keys = ("method", "flagged") + ("world_size",) * (len({r["world_size"] for r in rows}) > 1)
-    name = METRICS[args.metric][1]
-    for y, stem, label in [
-        (args.metric, f"{args.metric}_vs_batch", name),
-        ("dup_share", "dup_share_vs_batch", "duplicate share"),
-    ]:
-        if plot(rows, "global_batch", y, out / f"{stem}.png", keys, label):
-            wrote.append(out / f"{stem}.png")
     worlds = sorted({r["world_size"] for r in rows})
-    if len(worlds) > 1:
-        keys = ("method", "flagged", "global_batch")
-        plot(rows, "world_size", "images_per_sec", out / "images_per_sec_vs_processes.png",
-             keys, "images/s")  # fmt: skip
-        wrote.append(out / "images_per_sec_vs_processes.png")
-    else:
+    if len(worlds) == 1:
         print(
             f"one world size ({worlds[0]} process{'es' if worlds[0] != 1 else ''}): "
             "no images/s-vs-processes plot",
             file=sys.stderr,
         )
+    elif all(r["images_per_sec"] is None for r in rows):
+        print("no run has run_images_per_sec: no images/s-vs-processes plot", file=sys.stderr)
     print("wrote " + ", ".join(map(str, wrote)), file=sys.stderr)
     return 0
+
+
+def write_outputs(rows: list[dict], out: Path, metric: str) -> list[Path]:
+    """study.csv and the plots into ``out``; the files written (a plot with no number to show
+    is not). Raises StudyError when one cannot be written."""
+    wrote = [out / "study.csv"]
+    keys = ("method", "flagged") + ("world_size",) * (len({r["world_size"] for r in rows}) > 1)
+    plots = [
+        ("global_batch", metric, f"{metric}_vs_batch", keys, METRICS[metric][1]),
+        ("global_batch", "dup_share", "dup_share_vs_batch", keys, "duplicate share"),
+    ]
+    if len({r["world_size"] for r in rows}) > 1:
+        keys = ("method", "flagged", "global_batch")
+        plots.append(("world_size", "images_per_sec", "images_per_sec_vs_processes", keys,
+                      "images/s"))  # fmt: skip
+    try:
+        write_csv(rows, wrote[0])
+        for x, y, stem, line_keys, label in plots:
+            if plot(rows, x, y, out / f"{stem}.png", line_keys, label):
+                wrote.append(out / f"{stem}.png")
+    except OSError as e:  # --out holds a folder of that name, or cannot be written
+        raise StudyError(f"{e.filename or out}: {e.strerror or e}") from None
+    return wrote
 
 
 if __name__ == "__main__":

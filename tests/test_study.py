@@ -40,6 +40,32 @@ def study(*args, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
+def study_here(capsys, *args) -> subprocess.CompletedProcess:
+    """``study`` in this process (no start-up of its own): its exit code, stdout and stderr."""
+    from dist_icm.study import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def copy_run(sweep: Path, to: Path, loss: str, seed: int = 0, batch: int = 32, edit=None) -> Path:
+    """A copy of the sweep's run of ``loss``, seed and batch at ``to``; ``edit(summary)``, when
+    given, changes its summary.json."""
+    for path in sorted(sweep.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        if (summary["config"]["loss"]["name"], summary["config"]["train"]["seed"],
+                summary["global_batch"]) == (loss, seed, batch):  # fmt: skip
+            break
+    else:
+        raise AssertionError(f"no {loss} run of seed {seed}, batch {batch} in {sweep}")
+    shutil.copytree(path.parent, to)
+    if edit is not None:
+        edit(summary)
+        (to / "summary.json").write_text(json.dumps(summary))
+    return to
+
+
 def table(stdout: str) -> list[dict]:
     """The markdown table's rows as dicts keyed by heading."""
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
@@ -195,6 +221,92 @@ def test_an_option_a_run_s_loss_does_not_read_neither_labels_nor_flags_it(sweep,
     assert all(r["n"] == "2" for r in table(out.stdout)) and "warning" not in out.stderr
 
 
+def test_runs_told_apart_by_their_loss_alone_flag_nothing_only_one_loss_reads(
+    sweep, tmp_path, capsys
+):
+    # `loss=ce` on one command line and the default icm_mixup on the others: the options that
+    # only ICM reads (loss.axis, loss.gather, ...) are no difference between them. A difference
+    # between the two ICM runs in one of these is still flagged, and on their rows alone
+    def default_loss(summary):  # as if started without a loss= override
+        summary["overrides"] = [o for o in summary["overrides"] if not o.startswith("loss=")]
+
+    runs = tmp_path / "runs"
+    copy_run(sweep, runs / "ce", "ce")
+    copy_run(sweep, runs / "icm", "icm_mixup", edit=default_loss)
+    out = study_here(capsys, runs)
+    assert out.returncode == 0, out.stderr
+    assert [r["method"] for r in table(out.stdout)] == ["ce", "icm_mixup"]
+    assert "warning" not in out.stderr and "flagged" not in table(out.stdout)[0]
+
+    def other_axis(summary):
+        default_loss(summary)
+        summary["config"]["loss"]["axis"] = "class"
+
+    copy_run(sweep, runs / "icm_rows", "icm_mixup", seed=1, edit=other_axis)
+    out = study_here(capsys, runs)
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning")]
+    assert warnings == [
+        "warning: runs differ in loss.axis, which is not swept: both (1 runs), class (1 runs); "
+        "kept in separate rows (column 'flagged')"
+    ]
+    rows = {(r["method"], r["flagged"]) for r in table(out.stdout)}
+    assert rows == {("ce", ""), ("icm_mixup", "loss.axis=both"), ("icm_mixup", "loss.axis=class")}
+
+
+@pytest.mark.parametrize("where", ["study.csv", "top1_vs_batch.png"])
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(sweep, tmp_path, capsys, where):
+    (tmp_path / "out" / where).mkdir(parents=True)  # a folder where the file goes
+    out = study_here(capsys, sweep / "0", "--out", tmp_path / "out")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"dist_icm.study: error: {tmp_path / 'out' / where}: Is a directory"
+    ]
+
+
+def test_a_plot_without_numbers_is_not_listed_as_written(sweep, tmp_path, capsys):
+    # two world sizes, but no run has images/s: no such plot, and "wrote" does not name it
+    def no_rate(world):
+        def edit(summary):
+            summary |= {"world_size": world, "run_images_per_sec": None}
+
+        return edit
+
+    runs = tmp_path / "runs"
+    copy_run(sweep, runs / "one", "icm_mixup", edit=no_rate(1))
+    copy_run(sweep, runs / "two", "icm_mixup", seed=1, edit=no_rate(2))
+    out = study_here(capsys, runs, "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "out" / "images_per_sec_vs_processes.png").exists()
+    (wrote,) = [line for line in out.stderr.splitlines() if line.startswith("wrote ")]
+    assert wrote == f"wrote {tmp_path / 'out' / 'study.csv'}, " + ", ".join(
+        str(tmp_path / "out" / f"{n}_vs_batch.png") for n in ("top1", "dup_share")
+    )
+    assert "no run has run_images_per_sec: no images/s-vs-processes plot" in out.stderr
+
+
+def test_a_damaged_preemption_marker_is_listed_as_skipped(sweep, tmp_path, capsys):
+    # a run stopped by a signal, its preempted.json cut short or not the trainer's: skipped,
+    # with why, beside one whose marker reads
+    markers = {"empty": "", "cut": '{"step": 5', "nosignal": '{"step": 5}', "list": "[5]"}
+    markers["good"] = '{"step": 5, "signal": "SIGTERM"}'
+    for name, text in markers.items():
+        run = copy_run(sweep, tmp_path / "runs" / name, "ce")
+        (run / "summary.json").unlink()
+        (run / "preempted.json").write_text(text)
+    out = study_here(capsys, sweep / "0", tmp_path / "runs", "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    skipped = {line.split(":")[0]: line for line in out.stderr.splitlines() if "skipped" in line}
+    for name in markers:
+        line = skipped[f"skipped {(tmp_path / 'runs' / name).resolve()}"]
+        if name == "good":
+            assert line.endswith(": no summary.json: stopped at step 5 (SIGTERM); resume=auto")
+        else:
+            assert (
+                ": no summary.json (unreadable preempted.json, unfinished or crashed, last "
+                "logged step 3)" in line
+            ), line
+
+
 def test_unfinished_run_is_listed_as_skipped(sweep, tmp_path):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(sweep / "0", unfinished)  # a run killed after its first logged step
@@ -254,7 +366,14 @@ def test_an_out_folder_that_cannot_be_made_is_one_line_and_exit_2(sweep, tmp_pat
     )
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "damaged", "incomplete"])
+WRONG_TYPES = {  # a summary.json whose keys are there, but hold what the study cannot use
+    "loss_a_string": (lambda s: s["config"].update(loss="ce"), "config.loss"),
+    "top1_a_string": (lambda s: s.update(top1="abc"), "top1"),
+    "batch_null": (lambda s: s.update(global_batch=None), "global_batch"),
+}
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "damaged", "incomplete", *WRONG_TYPES])
 def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, case):
     arg, run = tmp_path / "runs", tmp_path / "runs" / "run"
     if case == "missing":
@@ -269,9 +388,14 @@ def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, case):
         if case == "damaged":  # cut short, as by a full disk
             (run / "summary.json").write_text(text[: len(text) // 2])
             line = f"{run / 'summary.json'}: damaged summary.json ("
-        else:
+        elif case == "incomplete":
             (run / "summary.json").write_text(json.dumps({"top1": 1.0}))
             line = f"{run / 'summary.json'}: damaged summary.json (missing nll, ece, global_batch"
+        else:
+            summary, (edit, key) = json.loads(text), WRONG_TYPES[case]
+            edit(summary)
+            (run / "summary.json").write_text(json.dumps(summary))
+            line = f"{run / 'summary.json'}: damaged summary.json (wrong type: {key})"
     out = study(arg, cwd=tmp_path)
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.splitlines()) == 1, out.stderr

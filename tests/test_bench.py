@@ -23,6 +23,20 @@ def _bench(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
+def tiny_tree(root):
+    """A JPEG ImageFolder tree of two classes: 8 training and 4 test images each (32 x 32)."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.jpg")
+    return root
+
+
 def test_every_option_has_help():
     parser = _parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -64,7 +78,7 @@ def test_step_bench_reports_icm_over_ce():
         "--repeats",
         "1",
         "--warmup",
-        "1",
+        "0",  # none: straight to the timed blocks (the profile's test warms up)
         "--device",
         "cpu",
     )
@@ -102,6 +116,9 @@ BAD = [
     ("data --step nosuch", "data: error: --step: unknown model 'nosuch': use one of "),
     ("data --root {empty}", "data: error: --root {empty} holds no train/ folder: point it at "
      "a JPEG ImageFolder tree"),
+    ("data --batches 1", "data: error: argument --batches: 1 is less than 2"),
+    ("data --root {tiny} --batch 12 --workers 0", "data: error: --root {tiny} holds 1 batch of "
+     "--batch 12 per epoch; timing needs 3 (the first untimed): pass a smaller --batch"),
     ("trainer --root {tree} model=nosuch", "trainer: error: unknown model option 'nosuch' "),
     ("trainer --root {tree} train.epochz=1", "trainer: error: unknown config key train.epochz "),
 ]  # fmt: skip
@@ -111,8 +128,10 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("args, line", BAD, ids=[a for a, _ in BAD])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, line):
-    places = {"empty": tmp_path / "empty", "tree": tmp_path / "tree"}
+    places = {"empty": tmp_path / "empty", "tree": tmp_path / "tree", "tiny": tmp_path / "tiny"}
     places["empty"].mkdir()
+    if "{tiny}" in args:  # 16 training images: one batch of 12 per epoch
+        tiny_tree(places["tiny"])
     (places["tree"] / "train").mkdir(parents=True)  # a tree to name; the config fails first
     argv = [a.format(**places) for a in args.split()]
     out = subprocess.run([sys.executable, "-m", "dist_icm.bench", *argv], capture_output=True,
@@ -145,3 +164,12 @@ def test_trainer_bench_runs_the_trainer_and_a_bare_loop(cifar10_jpeg_root):
     assert out["batch"] == 32 and out["trainer_over_bare"] > 0
     assert {"trainer", "bare"} == set(out["top_ops"])
     assert any("convolution" in row["op"] for row in out["top_ops"]["bare"])
+
+
+def test_trainer_bench_takes_the_batches_of_a_short_epoch_in_turn(tmp_path):
+    # 5 steps a block, an epoch of 4 batches: the 4 are taken, the fifth step reuses the first
+    tree = tiny_tree(tmp_path / "tiny")
+    out = _bench("trainer", "--root", str(tree), "--steps", "5", "--repeats", "1",
+                 "model=small_cnn", "data.global_batch=4")  # fmt: skip
+    assert (out["steps"], out["batches"], out["batch"]) == (5, 4, 4)
+    assert out["trainer_s"] > 0 and out["bare_s"] > 0

@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--workers", type=NON_NEGATIVE, default=2, help="loader workers / decoding threads"
     )
-    d.add_argument("--batches", type=POSITIVE, default=150, help="batches per timed pass")
+    d.add_argument("--batches", type=_at_least(2), default=150, help="batches per timed pass")
     d.add_argument("--repeats", type=POSITIVE, default=3, help="timed passes of each loader")
     d.add_argument("--step", metavar="MODEL", help="also time training steps of this model")
     d.add_argument(

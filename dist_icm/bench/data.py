@@ -111,6 +111,13 @@ def bench_data(
         dev = {"device": device} if loader == "ffcv" else {}
         bundles[loader] = build_data(cfg, seed=0, micro_global=batch, rank=0, world_size=1, **dev)
         built[loader] = round(time.perf_counter() - start, 2)
+        per_epoch = bundles[loader].sampler.batches_per_epoch
+        if per_epoch < 3:  # before the ffcv file is written: the first batch is not timed
+            stop(
+                f"python -m dist_icm.bench data: error: --root {root} holds {per_epoch} "
+                f"batch{'es' * (per_epoch != 1)} of --batch {batch} per epoch; timing needs 3 "
+                "(the first untimed): pass a smaller --batch or a larger tree"
+            )
     n = min(batches, bundles["torch"].sampler.batches_per_epoch - 1)
     warm = {k: _data_pass(b, min(n, 20), 0) for k, b in bundles.items()}
     times: dict[str, list[float]] = {k: [] for k in bundles}

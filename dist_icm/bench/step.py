@@ -172,22 +172,32 @@ def bench_step(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def block(k: str, first: int, count: int) -> float:
-        return time_block(lambda i: step(k, i), first, count, device)
-
     fused_error = None
-    for k in list(objectives):
+
+    def block(k: str, first: int, count: int) -> float | None:
+        """Seconds per step of ``count`` steps of form ``k``; None where the fused form failed
+        (then dropped, why in ``fused_error``: the other forms' figures still come out)."""
+        nonlocal fused_error
         try:
-            block(k, 0, warmup)
+            return time_block(lambda i: step(k, i), first, count, device)
         except Exception as err:  # only the fused form's, whose kernels no GPU has run yet
             if k != "icm_fused":
                 raise
             fused_error = first_line(err)[:300]
-            del objectives[k]  # the other forms' figures still come out
+            del objectives[k]
+            return None
+
+    if warmup:  # --warmup 0: straight to the timed blocks
+        for k in list(objectives):
+            block(k, 0, warmup)
     times: dict[str, list[float]] = {k: [] for k in objectives}
     for r in range(repeats):
-        for k in objectives:
-            times[k].append(block(k, warmup + r * steps, steps))
+        for k in list(objectives):
+            seconds = block(k, warmup + r * steps, steps)
+            if seconds is None:
+                del times[k]
+            else:
+                times[k].append(seconds)
     med = {k: statistics.median(t) for k, t in times.items()}
     host = {k: queue_time(lambda i, k=k: step(k, i), warmup, steps, device) for k in objectives}
 

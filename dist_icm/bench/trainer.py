@@ -2,7 +2,8 @@
 
 Both train the same model (same initial weights) with the same SGD settings and the ICM loss on
 the same real CIFAR-10 JPEG batches, taken from the trainer's own loader before timing (so
-loading is not counted; ``bench data`` measures it):
+loading is not counted; ``bench data`` measures it): ``--steps`` of them, or the epoch's all
+where it holds fewer (``batches``), taken in turn:
 
 * ``trainer``: ``dist_icm.trainer.train_step`` on the job ``dist_icm.job.setup`` builds from the
   config (``experiment=cifar10_jpeg`` with the model, batch and runtime overrides given);
@@ -17,6 +18,7 @@ to the JSON, to see where a difference comes from.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 from pathlib import Path
@@ -101,12 +103,12 @@ def bench_trainer(root: str, overrides: list[str], steps: int, repeats: int, pro
         job.data.sampler.set_epoch(0)
         job.data.train.set_epoch(0)
         loader = iter(job.data.loader)
-        batches = [next(loader) for _ in range(steps)]
+        batches = list(itertools.islice(loader, steps))  # fewer where an epoch holds fewer
         del loader
         bare = _bare(job)
 
-        def one(i: int):  # the i-th step's batch, as an iterator
-            return iter(batches[i % steps : i % steps + 1])
+        def one(i: int):  # the i-th step's batch, as an iterator (the batches taken, in turn)
+            return iter(batches[i % len(batches) : i % len(batches) + 1])
 
         contestants = {
             "trainer": lambda i: trainer.train_step(job, one(i), i),
@@ -132,6 +134,7 @@ def bench_trainer(root: str, overrides: list[str], steps: int, repeats: int, pro
             "threads": torch.get_num_threads(),
             "batch": job.plan.global_batch,
             "steps": steps,
+            "batches": len(batches),  # distinct ones, taken in turn by the steps of a block
             "repeats": repeats,
             "trainer_s": round(med["trainer"], 4),
             "bare_s": round(med["bare"], 4),

@@ -70,7 +70,7 @@ def check_same_data(runs: Sequence[Run]) -> None:
     """The checkpoints must come from one data set (checked before any data is read)."""
     names = {run.cfg.data.name for run in runs}
     if len(names) > 1:
-        what = ", ".join(f"{run.path.name}: data.name={run.cfg.data.name}" for run in runs)
+        what = ", ".join(f"{run.path}: data.name={run.cfg.data.name}" for run in runs)
         raise AnalysisError(f"the checkpoints were trained on different data sets ({what})")
 
 
@@ -223,6 +223,8 @@ def analyze(args: argparse.Namespace) -> list[dict]:
     check_same_data(runs)
     labels = list(args.labels) if args.labels is not None else default_labels(runs)
     report = _Progress()
+    for line in (line for run in runs for line in run.skipped):
+        report.line(line)  # a newer checkpoint of a run folder that does not load
     cache: dict[tuple, TestImages] = {}
     classes = None
     rows, results = [], []

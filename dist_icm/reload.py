@@ -1,15 +1,16 @@
 """A trained run back from its checkpoint, for analysis: the config it was trained with, its model
 holding the checkpoint's weights, and one test image per class.
 
-``load_run`` takes a ``ckpt-*.pt`` file or a run folder (its newest checkpoint that loads); the
-config comes from the checkpoint, else from the run folder (``summary.json``, then Hydra's
-``.hydra/config.yaml``). Every way this can fail raises :class:`AnalysisError` with one line
-(or the checkpoint module's ``CheckpointError``).
+``load_run`` takes a ``ckpt-*.pt`` file or a run folder (its newest checkpoint that loads; a
+line for each newer one that does not in ``Run.skipped``); the config comes from the checkpoint,
+else from the run folder (``summary.json``, then Hydra's ``.hydra/config.yaml``). Every way this
+can fail raises :class:`AnalysisError` with one line (or the checkpoint module's
+``CheckpointError``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ class Run:
     path: Path
     state: dict
     cfg: Config
+    skipped: list[str] = field(default_factory=list)  # newer checkpoints that did not load
 
     @property
     def step(self) -> int:
@@ -51,7 +53,9 @@ def _run_folder_config(ckpt: Path) -> Config | None:
     validated config in summary.json's ``config``, else Hydra's ``.hydra/config.yaml``."""
     import json
 
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     run = ckpt.resolve().parent.parent
     summary = run / "summary.json"
@@ -64,7 +68,13 @@ def _run_folder_config(ckpt: Path) -> Config | None:
             return _config_from(saved, str(summary))
     hydra = run / ".hydra" / "config.yaml"
     if hydra.is_file():
-        raw = OmegaConf.to_container(OmegaConf.load(hydra), resolve=False)
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(hydra), resolve=False)
+        except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as e:  # cut short
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise AnalysisError(f"{hydra}: unreadable ({why})") from None
+        if not isinstance(raw, dict) or not raw:  # empty: not even the defaults' sections
+            raise AnalysisError(f"{hydra}: unreadable (not a mapping of config sections)")
         return _config_from(raw, str(hydra))
     return None
 
@@ -72,10 +82,10 @@ def _run_folder_config(ckpt: Path) -> Config | None:
 def load_run(path: str | Path) -> Run:
     """The checkpoint at ``path`` (a ``ckpt-*.pt`` file, or a run folder / its checkpoints/
     folder: the newest checkpoint there that loads) and its config."""
-    path = Path(path)
+    path, skipped = Path(path), []
     if path.is_dir():
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = checkpoint.latest(folder)
+        found = checkpoint.latest(folder, skipped=skipped)
         if found is None:
             raise AnalysisError(f"{path} is a folder without a readable checkpoint (ckpt-*.pt)")
         path, state = found
@@ -95,7 +105,7 @@ def load_run(path: str | Path) -> Run:
                 f"checkpoint {path} holds no config, nor does its run folder "
                 "(summary.json, .hydra/config.yaml): cannot rebuild its model and data"
             )
-    return Run(path, state, cfg)
+    return Run(path, state, cfg, skipped)
 
 
 def _strip_prefixes(state: dict) -> dict:

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -260,7 +261,7 @@ def test_run_folder_config_stands_in_for_a_checkpoint_without_one(runs, tmp_path
     assert numbers[0] == numbers[1] == numbers[2]  # the same model and images, found each way
 
 
-def test_a_run_folder_gives_its_newest_readable_checkpoint(runs, tmp_path):
+def test_a_run_folder_gives_its_newest_readable_checkpoint(runs, tmp_path, capsys):
     from dist_icm.reload import load_run
 
     run = tmp_path / "run"
@@ -268,10 +269,29 @@ def test_a_run_folder_gives_its_newest_readable_checkpoint(runs, tmp_path):
     good = runs["mixup"].name
     torn = run / "checkpoints" / "ckpt-000000099.pt"  # newer, and cut short
     torn.write_bytes((run / "checkpoints" / good).read_bytes()[:1000])
-    with pytest.warns(UserWarning, match="ckpt-000000099.pt is unreadable"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the skip is said in one line of the output, not warned
         found = load_run(run)
+        analyze.main([str(run), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert found.path.name == good
+    (line,) = found.skipped
+    assert line.startswith(f"checkpoint {torn} is unreadable (") and line.endswith(
+        "): skipped for an older one"
+    )
+    assert capsys.readouterr().err.splitlines()[0] == f"analyze: {line}"
     assert load_run(run / "checkpoints" / good).path.name == good  # a file: that one
+
+
+def test_a_damaged_run_folder_config_is_one_line_and_exit_2(runs, tmp_path, capsys):
+    # a checkpoint without its config, in a run folder whose .hydra/config.yaml is cut short
+    state = checkpoint.load(runs["mixup"])
+    del state["config"]
+    shutil.copytree(runs["mixup"].parent.parent / ".hydra", tmp_path / "run" / ".hydra")
+    checkpoint.save(tmp_path / "run" / "checkpoints", 10, state)
+    hydra = tmp_path / "run" / ".hydra" / "config.yaml"
+    hydra.write_text("a: [\n")
+    _expect_exit_2(capsys, [str(tmp_path / "run"), "--out", str(tmp_path / "out")],
+                   f"{hydra}: unreadable (while parsing a flow node)")  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -327,7 +347,8 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
         state["config"]["data"]["name"] = "cifar10"
 
     cifar = _saved_with(runs, tmp_path, "cifar", other_data)
-    _expect_exit_2(capsys, [good, str(cifar), *out], "trained on different data sets")
+    _expect_exit_2(capsys, [good, str(cifar), *out], "trained on different data sets "
+                   f"({good}: data.name=digits, {cifar}: data.name=cifar10)")  # fmt: skip
 
     def other_model(state):
         state["config"]["model"]["name"] = "cifar_resnet18"

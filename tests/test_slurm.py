@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import slurm_cluster
 from cli import REPO, losses, records, run_train
 from multiproc import free_port
 
+from dist_icm.checkpoint import list_checkpoints
 from dist_icm.slurm import expand_nodelist, node_command
 
 SBATCH = REPO / "launch" / "slurm.sbatch"
@@ -206,15 +208,50 @@ def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(tmp_path,
     assert losses(b) == losses(a) and records(b)[-1] == records(a)[-1]  # exactly
 
 
+def _logged(run: Path, steps: int, timeout: float = 120) -> None:
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert time.monotonic() < deadline, f"{run} did not log {steps} steps"
+        time.sleep(0.1)
+
+
 @needs_slurm
 @pytest.mark.multiproc
-def test_a_run_that_fails_is_not_requeued(tmp_path, cluster):
-    # the negative of the above: only a run that stopped with a checkpoint is requeued
-    job = _submit(cluster, tmp_path, "data.global_batch=0")
+@pytest.mark.parametrize("before", ["fresh", "stopped"])
+def test_a_run_that_fails_is_not_requeued(tmp_path, cluster, before):
+    # the negative of the above: only a run that stopped with a checkpoint is requeued; also
+    # where an earlier session stopped (its preempted.json stays until a run resumes): such a
+    # job that failed on restart used to be requeued over and over
+    extra = None
+    if before == "stopped":
+        run = tmp_path / "runs" / "requeued"
+        run.mkdir(parents=True)
+        (run / "preempted.json").write_text('{"step": 5, "signal": "SIGUSR1"}\n')
+        os.utime(run / "preempted.json", (time.time() - 600,) * 2)  # the earlier session's
+        extra = {"RUN_DIR": str(run)}
+    job = _submit(cluster, tmp_path, "data.global_batch=0", extra_env=extra)
     assert slurm_cluster.wait_for(job, cluster) == "FAILED"
     log = (tmp_path / f"job-{job}.out").read_text()
     assert "dist_icm: error: data.global_batch must be >= 1, got 0" in log
     assert "requeueing" not in log and slurm_cluster.job_fields(job, cluster)["Restarts"] == "0"
+
+
+@needs_slurm
+@pytest.mark.multiproc
+def test_a_job_its_user_cancels_checkpoints_and_is_not_requeued(tmp_path, cluster):
+    # `scancel JOB` sends SIGTERM, as a preemption does: the run checkpoints and stops (exit
+    # 75), but the job stays cancelled; it used to requeue itself and train on
+    job = _submit(cluster, tmp_path, "train.epochs=1000")  # runs until it is stopped
+    run = tmp_path / "runs" / job
+    _logged(run, 20)
+    subprocess.run(["scancel", job], env=cluster, check=True)
+    assert slurm_cluster.wait_for(job, cluster) == "CANCELLED"
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert f"dist_icm: job {job} was cancelled: stopped with a checkpoint, not requeued" in log
+    assert "requeueing" not in log and slurm_cluster.job_fields(job, cluster)["Restarts"] == "0"
+    stopped = int(log.split("dist_icm: stopped at step ")[1].split()[0])
+    assert list_checkpoints(run / "checkpoints")[-1].name == f"ckpt-{stopped:09d}.pt"
 
 
 @needs_slurm

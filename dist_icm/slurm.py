@@ -9,14 +9,20 @@ the machine rank is expanded per task, not once in the batch script) and replace
         --num_processes <nodes x processes per node> -m dist_icm.train run_dir=$RUN_DIR
         resume=auto OVERRIDES...
 
-* processes per node: ``PROCS_PER_NODE`` if set, else the GPUs Slurm gave the node
-  (``SLURM_GPUS_ON_NODE``, else the count in ``SLURM_GPUS_PER_NODE`` such as ``gpu:a100:8``),
-  else 1 (a CPU process; several CPU processes need ``PROCS_PER_NODE``);
+* processes per node: ``PROCS_PER_NODE`` if set, else the GPUs Slurm gives each node (the count
+  in ``SLURM_GPUS_PER_NODE``, such as ``gpu:a100:8``, which ``--gpus-per-node`` sets alike for
+  every node), else the GPUs it gave this node (``SLURM_GPUS_ON_NODE``: every node must have as
+  many, as Accelerate starts ``num_processes / num_machines`` on each), else 1 (a CPU process;
+  several CPU processes need ``PROCS_PER_NODE``);
 * the rendezvous: ``MAIN_ADDR`` if set, else the first host of ``SLURM_JOB_NODELIST``; port
-  ``MAIN_PORT`` if set, else 20000 + job id mod 10000 (the same on every node of a job, and
-  different for jobs that share a node);
+  ``MAIN_PORT`` if set, else 20000 + job id mod 10000 (the same on every node of a job; jobs
+  whose ids differ by a multiple of 10000 get the same one, so set ``MAIN_PORT`` where such
+  jobs may share a node);
 * the run folder: ``RUN_DIR`` (the batch script sets it to ``$RUN_ROOT/$SLURM_JOB_ID``, so a
-  requeued job finds its own checkpoints) with ``resume=auto``.
+  requeued job finds its own checkpoints) with ``resume=auto``, quoted for Hydra (a folder
+  name may hold ``=``, ``,`` or brackets);
+* Hydra's flags among the arguments (``--config-dir DIR``, ``-cn NAME``, ...) go before
+  ``run_dir``, where Hydra wants them; the overrides after it.
 
 ``dist_icm.launch`` is ``accelerate launch`` that exits with the job's own exit code (75 for a
 stop with a checkpoint, which the batch script answers with a requeue). ``python -m
@@ -80,11 +86,39 @@ def _int(key: str, value: str, low: int, high: int | None = None) -> int:
 
 
 def _procs_per_node(env: Mapping[str, str]) -> int:
-    for key in ("PROCS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+    for key in ("PROCS_PER_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE"):
         value = env.get(key, "").strip()
         if value:  # "8", "gpu:8", "gpu:a100:8", "gpu:8(S:0-1)": the count, socket list left out
             return _int(key, re.sub(r"\(.*\)$", "", value).split(":")[-1], 1)
     return 1
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` as a Hydra override value that parses back to ``value`` itself: as it is where
+    it holds only ASCII letters, digits, ``_``, ``/``, ``.`` and ``-``; else quoted, with ``'``
+    escaped and the backslashes before a quote or at the end doubled."""
+    if re.fullmatch(r"[A-Za-z0-9_/.-]+", value):
+        return value
+    body = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + body.replace("'", "\\'") + "'"
+
+
+# Hydra's flags that take their value as the next argument
+_FLAG_VALUES = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+
+
+def _flags_first(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides) of the job's arguments, in order."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        if args[i].startswith("-"):
+            takes = args[i] in _FLAG_VALUES and i + 1 < len(args)
+            flags += args[i : i + 1 + takes]
+            i += 1 + takes
+        else:
+            overrides.append(args[i])
+            i += 1
+    return flags, overrides
 
 
 def node_command(env: Mapping[str, str], overrides: list[str]) -> list[str]:
@@ -111,12 +145,14 @@ def node_command(env: Mapping[str, str], overrides: list[str]) -> list[str]:
     main_addr = env.get("MAIN_ADDR") or hosts[0]
     port = _int("MAIN_PORT", env.get("MAIN_PORT") or str(20000 + job % 10000), 1, 65535)
     run_dir = env.get("RUN_DIR") or f"outputs/slurm/{job}"
+    flags, overrides = _flags_first(overrides)
     return [
         env.get("PYTHON", sys.executable), "-m", "dist_icm.launch", "--multi_gpu",
         "--num_machines", str(nodes), "--machine_rank", str(node_id),
         "--main_process_ip", main_addr, "--main_process_port", str(port),
         "--num_processes", str(nodes * procs),
-        "-m", "dist_icm.train", f"run_dir={run_dir}", "resume=auto", *overrides,
+        "-m", "dist_icm.train", *flags, f"run_dir={hydra_quoted(run_dir)}", "resume=auto",
+        *overrides,
     ]  # fmt: skip
 
 

@@ -75,6 +75,38 @@ def test_node_commands_take_slurm_s_gpu_counts_and_refuse_outside_a_task():
 
 
 @pytest.mark.parametrize(
+    "folder",
+    ["outputs/slurm/7", "/runs/lr=0.1,b", "/runs/a b [x] (y) #z", "~/runs", "/runs/it's",
+     "/runs/back\\slash\\", "/runs/été"],
+)  # fmt: skip
+def test_the_run_folder_reaches_the_job_as_it_is(folder):
+    # pasted unquoted into run_dir=..., a folder with "=", ",", brackets, "#" or "~" failed
+    # every job with Hydra's parse error
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "SLURM_JOB_NODELIST": "n1", "RUN_DIR": folder}  # fmt: skip
+    cmd = node_command(env, ["train.seed=1"])
+    given = next(a for a in cmd if a.startswith("run_dir="))
+    (parsed,) = OverridesParser.create().parse_overrides([given])
+    assert parsed.value() == folder
+
+
+def test_hydra_s_flags_go_before_the_overrides_and_gpu_counts_are_per_node():
+    # after run_dir=..., Hydra refused its own flags ("Hydra's flags come first")
+    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_PER_NODE": "gpu:4",
+           "SLURM_GPUS_ON_NODE": "2"}  # fmt: skip
+    cmd = node_command(env, ["--config-dir", "/my/configs", "+tweak=t", "-cn", "mine", "x=1"])
+    job = cmd[cmd.index("dist_icm.train") + 1 :]
+    assert job == ["--config-dir", "/my/configs", "-cn", "mine", "run_dir=outputs/slurm/7",
+                   "resume=auto", "+tweak=t", "x=1"]  # fmt: skip
+    # --gpus-per-node (the same on every node) before this node's own count, which could
+    # differ between nodes and so give them different world sizes
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+
+
+@pytest.mark.parametrize(
     "key, value, line",
     [("MAIN_PORT", "abc", "MAIN_PORT='abc' must be an integer in [1, 65535]"),
      ("MAIN_PORT", "99999", "MAIN_PORT='99999' must be an integer in [1, 65535]"),

@@ -55,7 +55,8 @@ def batch_sums(logits: Tensor, targets: Tensor, n_bins: int = ECE_BINS) -> Tenso
     conf, pred = probs.max(dim=1)
     correct1 = pred.eq(targets)
     topk = x.topk(min(5, c), dim=1).indices
-    correct5 = topk.eq(targets[:, None]).any(dim=1)
+    # or correct1: among exactly tied logits topk may pick other classes than max does
+    correct5 = topk.eq(targets[:, None]).any(dim=1) | correct1
     nll = -torch.log_softmax(x, dim=1).gather(1, targets[:, None]).squeeze(1)
 
     out[0] = n

@@ -14,7 +14,9 @@ on the device and read (a mean over ranks) only every ``train.log_every`` steps.
 What ranks must agree on is decided once: the data set is fetched by rank 0 first, the
 checkpoint is chosen by rank 0 (checkpoints are written and restored by
 :mod:`dist_icm.resume`), and BatchNorm statistics are averaged over ranks before every
-evaluation and save, so the metrics reported are those of the model saved. Start-up problems
+evaluation and save, so the metrics reported are those of the model saved (in the run's
+precision: under ``runtime=bf16`` evaluation runs under the same autocast as training, and a
+float32 re-evaluation of the checkpoint differs in the last digits). Start-up problems
 raise :class:`~dist_icm.config.ConfigError`, :class:`~dist_icm.data.datasets.DataError` or
 ``CheckpointError`` before any training happens.
 """

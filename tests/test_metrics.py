@@ -127,3 +127,9 @@ def test_evaluate_sums_matches_concatenated_outputs() -> None:
     evaluate_sums(model, loader, "cpu")
     assert not model.training
     assert finalize(sums)["count"] == 203
+
+
+def test_a_sample_right_at_top_1_is_right_at_top_5_among_tied_logits() -> None:
+    # constant logits: max takes class 0, topk(5) took five others, so top-1 100 and top-5 0
+    out = finalize(batch_sums(torch.zeros(4, 10), torch.zeros(4, dtype=torch.long)))
+    assert out["top1"] == 100.0 and out["top5"] == 100.0

@@ -108,7 +108,9 @@ def mixup(
     perm, lam, a, b = _as_tensors(x, y, partners(n, ctx), draw_lam(alpha, n, ctx, per_sample))
     if fused and blend_applies(x):
         return Mixed(fused_blend(x, perm, lam), a, b, lam)
-    w = lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    w = lam.to(x.dtype)
+    lam = w.to(lam.dtype)  # the weight the images got: rounded where they are bf16 (DeepSpeed)
+    w = w.view(-1, *([1] * (x.ndim - 1)))
     return Mixed(w * x + (1 - w) * x[perm], a, b, lam)
 
 

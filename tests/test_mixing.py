@@ -113,3 +113,13 @@ def test_bad_values_fail_clearly():
         cutmix(x, y, alpha=1.0, ctx=MixContext(0, 0))
     with pytest.raises(ValueError, match="κ >= 1"):
         remix_lam(torch.rand(2), y[:2], y[:2], torch.ones(6), kappa=0.5)
+
+
+def test_bf16_images_and_their_targets_take_the_same_lambda():
+    # DeepSpeed's bf16 inputs: the images were mixed with λ rounded to bf16, the targets (soft
+    # CE, the ICM triples) with the float32 λ: 0.5830550 against 0.5820312
+    x = torch.stack([torch.ones(1, 2, 2), torch.zeros(1, 2, 2)]).to(torch.bfloat16)
+    mixed = mixup(x, torch.tensor([0, 1]), alpha=20.0, ctx=MixContext(0, 0, 2))
+    assert mixed.lam.dtype == torch.float32
+    assert mixed.x[0].float().mean().item() == mixed.lam[0].item()  # row 0: ones over zeros
+    assert mixed.lam[0].item() == pytest.approx(0.5820312, abs=1e-7)  # the draw, rounded

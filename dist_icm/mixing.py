@@ -115,7 +115,9 @@ def mixup(
 
 
 def cutmix_box(lam: float, height: int, width: int, rng: np.random.Generator):
-    """A box of area about (1 - λ)·H·W at a uniform centre, clipped: (y0, y1, x0, x1)."""
+    """A box of area about (1 - λ)·H·W at a uniform centre, clipped: (y0, y1, x0, x1). As
+    timm's ``rand_bbox``; CutMix's own code spans ±cut // 2, a pixel less where the cut is odd
+    (λ is corrected to the area pasted either way)."""
     ratio = np.sqrt(1.0 - lam)
     h, w = int(height * ratio), int(width * ratio)
     cy, cx = rng.integers(height), rng.integers(width)

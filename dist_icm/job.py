@@ -109,6 +109,7 @@ def setup(cfg: Config) -> Job:
         )
 
     data = dist.rank_zero_first(data, group)
+    notes += [f"data: {note}" for note in data.spec.notes]  # e.g. images of several sizes
     check_same_data(dist.all_gather_object(fingerprint(data), group))  # one data set, each copy
     check_against_data(cfg, data.spec.num_classes, data.train_size)
     if data_cfg.loader == "ffcv" and augment_mode(data_cfg.augment, data.spec) == "imagenet":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,6 +178,101 @@ def test_imagefolder_val_and_resize(tmp_path: Path) -> None:
     assert spec.image_size == 40 and spec.class_names == ("a", "b")
     assert spec.mean == (0.485, 0.456, 0.406)
     assert [x.shape for x, _ in (train[0], train[1], val[1])] == [(3, 40, 40)] * 3
+    b0 = tmp_path / "train" / "b" / "0.png"  # which size is used, and a non-square one
+    assert spec.notes == (
+        f"{tmp_path}/train: 1 of 2 images sampled are not 40x40 ({b0} is 48x40): every image "
+        "is resized (shorter side) and centre-cropped to 40x40",
+    )
+
+
+def _jpeg_tree(root: Path, cifar: Path, n: int = 4) -> Path:
+    """train/ and test/ with the first ``n`` real CIFAR-10 JPEGs of airplane and cat each."""
+    for split in ("train", "test"):
+        for cls in ("airplane", "cat"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((cifar / split / cls).glob("*.jpg"))[:n]:
+                (root / split / cls / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def test_imagefolder_skips_hidden_folders_and_files(tmp_path: Path, cifar10_jpeg_root) -> None:
+    tree = _jpeg_tree(tmp_path, cifar10_jpeg_root)
+    for split in ("train", "test"):  # a viewer's thumbnails: class 0, every label shifted
+        (tree / split / ".thumbnails").mkdir()
+        first = sorted((tree / split / "cat").iterdir())[0]
+        (tree / split / ".thumbnails" / first.name).write_bytes(first.read_bytes())
+        (tree / split / ".ipynb_checkpoints").mkdir()  # empty: refused the whole tree
+        (tree / split / "cat" / "._0.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    train, test, spec = build_datasets("imagefolder", str(tree))
+    assert spec.class_names == ("airplane", "cat") and spec.notes == ()
+    assert train.targets == test.targets == [0] * 4 + [1] * 4
+    assert all(".thumbnails" not in p and "._" not in p for p, _ in train.samples + test.samples)
+
+
+def test_a_link_loop_stops_with_one_line_naming_the_link(tmp_path: Path, cifar10_jpeg_root):
+    tree = _jpeg_tree(tmp_path, cifar10_jpeg_root)
+    elsewhere = tmp_path / "more"  # a linked folder that is no loop is read, once
+    (tree / "train" / "cat").rename(elsewhere)
+    (tree / "train" / "cat").symlink_to(elsewhere)
+    (elsewhere / "sub").symlink_to(tree / "test" / "cat")
+    train, _, _ = build_datasets("imagefolder", str(tree))
+    assert train.targets == [0] * 4 + [1] * 8
+    plane = tree / "train" / "airplane"
+    (plane / "loop").symlink_to("..")  # cat read again as airplane, ~40 times (2: forever)
+    line = f"{plane}/loop is a link loop ({plane}/loop/airplane is {plane.resolve()} again)"
+    with pytest.raises(DataError, match=re.escape(line)):
+        build_datasets("imagefolder", str(tree))
+
+
+def test_16_bit_grayscale_is_scaled_down_not_white(tmp_path: Path, cifar10_jpeg_root) -> None:
+    tree = _jpeg_tree(tmp_path, cifar10_jpeg_root)
+    grey = {}
+    for path in sorted((tree / "train" / "cat").iterdir()):  # 16-bit PNGs ("I;16")
+        grey[path.stem] = np.asarray(Image.open(path).convert("L"))
+        Image.fromarray(grey[path.stem].astype(np.uint16) * 257).save(path.with_suffix(".png"))
+        path.unlink()
+    train, _, _ = build_datasets("imagefolder", str(tree))
+    for i, name in enumerate(sorted(grey), start=4):  # (v * 257) >> 8 == v, in every channel
+        x, y = train[i]
+        want = grey[name]
+        assert y == 1 and all(np.array_equal(c, want) for c in (x * 255).round().byte().numpy())
+    from dist_icm.data.imagefolder import rgb8
+
+    as_int32 = Image.fromarray(grey["0000"].astype(np.int32) * 257)  # mode "I"
+    assert np.array_equal(np.asarray(rgb8(as_int32))[..., 0], grey["0000"])
+
+
+def test_the_image_size_comes_from_a_sample_not_the_first_image(tmp_path, cifar10_jpeg_root):
+    tree = _jpeg_tree(tmp_path, cifar10_jpeg_root)
+    first = sorted((tree / "train" / "airplane").iterdir())[0]
+    Image.open(first).resize((40, 40)).save(first)  # was the size: 40 px, imagenet augmentation
+    flat = tree / "train" / "cat" / "zz.jpg"
+    Image.open(first).resize((64, 2)).save(flat)
+    train, test, spec = build_datasets("imagefolder", str(tree))
+    assert spec.image_size == 32 and spec.mean == (0.4914, 0.4822, 0.4465)
+    assert [x.shape for x, _ in (train[0], train[len(train) - 1], test[0])] == [(3, 32, 32)] * 3
+    assert spec.notes == (
+        f"{tree}/train: 2 of 9 images sampled are not 32x32 ({first} is 40x40, {flat} is 64x2): "
+        "every image is resized (shorter side) and centre-cropped to 32x32",
+    )
+    from cli import setup_job  # and the run says so at start
+
+    job = setup_job(["experiment=quickstart", "data=imagefolder", f"data.root={tree}",
+                     "data.global_batch=4", "loss.group_size=null"])  # fmt: skip
+    assert f"data: {spec.notes[0]}" in job.notes
+
+
+@pytest.mark.parametrize("flag", ["--root", "--cache"])
+def test_dist_icm_data_refuses_an_empty_folder_name(flag: str, capsys, tmp_path: Path) -> None:
+    from dist_icm.data.write import main
+
+    args = {"--root": str(tmp_path), "--cache": str(tmp_path)} | {flag: ""}  # "": cwd, ~/.cache
+    with pytest.raises(SystemExit) as info:
+        main(["imagefolder", *(x for kv in args.items() for x in kv)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"dist_icm: error: argument {flag}: must name a folder, got '' (see dist-icm-data --help)"
+    ]
 
 
 # ---------------------------------------------------------------- subsets

@@ -127,7 +127,7 @@ def test_digits_round_trip_is_exact(cache):
 def test_jpeg_tree_round_trip(cache, tree, mode):
     found, train, _ = write(tree, cache, mode=mode, quality=95)
     images, labels = raw_read(found.train)
-    source = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in train.folder.samples])
+    source = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in train.samples])
     assert np.array_equal(labels, np.asarray(train.targets))
     diff = np.abs(images.astype(int) - source.astype(int))
     if mode == "raw":
@@ -148,6 +148,46 @@ def test_second_write_reuses_the_cache(cache, tree, capsys):
     assert {p: p.stat().st_mtime_ns for p in again.folder.iterdir()} == stamp
     other, _, _ = write(tree, cache, mode="jpg", quality=80)  # other options: another entry
     assert other.folder != first.folder
+
+
+def _small_tree(root: Path, cifar: Path) -> Path:
+    """4 real CIFAR-10 JPEGs of airplane and cat each in train/ and test/ (copies)."""
+    for split in ("train", "test"):
+        for cls in ("airplane", "cat"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((cifar / split / cls).glob("*.jpg"))[:4]:
+                shutil.copy2(f, root / split / cls / f.name)
+    return root
+
+
+def test_a_changed_tree_makes_a_new_entry(tmp_path, cifar10_jpeg_root, capsys):
+    tree = _small_tree(tmp_path / "tree", cifar10_jpeg_root)
+    first, _, _ = write(tree, tmp_path, mode="raw")
+    moved = sorted((tree / "train" / "airplane").iterdir())[0]  # a label fixed: same totals
+    moved.rename(tree / "train" / "cat" / f"z{moved.name}")
+    capsys.readouterr()
+    again, train, _ = write(tree, tmp_path, mode="raw")
+    assert again.folder != first.folder and "dist_icm: writing" in capsys.readouterr().out
+    assert raw_read(again.train)[1].tolist() == train.targets == [0] * 3 + [1] * 5
+    from dist_icm.data.write import _files_digest
+
+    digest = _files_digest(train)  # a file rewritten (stat only: its size or time changes)
+    os.utime(train.samples[0][0], ns=(0, 0))
+    assert _files_digest(build_datasets("imagefolder", str(tree))[0]) != digest
+
+
+def test_16_bit_pngs_read_alike_on_both_paths(tmp_path, cifar10_jpeg_root):
+    tree = _small_tree(tmp_path / "tree", cifar10_jpeg_root)
+    for path in sorted((tree / "train" / "cat").iterdir()):  # "I;16", once solid white
+        grey = np.asarray(Image.open(path).convert("L")).astype(np.uint16) * 257
+        Image.fromarray(grey).save(path.with_suffix(".png"))
+        path.unlink()
+    found, train, _ = write(tree, tmp_path, mode="raw")
+    images, labels = raw_read(found.train)
+    torch_path = np.stack([(train[i][0] * 255).round().byte().permute(1, 2, 0).numpy()
+                           for i in range(len(train))])  # fmt: skip
+    assert labels.tolist() == train.targets and np.array_equal(images, torch_path)
+    assert images[4:].std() > 10  # not white
 
 
 def test_the_cache_folder_is_the_option_then_the_variable_then_home(monkeypatch, tmp_path):
@@ -303,14 +343,19 @@ def test_truncated_or_corrupt_betons_are_refused(cache, tree, tmp_path):
         bundle(config)
 
 
-def test_an_unreadable_image_stops_the_writer_instead_of_hanging_it(tmp_path, tree):
+def test_an_unreadable_image_stops_the_writer_instead_of_hanging_it(tmp_path, tree, capfd):
     bad = tmp_path / "tree"
     shutil.copytree(tree, bad, symlinks=True)
     victim = sorted((bad / "train" / "cat").iterdir())[3]
     victim.unlink()
     victim.write_bytes(b"not a jpeg")
-    with pytest.raises(DataError, match=f"cannot read {victim}"):
+    capfd.readouterr()
+    with pytest.raises(DataError) as info:
         write(bad, tmp_path)
+    # the torch path's words, and no progress bar of ffcv's before the line (off a terminal)
+    assert str(info.value) == f"cannot read image {victim} (not an image file PIL can decode): " \
+        "fix or remove it"  # fmt: skip
+    assert capfd.readouterr().err == ""
     assert not list((tmp_path / "ffcv").glob("*/meta.json"))  # nothing half-written is kept
 
 

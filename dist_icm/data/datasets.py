@@ -12,7 +12,7 @@ import importlib.metadata
 import os
 import socket
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +113,7 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    notes: tuple[str, ...] = field(default=(), compare=False)  # start-up lines about the data
 
 
 class TensorImageDataset(Dataset):
@@ -137,47 +138,6 @@ def _reason(error: BaseException) -> str:
     if type(error).__name__ == "UnidentifiedImageError":  # its message repeats the file
         return "not an image file PIL can decode"
     return f"{type(error).__name__}: {error}".splitlines()[0]
-
-
-class ImageFolderImages(Dataset):
-    """A torchvision ImageFolder that yields RGB float CHW tensors of one fixed square size.
-
-    Images whose size differs from ``image_size`` are resized (shorter side) and centre-cropped,
-    which is deterministic, so that default collation works on trees of mixed sizes.
-    """
-
-    def __init__(self, root: Path, image_size: int | None = None) -> None:
-        from torchvision.datasets import ImageFolder
-
-        self.folder = ImageFolder(str(root))
-        self.classes: list[str] = list(self.folder.classes)
-        self.targets: list[int] = list(self.folder.targets)
-        if not self.folder.samples:
-            raise DataError(f"no images under {root}: its class folders hold no image files")
-        if image_size is None:
-            path = self.folder.samples[0][0]
-            try:
-                first = self.folder.loader(path)
-            except Exception as e:
-                raise DataError(f"cannot read image {path} ({_reason(e)}): fix or remove it") from e
-            image_size = first.size[1]  # PIL size is (width, height)
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        import torchvision.transforms.functional as TF
-
-        path, label = self.folder.samples[i]
-        try:
-            image = TF.to_tensor(self.folder.loader(path).convert("RGB"))
-        except Exception as e:  # PIL: UnidentifiedImageError, OSError (truncated), ...
-            raise DataError(f"cannot read image {path} ({_reason(e)}): fix or remove it") from e
-        s = self.image_size
-        if image.shape[-2:] != (s, s):
-            image = TF.center_crop(TF.resize(image, s, antialias=True), [s, s])
-        return image, int(label)
 
 
 def _digits_arrays(seed: int) -> tuple[np.ndarray, ...]:
@@ -286,43 +246,6 @@ def _cifar(
     return train_ds, test_ds, spec
 
 
-def _imagefolder(root: str | None, names: dict[str, str]) -> tuple[Dataset, Dataset, DatasetSpec]:
-    if root is None:
-        raise DataError(
-            f"imagefolder needs {names['root']}: a folder holding train/ and test/ (or val/)"
-        )
-    base = Path(root).expanduser()
-    if not base.is_dir():  # checked here, not in the config: each node may read its own copy
-        raise DataError(
-            f"{names['root']} '{base}' is not a folder ({names['imagefolder']} needs one)"
-        )
-    train_dir = base / "train"
-    test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DataError(
-            f"imagefolder root '{base}' must hold train/<class>/*.jpg and test/<class>/*.jpg "
-            f"(or val/ instead of test/): point {names['root']} at such a folder"
-        )
-    try:
-        train = ImageFolderImages(train_dir)
-        test = ImageFolderImages(test_dir, train.image_size)
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(
-            f"imagefolder under {str(base)!r} is unusable ({_reason(e)}): check the tree"
-        ) from e
-    if test.classes != train.classes:
-        raise DataError(f"{train_dir} and {test_dir} have different class folders: make them match")
-    if len(train.classes) < 2:
-        raise DataError(
-            f"{train_dir} has {len(train.classes)} class folder(s): classification needs 2 or more"
-        )
-    mean, std = (
-        (CIFAR10_MEAN, CIFAR10_STD) if train.image_size == 32 else (IMAGENET_MEAN, IMAGENET_STD)
-    )
-    spec = DatasetSpec(len(train.classes), 3, train.image_size, tuple(train.classes), mean, std)
-    return train, test, spec
-
-
 # how messages name the options (dist-icm-data passes its own flags)
 OPTION_NAMES = {
     "root": "data.root",
@@ -349,5 +272,7 @@ def build_datasets(
     if name in ("cifar10", "cifar100", *CIFAIR):
         return _cifar(name, root, download, names)
     if name == "imagefolder":
-        return _imagefolder(root, names)
+        from dist_icm.data.imagefolder import imagefolder_sets
+
+        return imagefolder_sets(root, names)
     raise DataError(f"unknown data set '{name}': choose one of {', '.join(DATASET_NAMES)}")

@@ -5,9 +5,11 @@
 
 One cache entry ``<cache>/<name>-<key>/`` holds ``train.beton``, ``test.beton`` and ``meta.json``
 (written last: an entry without it is incomplete and is written again). The key hashes the data
-set, its root, the digits split seed, the sizes and class names of the splits and the write
-options, so a second run with the same inputs reuses the entry. ``<cache>`` is ``--cache`` (or
-``data.ffcv_cache``), else ``$DIST_ICM_CACHE/ffcv``, else ``~/.cache/dist_icm/ffcv``.
+set, its root, the digits split seed, the sizes and class names of the splits, the write options
+and, for ImageFolder trees, each file's path, size and mtime (a file added, removed, moved or
+rewritten makes a new entry), so a second run with the same inputs reuses the entry.
+``<cache>`` is ``--cache`` (or ``data.ffcv_cache``), else ``$DIST_ICM_CACHE/ffcv``, else
+``~/.cache/dist_icm/ffcv``.
 
 Subsets (``data.fraction``, ``data.long_tail``) are never written: they select indices of the
 full training ``.beton`` at load time, so each source is stored once per set of options.
@@ -19,7 +21,9 @@ as float32 ``NDArrayField``. Labels as ``IntField``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -36,10 +40,11 @@ from dist_icm.data.datasets import (
     DATASET_NAMES,
     DataError,
     DatasetSpec,
-    ImageFolderImages,
+    _reason,
     build_datasets,
 )
 from dist_icm.data.datasets import cache_root as project_cache
+from dist_icm.data.imagefolder import ImageFolderImages, load_rgb
 
 __all__ = ["FFCV_INSTALL", "BetonSet", "WriteOptions", "ensure_betons", "main"]
 
@@ -164,11 +169,8 @@ class _Source(Dataset):
     def _get(self, i: int) -> tuple[np.ndarray, int]:
         base = self.base
         if isinstance(base, ImageFolderImages):  # PIL only: torch in ffcv's workers is slow
-            from PIL import Image
-
-            path, label = base.folder.samples[i]
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            path, label = base.samples[i]
+            pixels = np.asarray(load_rgb(path), dtype=np.uint8)  # as the torch path's
             if not self.fixed or pixels.shape[:2] == (base.image_size,) * 2:
                 return pixels, int(label)
         images = getattr(base, "images", None)
@@ -181,9 +183,32 @@ class _Source(Dataset):
         pixels = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
         return np.ascontiguousarray(pixels.numpy()), int(label)
 
-    def describe(self, i: int) -> str:
-        folder = getattr(self.base, "folder", None)
-        return folder.samples[i][0] if folder is not None else f"sample {i}"
+    def failure(self, i: int) -> DataError:
+        """What went wrong with sample ``i``, in the torch path's words (read once more here)."""
+        try:
+            self._get(i)
+        except DataError as e:
+            return e
+        except Exception as e:
+            return DataError(f"cannot read sample {i} ({_reason(e)}): fix or remove it")
+        return DataError(f"cannot read sample {i} (it failed in a writer process): try again")
+
+
+def _files_digest(data: Dataset) -> str | None:
+    """A digest of an ImageFolder split's files (path under the split, size, mtime; one stat
+    each, nothing read), so that a file added, removed, moved to another class or rewritten
+    makes another cache entry; None for other data sets (CIFAR's files are checksummed)."""
+    if not isinstance(data, ImageFolderImages):
+        return None
+    digest = hashlib.sha256()
+    for path, _ in data.samples:
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size} {st.st_mtime_ns}"
+        except OSError:  # met (and named) when it is read
+            stamp = "?"
+        digest.update(f"{os.path.relpath(path, data.root)}\0{stamp}\0".encode())
+    return digest.hexdigest()
 
 
 def cache_root(cache: str | None) -> Path:
@@ -203,11 +228,26 @@ def _write(source: _Source, path: Path, options: WriteOptions, workers: int) -> 
         image = NDArrayField(np.dtype("float32"), tuple(source._get(0)[0].shape))
     tmp = path.with_suffix(".beton.tmp")
     writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=workers)
-    writer.from_indexed_dataset(source, chunksize=64)
+    with _progress_on_a_terminal():
+        writer.from_indexed_dataset(source, chunksize=64)
     if source.failed.value >= 0:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot read {source.describe(source.failed.value)}: fix or remove it")
+        raise source.failure(source.failed.value)
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _progress_on_a_terminal():
+    """ffcv's writer draws a tqdm bar (it has no flag for it): shown, as the trainer's, only on
+    a terminal, and wiped when done, so that an error stays the one line on stderr."""
+    import ffcv.writer
+
+    bar = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(bar, disable=not sys.stderr.isatty(), leave=False)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = bar
 
 
 def ensure_betons(
@@ -229,6 +269,8 @@ def ensure_betons(
     Problems raise a one-line :class:`DataError` naming the option as ``names`` calls it.
     """
     require_ffcv(names["ffcv"])
+    if cache == "":  # not the default folder, unasked
+        raise DataError(f"{names['cache']} is empty: name a folder, or leave it unset")
     if workers < 0:
         raise DataError(f"{names['workers']} must be >= 0 (0: all cores), got {workers}")
     kind = "rgb" if spec.in_channels == 3 else "ndarray"
@@ -243,6 +285,7 @@ def ensure_betons(
         "sizes": [len(train), len(test)],  # type: ignore[arg-type]
         "classes": list(spec.class_names),
         "options": asdict(opts) if kind == "rgb" else None,
+        "files": [_files_digest(train), _files_digest(test)],
     }
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root(cache) / f"{name}-{key}"
@@ -302,6 +345,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    """``--root``, ``--cache``: not empty (which would mean the current or the default folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """``dist-icm-data``'s command line (every option has a help text)."""
     parser = _Parser(
@@ -310,8 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=DATASET_NAMES, help="the data set to write")
-    parser.add_argument("--root", help="data set folder (CIFAR: where it is or goes; not digits)")
-    parser.add_argument("--cache", help="cache folder (default $DIST_ICM_CACHE/ffcv)")
+    parser.add_argument(
+        "--root", type=_path, help="data set folder (CIFAR: where it is or goes; not digits)"
+    )
+    parser.add_argument("--cache", type=_path, help="cache folder (default $DIST_ICM_CACHE/ffcv)")
     parser.add_argument(
         "--mode",
         default="auto",
@@ -355,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as e:
         print(f"dist_icm: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    for note in spec.notes:  # e.g. which size an ImageFolder tree of mixed sizes is read at
+        print(f"dist_icm: {note}", flush=True)
     print(json.dumps({"train": str(found.train), "test": str(found.test), "meta": found.meta}))
 
 

@@ -6,6 +6,7 @@ nodes (each node's launcher watches only its own processes), so nothing but dist
 stops the surviving rank.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -105,10 +106,11 @@ def test_the_ranks_die_with_their_launcher(tmp_path, guarded, via):
         job = [str(tmp_path / "job.py")]
     cmd = [*launcher(2, via), *job, *ARGS, f"hydra.run.dir={run}"]
     agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    family = []  # the launcher's processes: killed at the end, as orphans too (not pytest's own
+    try:  # other children, such as multiprocessing's resource tracker, which killing broke)
         _wait_for_steps(run, [agent], 3)
-        ranks = [p for p in psutil.Process(agent.pid).children(recursive=True)
-                 if job[-1] in " ".join(p.cmdline())]  # fmt: skip
+        family = psutil.Process(agent.pid).children(recursive=True)
+        ranks = [p for p in family if job[-1] in " ".join(p.cmdline())]
         assert len(ranks) == 2
         agent.kill()
         agent.wait()
@@ -116,8 +118,10 @@ def test_the_ranks_die_with_their_launcher(tmp_path, guarded, via):
         gone, alive = psutil.wait_procs(ranks, timeout=15)
         trained_on = len((run / "metrics.jsonl").read_text().splitlines()) - logged
     finally:
-        for p in psutil.Process().children(recursive=True):
-            p.kill()
+        agent.kill()
+        for p in family:  # the negative control's ranks train on, orphaned, until killed
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
     if guarded:
         assert not alive, [p.pid for p in alive]
     else:

@@ -156,6 +156,17 @@ def _resume_folder(resume: str) -> str:
     return f"resume={resume} is a folder: name {hint}"
 
 
+def _where(cfg: DictConfig, key: str | None) -> str:
+    """``key: `` for a resolution error there, with the interpolation the key holds (``schedule
+    .epochs (= ${train.epochs})``): the error may be in the key it names, set elsewhere."""
+    if not key:
+        return ""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return f"{key} (= {raw}): " if isinstance(raw, str) and "${" in raw else f"{key}: "
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Validate a composed Hydra config into a :class:`Config` (raises :class:`ConfigError`)."""
     unknown = set(cfg.keys()) - set(SECTIONS) - {*TOP_LEVEL, "experiment"}
@@ -165,8 +176,7 @@ def to_config(cfg: DictConfig) -> Config:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        where = f"{key}: " if key else ""
-        raise ConfigError(f"{where}{str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{_where(cfg, key)}{str(e).splitlines()[0]}") from None
     parts = {}
     for name in _ORDER:
         schema = OmegaConf.structured(Config.__dataclass_fields__[name].default_factory)

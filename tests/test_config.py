@@ -95,6 +95,11 @@ def test_defaults_are_the_paper_where_it_speaks():
         ("model.bn_group=8,model.sync_bn=true", "exclude each other"),
         ("model.dropout=1", r"model.dropout must lie in \[0, 1\), got 1"),
         # 1 ms failed the process group's own start with a traceback
+        # the error surfaced at the key that interpolates the bad one, and named only that
+        (
+            "train.epochs=${foo}",
+            r"schedule.epochs \(= \$\{train.epochs\}\): Interpolation key 'foo' not found",
+        ),
         ("runtime.timeout_s=0.001", r"runtime.timeout_s must lie in \[5, 1e8\] \(seconds\), got"),
         # 1e14 overflowed datetime (a traceback); 1e10 torch's store deadline on 2 processes
         ("runtime.timeout_s=1e10", r"runtime.timeout_s must lie in \[5, 1e8\] \(seconds\), got"),

@@ -285,8 +285,9 @@ def ensure_betons(
         "sizes": [len(train), len(test)],  # type: ignore[arg-type]
         "classes": list(spec.class_names),
         "options": asdict(opts) if kind == "rgb" else None,
-        "files": [_files_digest(train), _files_digest(test)],
     }
+    if isinstance(train, ImageFolderImages):  # only: the other data sets keep their entries
+        ident["files"] = [_files_digest(train), _files_digest(test)]
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root(cache) / f"{name}-{key}"
     try:

@@ -26,6 +26,8 @@ cols_j)) and p', q' those over the positives. Pure tensor code: no collectives h
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -43,10 +45,23 @@ def tile_scores(x, a, b, lam, y):
     return x[:, a] * lam + x[:, b] * (1 - lam)
 
 
+def _without_autocast(backward):
+    """A custom backward that runs in its inputs' dtype also where ``backward()`` is called
+    under autocast (which would run its matmuls in bf16): the device of the first saved
+    tensor, autocast off."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return backward(ctx, *grads)
+
+    return run
+
+
 class _Scores(torch.autograd.Function):
-    """S̃ = X Yᵀ, as ``tile_scores`` with y; its backward (dX = dS̃ Y) in X's dtype even when
-    ``backward()`` is called under autocast, which would run autograd's own matmul in bf16. Y,
-    made from the triples, takes no gradient."""
+    """S̃ = X Yᵀ, as ``tile_scores`` with y, with its own backward (dX = dS̃ Y) so that it runs
+    in X's dtype under autocast too (autograd's own matmul would not). Y, made from the triples,
+    takes no gradient."""
 
     @staticmethod
     def forward(ctx, x, y):
@@ -54,10 +69,10 @@ class _Scores(torch.autograd.Function):
         return x @ y.T
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
-        with torch.autocast(y.device.type, enabled=False):
-            return g @ y, None
+        return g @ y, None
 
 
 def masked_lse(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -93,13 +108,8 @@ class _DenseLSE(torch.autograd.Function):
         return rows, cols, s.diagonal(offset).clone()
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, g_rows, g_cols, g_diag):
-        s = ctx.saved_tensors[0]
-        with torch.autocast(s.device.type, enabled=False):  # a backward() called under autocast
-            return _DenseLSE._backward(ctx, g_rows, g_cols, g_diag)
-
-    @staticmethod
-    def _backward(ctx, g_rows, g_cols, g_diag):
         s, y, rows, cols = ctx.saved_tensors
         ds = None
         if g_rows is not None:  # d rows_i / d S̃_ij: the softmax of row i
@@ -186,13 +196,8 @@ class _TiledLSE(torch.autograd.Function):
         return rows, cols
 
     @staticmethod
-    def backward(ctx, *grads):
-        x = ctx.saved_tensors[0]
-        with torch.autocast(x.device.type, enabled=False):  # a backward() called under autocast
-            return _TiledLSE._backward(ctx, *grads)
-
-    @staticmethod
-    def _backward(ctx, g_rows, g_cols, g_prows=None, g_pcols=None):
+    @_without_autocast
+    def backward(ctx, g_rows, g_cols, g_prows=None, g_pcols=None):
         x, a, b, lam, rows, cols, *pos = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 8

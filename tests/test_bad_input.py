@@ -496,7 +496,7 @@ DATA_CASES = [
 
 @pytest.mark.parametrize("args, line", DATA_CASES, ids=[a for a, _ in DATA_CASES])
 def test_dist_icm_data_bad_input_is_one_line_and_exit_2(args, line, places, capsys):
-    from dist_icm.data.write import main
+    from dist_icm.data.cli import main
 
     with pytest.raises(SystemExit) as info:  # main() itself, as dist-icm-data runs it
         main(_fill(args, places).split())
@@ -515,7 +515,8 @@ def test_dist_icm_data_exits_2_from_the_command_line(tmp_path):
 
 
 def test_dist_icm_data_help_describes_every_option():
-    from dist_icm.data.write import CLI_NAMES, TRAINER_NAMES, build_parser
+    from dist_icm.data.cli import CLI_NAMES, build_parser
+    from dist_icm.data.write import TRAINER_NAMES
 
     parser = build_parser()
     assert all(action.help for action in parser._actions), [

@@ -264,7 +264,7 @@ def test_the_image_size_comes_from_a_sample_not_the_first_image(tmp_path, cifar1
 
 @pytest.mark.parametrize("flag", ["--root", "--cache"])
 def test_dist_icm_data_refuses_an_empty_folder_name(flag: str, capsys, tmp_path: Path) -> None:
-    from dist_icm.data.write import main
+    from dist_icm.data.cli import main
 
     args = {"--root": str(tmp_path), "--cache": str(tmp_path)} | {flag: ""}  # "": cwd, ~/.cache
     with pytest.raises(SystemExit) as info:

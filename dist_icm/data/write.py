@@ -20,7 +20,6 @@ as float32 ``NDArrayField``. Labels as ``IntField``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import functools
@@ -37,23 +36,21 @@ import torch
 from torch.utils.data import Dataset
 
 from dist_icm.data.datasets import (
-    DATASET_NAMES,
     DataError,
     DatasetSpec,
     _reason,
-    build_datasets,
 )
 from dist_icm.data.datasets import cache_root as project_cache
 from dist_icm.data.imagefolder import ImageFolderImages, load_rgb
 
-__all__ = ["FFCV_INSTALL", "BetonSet", "WriteOptions", "ensure_betons", "main"]
+__all__ = ["FFCV_INSTALL", "BetonSet", "WriteOptions", "ensure_betons"]
 
 FORMAT = 1  # bump when what is written changes
 FFCV_APT = "apt-get install -y libopencv-dev pkg-config libturbojpeg0-dev"
 FFCV_INSTALL = f'install the system libraries (`{FFCV_APT}`), then `pip install -e ".[ffcv]"`'
 WRITE_MODES = ("auto", "raw", "jpg")
 
-# how messages name the options: the trainer's config keys, or dist-icm-data's flags
+# how messages name the options: the trainer's config keys (dist-icm-data's flags: data/cli.py)
 TRAINER_NAMES = {
     "ffcv": "data.loader=ffcv",
     "root": "data.root",
@@ -64,17 +61,6 @@ TRAINER_NAMES = {
     "workers": "data.num_workers",
     "download": "data.download=false",
     "imagefolder": "data=imagefolder",
-}
-CLI_NAMES = {
-    "ffcv": "dist-icm-data",
-    "root": "--root",
-    "cache": "--cache",
-    "mode": "--mode",
-    "max_side": "--max-side",
-    "quality": "--quality",
-    "workers": "--workers",
-    "download": "--no-download",
-    "imagefolder": "dist-icm-data imagefolder",
 }
 
 
@@ -316,102 +302,7 @@ def ensure_betons(
     return BetonSet(folder, kind, fixed, spec, meta)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line ends like the trainer's: one line, exit code 2."""
+if __name__ == "__main__":  # python -m dist_icm.data.write: dist-icm-data's command line
+    from dist_icm.data.cli import main
 
-    def error(self, message: str):
-        print(f"dist_icm: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _seed(text: str) -> int:
-    """``--seed``: an integer in [0, 2^32), as ``train.seed``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2^32), got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    """``--workers``: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: all cores), got {value}")
-    return value
-
-
-def _path(text: str) -> str:
-    """``--root``, ``--cache``: not empty (which would mean the current or the default folder)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}")
-    return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """``dist-icm-data``'s command line (every option has a help text)."""
-    parser = _Parser(
-        prog="dist-icm-data",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("name", choices=DATASET_NAMES, help="the data set to write")
-    parser.add_argument(
-        "--root", type=_path, help="data set folder (CIFAR: where it is or goes; not digits)"
-    )
-    parser.add_argument("--cache", type=_path, help="cache folder (default $DIST_ICM_CACHE/ffcv)")
-    parser.add_argument(
-        "--mode",
-        default="auto",
-        choices=WRITE_MODES,
-        help="RGB storage: raw pixels, jpg, or auto (raw up to 64 px, else jpg; default)",
-    )
-    parser.add_argument("--max-side", type=int, help="cap the longer image side (RGB, > 64 px)")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (mode jpg)")
-    parser.add_argument("--workers", type=_count, default=0, help="writer processes (0: all cores)")
-    parser.add_argument("--seed", type=_seed, default=0, help="digits' train/test split seed")
-    parser.add_argument("--no-download", action="store_true", help="CIFAR: never download")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m dist_icm.data.write`` / ``dist-icm-data``: write (or find) a cache entry.
-
-    Prints the entry as one JSON line; a bad option or data set prints one line
-    (``dist_icm: error: ...``) and exits with code 2, as the trainer does.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    names = CLI_NAMES
-    try:
-        check_options(args.mode, args.max_side, args.quality, names)
-        train, test, spec = build_datasets(
-            args.name, args.root, download=not args.no_download, seed=args.seed, names=names
-        )
-        found = ensure_betons(
-            train,
-            test,
-            spec,
-            name=args.name,
-            root=args.root,
-            seed=args.seed,
-            options=WriteOptions(args.mode, args.max_side, args.quality),
-            cache=args.cache,
-            workers=args.workers,
-            names=names,
-        )
-    except DataError as e:
-        print(f"dist_icm: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-    for note in spec.notes:  # e.g. which size an ImageFolder tree of mixed sizes is read at
-        print(f"dist_icm: {note}", flush=True)
-    print(json.dumps({"train": str(found.train), "test": str(found.test), "meta": found.meta}))
-
-
-if __name__ == "__main__":
     main()

@@ -195,6 +195,11 @@ def labelled(run: dict, keys: list[str]) -> list[str]:
     return [f"{k}={run['settings'].get(k)}" for k in keys if k not in run["unread"]]
 
 
+def _differs(runs: list[dict], key: str) -> bool:
+    """Whether the runs that read ``key`` hold more than one value of it."""
+    return len({repr(v) for v in values(runs, key)}) > 1
+
+
 def classify(runs: list[dict]) -> tuple[list[str], list[str]]:
     """Settings that differ between runs: (swept ones that split a method, flagged ones)."""
     swept = set().union(*(r["sweep_keys"] for r in runs))
@@ -202,17 +207,15 @@ def classify(runs: list[dict]) -> tuple[list[str], list[str]]:
         if len({r["overrides"][key] for r in runs}) > 1:
             swept.add(key)
     keys = set().union(*(r["settings"] for r in runs))
-    differ = sorted(k for k in keys if len({repr(v) for v in values(runs, k)}) > 1)
+    differ = sorted(k for k in keys if _differs(runs, k))
     flagged = [k for k in differ if not any(k == s or k.startswith(s + ".") for s in swept)]
-    by_method = defaultdict(set)
+    by_method = defaultdict(list)
     for r in runs:
-        for k in differ:
-            if k not in r["unread"]:
-                by_method[(r["method"], k)].add(repr(r["settings"].get(k)))
+        by_method[r["method"]].append(r)
     split = [
         k
         for k in differ
-        if k not in flagged and any(len(v) > 1 for (_, key), v in by_method.items() if key == k)
+        if k not in flagged and any(_differs(group, k) for group in by_method.values())
     ]
     return split, flagged
 

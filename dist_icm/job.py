@@ -102,6 +102,7 @@ def setup(cfg: Config) -> Job:
             data_cfg,
             seed=cfg.train.seed,
             micro_global=plan.micro_global,
+            grad_accum=plan.grad_accum,
             rank=rt.rank,
             world_size=rt.world_size,
             device=rt.device,

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dist_icm import streams
 from dist_icm.data import (
     Augmented,
     DataError,
@@ -262,6 +263,19 @@ def test_the_image_size_comes_from_a_sample_not_the_first_image(tmp_path, cifar1
     assert f"data: {spec.notes[0]}" in job.notes
 
 
+def test_a_run_without_drop_last_trains_every_sample_in_whole_steps(tmp_path: Path) -> None:
+    from cli import records, run_train, setup_job
+
+    job = setup_job(["experiment=quickstart", "data.drop_last=false", "runtime.grad_accum=2"])
+    n = job.data.train_size  # 1347 digits: 21 steps of 64 and 3 left, which make a 22nd
+    assert job.steps_per_epoch == -(-n // 64) == 22 and job.data.sampler.batches_per_epoch == 44
+    assert setup_job(["experiment=quickstart"]).steps_per_epoch == n // 64 == 21
+    run = tmp_path / "run"
+    run_train(run, "experiment=quickstart", "data.drop_last=false", "runtime.grad_accum=2",
+              "train.epochs=1", "train.log_every=1")  # fmt: skip
+    assert [r["step"] for r in records(run) if "train/loss" in r][-1] == 22  # and epoch 1.0
+
+
 @pytest.mark.parametrize("flag", ["--root", "--cache"])
 def test_dist_icm_data_refuses_an_empty_folder_name(flag: str, capsys, tmp_path: Path) -> None:
     from dist_icm.data.cli import main
@@ -454,6 +468,26 @@ def test_no_shuffle_and_no_drop_last() -> None:
     assert list(s) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     s = GlobalBatchSampler(10, 4, rank=1, world_size=2, shuffle=False, drop_last=False)
     assert len(s) == 3 and list(s) == [[2, 3], [6, 7], [0, 1]]  # last batch 8, 9, 0, 1
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_no_drop_last_pads_the_epoch_to_whole_optimizer_steps(world: int) -> None:
+    # 100 samples, global micro-batch 12, 3 micro-batches a step: 3 steps of 36, the last one
+    # padded with the epoch's first 8 samples; every sample is seen, none is dropped
+    ranks = [
+        GlobalBatchSampler(100, 12, rank=r, world_size=world, seed=5, drop_last=False,
+                           step_batches=3)
+        for r in range(world)
+    ]  # fmt: skip
+    assert ranks[0].batches_per_epoch == len(ranks[0]) == 9
+    batches = [sum(parts, []) for parts in zip(*(list(s) for s in ranks), strict=True)]
+    seen = sum(batches, [])
+    order = streams.rng("sampler", 5, 0).permutation(100).tolist()
+    assert seen == order + order[:8] and all(len(b) == 12 for b in batches)
+    dropped = GlobalBatchSampler(100, 12, seed=5, step_batches=3)
+    assert dropped.batches_per_epoch == 8 and sum(list(dropped), []) == order[:96]
+    tiny = GlobalBatchSampler(10, 4, shuffle=False, drop_last=False, step_batches=5)
+    assert sum(list(tiny), []) == list(range(10)) * 2  # wraps as often as a step needs
 
 
 def test_sampler_validation() -> None:

@@ -227,6 +227,19 @@ def test_digits_batches_equal_the_torch_path(cache):
     assert torch.equal(tests[0][0], tests[1][0]) and torch.equal(tests[0][1], tests[1][1])
 
 
+def test_no_drop_last_pads_the_same_batches_as_the_torch_path(cache):
+    config = dict(global_batch=64, drop_last=False)
+    kw = dict(seed=0, micro_global=64, grad_accum=2, rank=0, world_size=1)
+    ffcv = build_data(cfg(cache, **config), **kw)
+    torch_path = build_data(cfg(cache, loader="torch", **config), **kw)
+    n = ffcv.train_size
+    assert ffcv.sampler.batches_per_epoch == -(-n // 128) * 2 > n // 64  # whole steps of 2
+    got, want = epoch_batches(ffcv, 1), epoch_batches(torch_path, 1)
+    assert len(got) == len(want) == ffcv.sampler.batches_per_epoch
+    for (x, y), (x0, y0) in zip(got, want, strict=True):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
 def test_subsets_select_indices_at_load_time(cache):
     small = dict(fraction=0.5, long_tail=0.1, global_batch=32)
     ffcv, torch_path = bundle(cfg(cache, **small)), bundle(cfg(cache, loader="torch", **small))

@@ -53,6 +53,7 @@ def _paper_setup(cfg: Config, *, model: str = "cifar_resnet34", batch: int = 128
     assert cfg.schedule.name == "step" and tuple(cfg.schedule.milestones) == (50, 100, 150)
     assert cfg.schedule.gamma == 0.2 and cfg.train.epochs == cfg.schedule.epochs == 200
     assert cfg.data.global_batch == batch
+    assert not cfg.data.drop_last  # the code's loader keeps the short last batch (padded here)
     alpha = {"mixup": 0.2, "remix": 0.2, "regmixup": 20.0}.get(cfg.loss.method)
     if alpha is not None:
         assert cfg.loss.mix_alpha == alpha

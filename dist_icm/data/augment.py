@@ -6,7 +6,7 @@ A sample therefore gets the same crop and flip on any rank and in any DataLoader
 run on P processes sees exactly the global batches of a run on one.
 
 ``cifar_rot15`` (the augmentation of the paper's published code: crop with padding 4, flip, a
-rotation by an angle uniform in [-15, 15] degrees, nearest neighbour, zero fill) draws its four
+rotation by an angle uniform in [-15, 15) degrees, nearest neighbour, zero fill) draws its four
 numbers from :func:`paper_draws`, a splitmix64 hash of (the ``augment`` stream's tag, seed,
 epoch, i) that :mod:`.ffcv_ops` computes in its numba kernel too: the torch and FFCV loaders
 draw the same crop, flip and angle for a sample.
@@ -163,7 +163,7 @@ class Augmented(_Normalized):
     """Training augmentation of ``base`` (a data set yielding (CHW float in [0, 1], label)).
 
     ``mode``: ``"cifar"`` (random crop after zero padding by ``pad``, horizontal flip p=0.5),
-    ``"cifar_rot15"`` (the same, then a rotation uniform in [-15, 15] degrees; drawn by
+    ``"cifar_rot15"`` (the same, then a rotation uniform in [-15, 15) degrees; drawn by
     :func:`paper_draws`, the same draws as the FFCV loader's),
     ``"imagenet"`` (random resized crop to the input size, scale (0.08, 1), ratio (3/4, 4/3),
     horizontal flip p=0.5) or ``"none"`` (normalise only). Item ``i`` of epoch ``e`` is drawn

@@ -74,7 +74,7 @@ def _shape(p: tuple) -> str:
 
 
 def augment_mode(requested: str, spec: DatasetSpec) -> str:
-    """``auto``: the paper's crop+flip for 32-pixel data, random resized crop above, none below."""
+    """``auto``: crop+flip (``cifar``) for 32-pixel data, random resized crop above, none below."""
     if requested != "auto":
         return requested
     if spec.image_size == 32:

@@ -201,6 +201,7 @@ def build_ffcv_data(
     *,
     seed: int,
     micro_global: int,
+    grad_accum: int = 1,
     rank: int,
     world_size: int,
     device="cpu",
@@ -234,7 +235,13 @@ def build_ffcv_data(
     state = AugmentState(seed, labels[subset])
     check_batch(micro_global, len(subset))
     sampler = GlobalBatchSampler(
-        len(subset), micro_global, rank=rank, world_size=world_size, seed=seed
+        len(subset),
+        micro_global,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        drop_last=data_cfg.drop_last,
+        step_batches=grad_accum,
     )
     nb_threads = numba.config.NUMBA_NUM_THREADS
     threads = max(1, min(data_cfg.num_workers or nb_threads, nb_threads))

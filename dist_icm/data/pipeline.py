@@ -31,6 +31,7 @@ def build_data(
     *,
     seed: int,
     micro_global: int,
+    grad_accum: int = 1,
     rank: int,
     world_size: int,
     device: torch.device | str = "cpu",
@@ -54,6 +55,7 @@ def build_data(
             spec,
             seed=seed,
             micro_global=micro_global,
+            grad_accum=grad_accum,
             rank=rank,
             world_size=world_size,
             device=device,
@@ -71,7 +73,13 @@ def build_data(
     train_aug = Augmented(train, mode=mode, seed=seed, mean=mean, std=std)
     check_batch(micro_global, len(train_aug))
     sampler = GlobalBatchSampler(
-        len(train_aug), micro_global, rank=rank, world_size=world_size, seed=seed
+        len(train_aug),
+        micro_global,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        drop_last=data_cfg.drop_last,
+        step_batches=grad_accum,
     )
     # pinned batches on CUDA: the trainer's non-blocking copy then overlaps the running step
     pin = torch.device(device).type == "cuda"

@@ -22,9 +22,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
     """Yields this rank's share (a list of data set indices) of each global batch.
 
     With ``drop_last=True`` the incomplete last global batch is dropped and every sample appears
-    at most once per epoch. With ``drop_last=False`` it is padded by wrapping around to the start
-    of the epoch's permutation, so every rank gets equally many equal-sized batches; the padding
-    samples then appear twice in that epoch.
+    at most once per epoch. With ``drop_last=False`` the epoch is padded by wrapping around to the
+    start of its permutation, to whole optimizer steps of ``step_batches`` global batches each
+    (the micro-batches of gradient accumulation), so every rank gets equally many equal-sized
+    batches and no sample is left out; the padding samples then appear twice in that epoch.
     """
 
     def __init__(
@@ -37,11 +38,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        step_batches: int = 1,
     ) -> None:
         if world_size < 1 or global_batch < 1:
             raise ValueError(
                 f"need world_size >= 1 and global_batch >= 1, got {world_size}, {global_batch}"
             )
+        if step_batches < 1:
+            raise ValueError(f"step_batches must be >= 1, got {step_batches}")
         if global_batch % world_size != 0:
             raise ValueError(
                 f"global_batch {global_batch} is not divisible by world_size {world_size}"
@@ -54,14 +58,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size = int(rank), int(world_size)
         self.local_batch = self.global_batch // self.world_size
         self.seed, self.shuffle, self.drop_last = int(seed), shuffle, drop_last
+        self.step_batches = int(step_batches)
         self.epoch = 0
         self.start_batch = 0
 
     @property
     def batches_per_epoch(self) -> int:
         """Global batches in a full epoch (regardless of the start batch)."""
-        full, rest = divmod(self.num_samples, self.global_batch)
-        return full + int(rest > 0 and not self.drop_last)
+        if self.drop_last:
+            return self.num_samples // self.global_batch
+        per_step = self.global_batch * self.step_batches
+        return -(-self.num_samples // per_step) * self.step_batches  # ceil, in whole steps
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (its permutation), from its first batch; call before iterating, on
@@ -86,9 +93,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         else:
             order = np.arange(self.num_samples)
         total = self.batches_per_epoch * self.global_batch
-        if total > self.num_samples:  # wrap around; global_batch <= num_samples, so once is enough
-            order = np.concatenate([order, order[: total - self.num_samples]])
-        return order[:total]
+        return np.resize(order, total)  # cut, or wrapped around (as often as a step needs)
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.global_order().reshape(-1, self.global_batch)[self.start_batch :]

@@ -12,11 +12,12 @@ eager ones (``tests/test_gpu.py``). It is used only where that holds, was tested
 
 * on CUDA, with one process (no collectives inside the capture), for logits that need a
   gradient;
-* for the default loss (``dist_icm.loss.uses_dense_stats``): untiled, S̃ from the dense Ỹ (up
-  to 900 classes; the gather form's backward adds up with atomics, in no fixed order), without
-  ``dedup`` (its grouping reads a size back from the device), when the (n x N) score block has
-  at most ``MAX_ENTRIES`` entries: a graph's intermediates stay allocated between steps (its
-  private memory pool), and a larger block's kernels are no longer small anyway;
+* for the default loss (``dist_icm.loss.uses_dense_stats``): untiled, S̃ from the dense Ỹ
+  (``method="auto"`` on CUDA; the gather form's backward adds up with atomics, in no fixed
+  order), without ``dedup`` (its grouping reads a size back from the device), when the (n x N)
+  score block has at most ``MAX_ENTRIES`` entries: a graph's intermediates stay allocated
+  between steps (its private memory pool), and a larger block's kernels are no longer small
+  anyway;
 * for the fused loss (``loss.fused``, ``dist_icm.loss.uses_fused``) at any size: its two
   Triton kernels hold no (n x N) block and add up in a fixed order.
 
@@ -69,7 +70,8 @@ def eligible(
         return False
     if uses_fused(dtype, fused=fused, tile=tile, dedup=dedup):
         return True
-    return uses_dense_stats(classes, tile=tile, dedup=dedup) and rows * rows <= MAX_ENTRIES
+    dense = uses_dense_stats(classes, tile=tile, dedup=dedup, device_type="cuda")  # graphs: CUDA
+    return dense and rows * rows <= MAX_ENTRIES
 
 
 def model_eligible(*, device: str, world: int, zero_stage: int, compile: bool) -> bool:

@@ -75,15 +75,18 @@ METHODS = ("auto", "matmul", "gather")
 # 2*n*N plus the scatter in the backward pass. `python -m dist_icm.bench loss` measures both
 # side by side; on the 2-core CPU machines here (fwd+bwd, float32, N=4096) the gathers took
 # 1.79x the matmul's time at C=10, 1.36x at C=300, 1.09x at C=700, 0.97x at C=1000 and 0.72x
-# at C=2000 (N=8192: 1.55x at C=100, 1.00x at C=1000). GPUs were not measured yet.
+# at C=2000 (N=8192: 1.55x at C=100, 1.00x at C=1000). On an H200 (bf16, untiled, N=16,384;
+# README, Performance) they took 7.8x at C=100 and 3.1x at C=1000: on CUDA "auto" is the matmul.
 DENSE_MAX_CLASSES = 900
 
 
-def _form(method: str, num_classes: int) -> str:
-    """``method`` with "auto" resolved: "matmul" up to ``DENSE_MAX_CLASSES`` classes, else
-    "gather" (any other value is passed on, for the caller to reject)."""
+def _form(method: str, num_classes: int, device_type: str = "cpu") -> str:
+    """``method`` with "auto" resolved: "matmul" on CUDA and, elsewhere, up to
+    ``DENSE_MAX_CLASSES`` classes, else "gather" (any other value is passed on, for the caller
+    to reject)."""
     if method == "auto":
-        return "matmul" if num_classes <= DENSE_MAX_CLASSES else "gather"
+        dense = device_type == "cuda" or num_classes <= DENSE_MAX_CLASSES
+        return "matmul" if dense else "gather"
     return method
 
 
@@ -93,11 +96,13 @@ def uses_fused(dtype: torch.dtype, *, fused: bool, tile: int = 0, dedup=False) -
     return fused and not tile and not dedup and dtype == torch.float32
 
 
-def uses_dense_stats(num_classes: int, *, method="auto", tile: int = 0, dedup=False) -> bool:
+def uses_dense_stats(
+    num_classes: int, *, method="auto", tile: int = 0, dedup=False, device_type: str = "cpu"
+) -> bool:
     """Whether the loss forms this rank's block of S̃ with ``dense_stats`` (one autograd function
     with a hand-written backward): untiled, from the dense Ỹ, without dedup. The default, and
     the path ``dist_icm.graphs`` replays."""
-    return _form(method, num_classes) == "matmul" and not tile and not dedup
+    return _form(method, num_classes, device_type) == "matmul" and not tile and not dedup
 
 
 def mixing_matrix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, num_classes: int):
@@ -114,11 +119,11 @@ def mixed_scores(
 ) -> torch.Tensor:
     """S Ỹᵀ: scores of the n images in ``logits`` against the N mixed classes (a, b, lam).
 
-    ``method`` is "matmul" (dense Ỹ), "gather" (two column gathers) or "auto" (matmul up to
-    ``DENSE_MAX_CLASSES`` classes, gathers above).
+    ``method`` is "matmul" (dense Ỹ), "gather" (two column gathers) or "auto" (matmul on CUDA
+    and up to ``DENSE_MAX_CLASSES`` classes, gathers above).
     """
     num_classes = logits.shape[1]
-    method = _form(method, num_classes)
+    method = _form(method, num_classes, logits.device.type)
     if method in ("matmul", "gather"):
         dense = method == "matmul"
         return tile_scores(
@@ -319,14 +324,16 @@ def _loss(logits, a, b, lam, axis, process_group, gather, dedup, method, tile, f
     else:
         ga, gb, gl = a, b, lam
     first = dist.rank(process_group) * n  # this rank's mixed classes are first ... first + n - 1
-    dense = _form(method, num_classes) == "matmul"
+    dense = _form(method, num_classes, x.device.type) == "matmul"
     groups = target_groups(ga, gb, gl) if dedup else None
 
     # this rank's images against all N mixed classes: rows of S̃ and its columns' partial sums
     pos_rows = pos_cols = None
     if uses_fused(x.dtype, fused=fused, tile=tile, dedup=dedup):  # fewest kernels: 2
         rows, cols, diag = fused_stats(x, ga, gb, gl, first)
-    elif uses_dense_stats(num_classes, method=method, tile=tile, dedup=dedup):  # next fewest
+    elif uses_dense_stats(
+        num_classes, method=method, tile=tile, dedup=dedup, device_type=x.device.type
+    ):  # next fewest
         rows, cols, diag = dense_stats(x, mixing_matrix(ga, gb, gl, num_classes), first)
     else:
         own = first + torch.arange(n, device=x.device)

@@ -145,6 +145,16 @@ def test_graphed_loss_is_the_eager_loss_bit_for_bit(axis, dtype):
     assert len({grad.float().square().sum().item() for _, grad in graphed}) == 4
 
 
+def test_graphed_loss_at_1000_classes_is_the_eager_loss_bit_for_bit():
+    """Above the CPU's switch to gathers (900 classes) CUDA keeps the dense Ỹ, so the default
+    loss still replays from graphs, bit for bit."""
+    obj, graphed = _objective_steps({}, 4, c=1000)
+    assert obj.loss_fn.captured == 1
+    _, eager = _objective_steps({}, 4, c=1000, graph=False)
+    for (gl, gg), (el, eg) in zip(graphed, eager, strict=True):
+        assert torch.equal(gl, el) and torch.equal(gg, eg)
+
+
 @pytest.mark.parametrize("why", ["dedup", "too_big", "no_grad"])
 def test_graphed_loss_runs_eagerly_where_graphs_do_not_fit(why, monkeypatch):
     cfg = {"dedup": True} if why == "dedup" else {}
@@ -216,7 +226,7 @@ def test_fused_blend_on_cuda_is_torch_s_blend_bit_for_bit(channels_last):
 
 @pytest.mark.parametrize("c", [10, 1000])
 def test_graphed_fused_loss_is_the_eager_fused_loss_bit_for_bit(c):
-    """The fused loss replays from CUDA graphs at 1000 classes too (the torch form does not):
+    """The fused loss replays from CUDA graphs at 1000 classes too (as the torch form does):
     every step's loss and gradient are the eager fused ones, which track the torch form's."""
     cfg = {"fused": True}
     obj, graphed = _objective_steps(cfg, 4, c=c)

@@ -2,10 +2,11 @@
 
 * **The same steps** (:func:`check_config`). A checkpoint holds its config. Resuming with other
   values of the keys that define what a step is and what the weights are (:data:`GUARDED`: the
-  data and its subset, the global batch and accumulation, the seed, the model, the loss and
-  its mixing groups, but not ``loss.cuda_graph``, ``loss.tile`` and ``loss.fused``:
-  :data:`UNGUARDED`) is refused with one line naming them; ``resume_force=true`` continues
-  anyway. The optimizer's settings and the ZeRO stage never change (their state's layout).
+  data, its subset and its short last batch, the global batch and accumulation, the seed, the
+  model, the loss and its mixing groups, but not ``loss.cuda_graph``, ``loss.tile`` and
+  ``loss.fused``: :data:`UNGUARDED`) is refused with one line naming them;
+  ``resume_force=true`` continues anyway. The optimizer's settings and the ZeRO stage never
+  change (their state's layout).
 * **Another number of processes** is allowed (but under ZeRO, whose shards are per rank): the
   global batch is the invariant. What follows the per-device batch instead (mixing groups of
   ``loss.group_size=null``, plain BatchNorm, dropout's per-rank masks) makes such a run go on
@@ -33,6 +34,7 @@ GUARDED = (
     "data.long_tail",
     "data.global_batch",
     "data.augment",
+    "data.drop_last",  # the steps of an epoch, so where in the data a step is
     "runtime.grad_accum",
     "runtime.zero_stage",  # DeepSpeed's sharded optimizer state is not DDP's, nor another stage's
     "train.seed",

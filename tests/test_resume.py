@@ -125,6 +125,7 @@ GUARDED_CHANGES = {
     "data.long_tail": 0.1,
     "data.global_batch": 32,
     "data.augment": "none",
+    "data.drop_last": False,
     "runtime.grad_accum": 2,
     "runtime.zero_stage": 2,
     "train.seed": 1,

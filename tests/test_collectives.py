@@ -61,8 +61,12 @@ def _worker(rank, world):
         except RuntimeError as e:
             out["second_order"].append("once_differentiable" * ("twice" in str(e)))
 
-    out["mean"] = D.all_reduce_mean(_shard(rank), group)
-    out["max"] = D.all_reduce_max(_shard(rank), group)
+    # the no-grad reductions work on a copy: the caller's tensor (a loss it logs, a flag it
+    # goes on using) must come back as it went in, not as the ranks' reduction
+    for name, reduce in (("mean", D.all_reduce_mean), ("max", D.all_reduce_max)):
+        x = _shard(rank)
+        out[name] = reduce(x, group)
+        out[f"{name}_kept_input"] = torch.equal(x, _shard(rank))
     out["nograd"] = D.all_gather_nograd(_shard(rank), group)
     out["size"], out["rank"] = D.size(group), D.rank(group)
     return out
@@ -84,6 +88,7 @@ def test_collectives_match_single_process(world):
         assert torch.allclose(out["sum"], sum(shards), rtol=1e-13)
         assert torch.allclose(out["sum_grad"], s_total, rtol=1e-13)
         assert torch.equal(out["max"], torch.stack(shards).amax(0))
+        assert out["max_kept_input"] and out["mean_kept_input"]
         assert not torch.equal(out["max"], shards[r])  # (a local max would not pass)
         assert torch.allclose(out["mean"], sum(shards) / world, rtol=1e-13)
         assert not torch.allclose(out["mean"], sum(shards), rtol=1e-3)  # nor the plain sum

@@ -308,3 +308,80 @@ def test_a_non_finite_classifier_row_gives_non_finite_gradients_on_every_form(nu
         loss.backward()
         assert torch.isfinite(loss).item() == (method == "gather")
         assert not all(torch.isfinite(p.grad).all() for p in features.parameters())
+
+
+def dedup_reference(logits, a, b, lam, axis="both"):
+    """Multi-positive CE written out on the full S̃ = S Ỹᵀ (float64): the positives of row i
+    are the columns j whose mixing vector (the dense row of Ỹ) equals row i's, along the class
+    axis on S̃ and along the pair axis on S̃ᵀ (the relation is symmetric)."""
+    c = logits.shape[1]
+    y = lam[:, None] * F.one_hot(a, c).to(logits) + (1 - lam[:, None]) * F.one_hot(b, c).to(logits)
+    s = logits @ y.T
+    pos = (y[:, None, :] == y[None, :, :]).all(-1)
+    masked = s.masked_fill(~pos, float("-inf"))
+    cc = (s.logsumexp(1) - masked.logsumexp(1)).mean()
+    ci = (s.logsumexp(0) - masked.logsumexp(0)).mean()
+    return {"class": cc, "pair": ci, "both": cc + ci}[axis]
+
+
+@pytest.mark.parametrize("axis", ["class", "pair", "both"])
+@pytest.mark.parametrize("method", ["matmul", "gather"])
+def test_dedup_matches_a_brute_force_multi_positive_reference(axis, method):
+    # A class axis that took its positives' sums from the columns (pos_cols) instead of the
+    # rows gives another number once targets repeat; the plain-loss comparisons cannot see it.
+    g = torch.Generator().manual_seed(11)
+    n, c = 10, 5
+    logits = (torch.randn(n, c, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    a = torch.tensor([0, 1, 0, 2, 3, 1, 4, 2, 0, 3])
+    b = torch.tensor([1, 0, 1, 2, 4, 0, 3, 2, 1, 4])
+    # dyadic weights, so swapped writings are exactly one vector: rows 0, 1, 2, 8 are one
+    # target (0.75 e0 + 0.25 e1, row 1 swapped), rows 3 and 7 the one-hot e2, rows 4 and 6 one
+    lam = torch.tensor([0.75, 0.25, 0.75, 0.5, 0.5, 0.625, 0.5, 0.25, 0.75, 0.125])
+    lam = lam.to(torch.float64)
+    ours = icm_loss(logits, a, b, lam, axis=axis, dedup=True, method=method)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    ref = dedup_reference(logits, a, b, lam, axis)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=0)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-14)
+    # the batch does hold duplicates: the plain loss is another number
+    assert not torch.allclose(icm_loss(logits, a, b, lam, axis=axis), ref, rtol=1e-3)
+
+
+def test_lams_that_differ_below_float32_precision_are_different_targets():
+    # target_groups compares weights in float64: comparing them in float32 would merge
+    # 0.3 and 0.3 + 1e-9 into one group, and dedup would then change the loss
+    logits, a, b, lam = problem(n=6, c=4, seed=2)
+    a[:2], b[:2] = 1, 2
+    lam[0], lam[1] = 0.3, 0.3 + 1e-9
+    assert lam[0].float() == lam[1].float()  # the same in float32
+    g = target_groups(a, b, lam).tolist()
+    assert g[0] != g[1]
+    assert torch.allclose(
+        icm_loss(logits, a, b, lam, dedup=True), icm_loss(logits, a, b, lam), rtol=1e-12
+    )
+
+
+def test_a_class_index_equal_to_the_number_of_classes_is_refused():
+    # index C is one past the last column: a check `> C` would let it through (to a gather
+    # out of range, or a one-hot of the wrong width)
+    logits, a, b, lam = problem(n=4, c=3)
+    a[:], b[:] = 0, 2
+    icm_loss(logits, a, b, lam)  # C - 1 is the last valid class
+    for bad_a, bad_b in ((a.index_fill(0, torch.tensor([1]), 3), b),
+                         (a, b.index_fill(0, torch.tensor([3]), 3))):  # fmt: skip
+        with pytest.raises(ValueError, match=r"class indices a, b must lie in \[0, 3\)"):
+            icm_loss(logits, bad_a, bad_b, lam)
+
+
+def test_duplicate_share_counts_the_rows_with_a_shared_target():
+    from dist_icm.loss import duplicate_share
+
+    # rows 0, 1: (1, 2, .25) == (2, 1, .75); rows 2, 3: one-hot 3; rows 6, 7, 8: (5, 6, .5)
+    # thrice; rows 4, 5 and 9 are alone: 7 of 10 rows share their target
+    a = torch.tensor([1, 2, 3, 3, 4, 0, 5, 5, 6, 5])
+    b = torch.tensor([2, 1, 3, 0, 9, 4, 6, 6, 5, 6])
+    lam = torch.tensor([0.25, 0.75, 0.3, 1.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.25]).double()
+    assert duplicate_share(a, b, lam) == pytest.approx(0.7, abs=1e-15)
+    assert duplicate_share(a[4:6], b[4:6], lam[4:6]) == 0.0  # no duplicates
+    assert duplicate_share(a[:0], b[:0], lam[:0]) == 0.0  # empty: 0, not NaN

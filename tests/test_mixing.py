@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
+from dist_icm import streams
 from dist_icm.mixing import MixContext, cutmix, draw_lam, mixup, partners, remix_lam
 
 
@@ -101,6 +102,44 @@ def test_remix_rule_table():
     # 3/0: ratio 1/30 <= 1/κ and 1-λ < τ -> 1, else λ; 0/3: ratio 30, λ .49 < τ -> 0;
     # 1/0: ratio 1/3 <= 1/κ and 1 - .8 < τ -> 1
     assert out.tolist() == [0.0, 0.7, 0.3, 0.7, 1.0, 0.3, 0.0, 1.0]
+
+
+def test_remix_keeps_lambda_on_the_tau_boundary():
+    # the rule is strict: λ = τ (a the majority) and 1 - λ = τ (b the majority) are not below
+    # τ, so the label keeps λ; a rule with <= would hand these rows to the minority class
+    counts = torch.tensor([300, 100, 10])
+    a, b = torch.tensor([0, 1, 2, 1]), torch.tensor([1, 0, 0, 2])
+    for tau, lam in ((0.5, [0.5, 0.5, 0.5, 0.5]), (0.25, [0.25, 0.75, 0.75, 0.25])):
+        lam = torch.tensor(lam, dtype=torch.float64)  # dyadic: 1 - 0.75 == 0.25 exactly
+        assert remix_lam(lam, a, b, counts, tau=tau, kappa=3.0).tolist() == lam.tolist()
+    # just inside the boundary the rule does apply (rows 0 and 3: λ < τ; 1 and 2: 1 - λ < τ)
+    lam = torch.tensor([0.24, 0.76, 0.76, 0.24], dtype=torch.float64)
+    assert remix_lam(lam, a, b, counts, tau=0.25, kappa=3.0).tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_partners_and_per_sample_lambdas_change_from_step_to_step():
+    # the group stream is keyed by the step: keyed by a constant, every step would pair the
+    # same samples with the same weights
+    ctx = [MixContext(seed=5, step=s, group_size=8) for s in (0, 1)]
+    assert not np.array_equal(partners(16, ctx[0]), partners(16, ctx[1]))
+    lam = [draw_lam(1.0, 16, c, per_sample=True) for c in ctx]
+    assert not np.array_equal(lam[0], lam[1])
+    assert np.array_equal(draw_lam(1.0, 16, ctx[1], per_sample=True), lam[1])  # yet seeded
+
+
+def test_per_sample_lambdas_follow_their_group_s_permutation_in_its_stream():
+    # the layout of the group stream, pinned: permutation first, then the group's λs, so the
+    # λs (and with them every run's targets) stay as they were. Drawn straight after the
+    # stream's start, the λs would be other numbers (the negative control below).
+    ctx = MixContext(seed=2, step=3, group_size=4, first_group=5)
+    lam = draw_lam(0.4, 12, ctx, per_sample=True)
+    perm = partners(12, ctx)
+    for k in range(3):
+        rng = streams.rng("mix_group", 2, 3, 5 + k)
+        assert np.array_equal(perm[4 * k : 4 * k + 4], rng.permutation(4) + 4 * k)
+        assert np.array_equal(lam[4 * k : 4 * k + 4], rng.beta(0.4, 0.4, 4))
+        fresh = streams.rng("mix_group", 2, 3, 5 + k).beta(0.4, 0.4, 4)
+        assert not np.array_equal(lam[4 * k : 4 * k + 4], fresh)
 
 
 def test_bad_values_fail_clearly():

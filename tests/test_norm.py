@@ -104,3 +104,54 @@ def test_a_group_that_does_not_divide_the_batch_is_refused():
         GhostBatchNorm(4, 0)
     ghost.eval()
     assert ghost(torch.randn(8, 4, 2, 2)).shape == (8, 4, 2, 2)  # eval: running statistics
+
+
+def test_cumulative_running_statistics_match_batch_norm_over_several_steps():
+    # momentum=None: BatchNorm's cumulative average, weight 1/t on the t-th batch; a weight of
+    # 1/(t + 1) would keep part of the initial statistics (0 and 1) for good
+    bn, ghost = _bn(momentum=None).double(), _bn(8, momentum=None).double()
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):  # a different batch each step, or any average would agree
+        x = torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64) * (step + 1) + step
+        assert torch.allclose(ghost(x), bn(x), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(ghost.running_mean, bn.running_mean, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(ghost.running_var, bn.running_var, rtol=1e-12)
+    assert int(ghost.num_batches_tracked) == int(bn.num_batches_tracked) == 4
+
+
+def test_bf16_input_is_normalised_with_float32_statistics():
+    # bf16 activations far from zero (~N(20, 0.5)): the mean and variance are taken in float32,
+    # so the output is the float64 result rounded once to bf16 (measured: max error 0.0075 at
+    # outputs up to ~3.4, bf16's half spacing there). Statistics taken in bf16 itself, whose
+    # spacing at 20 is 0.125, were off by 0.05-0.14 and the running mean lost its digits.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 4, 6, 6, generator=g, dtype=torch.float64) * 0.5 + 20).bfloat16()
+    ghost = GhostBatchNorm(4, 8)
+    out = ghost(x)
+    assert out.dtype == torch.bfloat16
+    groups = x.double().view(2, 8, 4, 6, 6)
+    var, mean = torch.var_mean(groups, dim=(1, 3, 4), keepdim=True, correction=0)
+    ref = ((groups - mean) / torch.sqrt(var + ghost.eps)).view(x.shape)
+    torch.testing.assert_close(out.double(), ref, rtol=2**-8, atol=2**-10)
+    torch.testing.assert_close(
+        ghost.running_mean.double(), 0.1 * mean.mean(dim=(0, 1, 3, 4)), rtol=1e-5, atol=0
+    )
+
+
+def test_converting_a_model_in_eval_mode_keeps_it_in_eval_mode():
+    # a converted layer starts out in training mode unless it takes the original's mode: it
+    # would then normalise with the batch's statistics (and update the running ones) in eval
+    bn = _bn()
+    bn(torch.randn(8, 4, 3, 3) * 2 + 1)  # running statistics away from (0, 1)
+    model = torch.nn.Sequential(torch.nn.Identity(), bn).eval()
+    x = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    expected = model(x)
+    stats = (bn.running_mean.clone(), bn.running_var.clone())
+    ghost = convert_ghost_bn(model, 4)
+    assert isinstance(ghost[1], GhostBatchNorm)
+    assert not ghost.training and not ghost[1].training
+    assert torch.equal(ghost(x), expected)
+    assert torch.equal(ghost[1].running_mean, stats[0])
+    assert torch.equal(ghost[1].running_var, stats[1])
+    assert not convert_ghost_bn(_bn().eval(), 4).training  # a BN layer converted itself too
+    assert convert_ghost_bn(_bn().train(), 4).training  # a training layer stays in training

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_icm import dist as D
 from dist_icm.loss import icm_loss
-from dist_icm.norm import convert_ghost_bn, running_stats
+from dist_icm.norm import convert_ghost_bn, rank_averaged, running_stats
 
 pytestmark = pytest.mark.multiproc
 
@@ -84,3 +84,26 @@ def test_ghost_batch_norm_is_world_size_invariant(world, momentum):
             stats_ok = all(torch.allclose(stats[k], ref_stats[k], rtol=1e-9) for k in ref_stats)
             # ghost BN: the whole batch's gradient and statistics; plain BN: per-device ones
             assert (grads_ok and stats_ok) == ghost, (ghost, world)
+
+
+def _averaged_worker(rank, world):
+    model = _model(True, 0.1)
+    x, *_ = _problem()
+    model(x[rank * 4 : rank * 4 + 4] * (1 + rank))  # running statistics of this rank's own
+    own = [t.clone() for t in running_stats(model)]
+    with rank_averaged(model, torch.distributed.group.WORLD) as kept:
+        inside = [t.clone() for t in running_stats(model)]
+    return own, kept, inside, [t.clone() for t in running_stats(model)]
+
+
+def test_rank_averaged_averages_inside_and_gives_each_rank_its_own_back_after():
+    # evaluation and saving see the ranks' mean; training must then go on from each rank's
+    # own statistics, or every evaluation would be a step in training's rounding
+    results = run_group(_averaged_worker, 2)
+    owns = [own for own, *_ in results]
+    mean = [(p + q) / 2 for p, q in zip(*owns, strict=True)]
+    assert not any(torch.allclose(p, q) for p, q in zip(*owns, strict=True))  # they differ
+    for own, kept, inside, after in results:
+        assert all(torch.allclose(t, m, rtol=1e-12) for t, m in zip(inside, mean, strict=True))
+        assert all(torch.equal(t, o) for t, o in zip(after, own, strict=True))
+        assert all(torch.equal(t, o) for t, o in zip(kept, own, strict=True))

@@ -65,6 +65,58 @@ def test_regmixup_adds_clean_ce_and_uses_alpha_20():
     assert torch.allclose(loss, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["regmixup", "icm_regmixup"])
+def test_regmix_weight_scales_the_mixed_term(name):
+    # loss(w) = CE(clean) + w * mixed: linear in w. Without the factor every weight gives
+    # loss(1), and loss.regmix_weight would be read and silently ignored
+    model, x, y = _setup()
+    ctx = MixContext(4, 2)
+
+    def loss(weight):
+        cfg = ObjectiveConfig(name=name, regmix_weight=weight)
+        return Objective(cfg)(model, x, y, ctx)[0].double().item()
+
+    base, one = loss(0.0), loss(1.0)
+    # weight 0 leaves the clean cross-entropy alone (and the linearity below is not 0 = 0)
+    assert base == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
+    assert abs(one - base) > 1e-2
+    for w in (0.25, 3.0):
+        assert loss(w) - base == pytest.approx(w * (one - base), rel=1e-5)
+
+
+def test_soft_ce_of_bf16_logits_is_computed_in_float32():
+    # log_softmax on the bf16 logits themselves would give a bf16 loss ~1e-3 off
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 10, generator=g) * 4).bfloat16()
+    a, b = torch.randint(0, 10, (64,), generator=g), torch.randint(0, 10, (64,), generator=g)
+    lam = torch.rand(64, generator=g)
+    out = soft_ce(logits, Mixed(logits, a, b, lam))
+    assert out.dtype == torch.float32
+    logp = F.log_softmax(logits.double(), dim=1)  # float64, from the same bf16 values
+    lam64 = lam.double()
+    ref = -(lam64 * logp[range(64), a] + (1 - lam64) * logp[range(64), b]).mean()
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ce", "mixup", "icm_cutmix", "icm_remix"])
+def test_last_targets_are_the_mixed_batch_s_triples(name):
+    # what the trainer's duplicate share reads between steps: the very (a, b, lam) the loss got
+    model, x, y = _setup()
+    objective = Objective(ObjectiveConfig(name=name), class_counts=torch.tensor([5, 1, 9, 2, 3]))
+    assert objective.last_targets is None and objective.duplicate_share() is None
+    ctx = MixContext(6, 1, group_size=4)
+    objective(model, x, y, ctx)
+    a, b, lam = objective.last_targets
+    if name == "ce":
+        expected = (y, y, torch.ones(8))
+    else:
+        mixed = objective.mix(x, y, ctx)
+        expected = (mixed.a, mixed.b, mixed.lam)
+        assert not torch.equal(mixed.b, y)  # partners were drawn
+    for got, want in zip((a, b, lam), expected, strict=True):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("method", ["cutmix", "regmixup", "remix"])
 def test_each_ic_variant_is_icm_loss_of_its_method_s_batch(method):
     # the paper's IC-CutMix, IC-RegMixup and IC-Remix: the method's mixing (and RegMixup's clean

@@ -12,7 +12,7 @@ import torch
 
 from dist_icm import tiled
 from dist_icm.loss import icm_loss, mixing_matrix
-from dist_icm.tiled import _lse, dense_stats, lse_stats
+from dist_icm.tiled import _lse, dense_stats, lse_stats, masked_lse
 
 C = 5
 
@@ -194,3 +194,31 @@ def test_dense_stats_logsumexp_is_torch_logsumexp_with_infinite_scores():
     s[1, 2], s[2, :] = float("inf"), float("-inf")
     for dim in (0, 1):
         torch.testing.assert_close(_lse(s, dim), s.logsumexp(dim), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_masked_lse_is_stable_on_large_scores(dim):
+    """``masked_lse`` (the dedup positives' sums) shifts by the largest unmasked score: on
+    float32 scores of +-300 it equals a float64 logsumexp over the unmasked entries, -inf with
+    a zero gradient where nothing is unmasked, and its gradient (the softmax over the unmasked
+    entries) is finite. Shifted by anything else (the minimum: -inf where any entry is masked,
+    so no shift at all), exp(300) overflows float32 and exp(-300) underflows it."""
+    g = torch.Generator().manual_seed(4)
+    s = (torch.rand(5, 6, generator=g, dtype=torch.float64) * 40 + 280) * torch.tensor(
+        [1.0, -1.0, 1.0, -1.0, 1.0], dtype=torch.float64
+    )[:, None]  # rows of +280..320 and of -320..-280
+    mask = torch.rand(5, 6, generator=g) < 0.6  # True: the entry is summed
+    mask[0] = True  # a row with nothing masked out
+    mask[1, 0], mask[3, 5], mask[4, 2] = True, True, True  # at least one entry summed ...
+    mask[2] = False  # ... except here: nothing to sum
+    s, mask = (s, mask) if dim == 1 else (s.T.contiguous(), mask.T.contiguous())
+    x = s.float().requires_grad_()
+    out = masked_lse(x, mask, dim)
+    ref = s.float().double().masked_fill(~mask, float("-inf")).logsumexp(dim)
+    empty = ~mask.any(dim)
+    assert empty.sum() == 1 and torch.equal(out[empty], ref[empty])  # -inf
+    assert torch.allclose(out[~empty].double(), ref[~empty], rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(torch.where(empty, 0.0, out).sum(), x)
+    soft = (s.float().double() - ref.unsqueeze(dim)).exp() * mask
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(grad.double(), torch.where(mask, soft, 0.0), rtol=1e-5, atol=1e-6)

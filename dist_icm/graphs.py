@@ -13,7 +13,7 @@ eager ones (``tests/test_gpu.py``). It is used only where that holds, was tested
 * on CUDA, with one process (no collectives inside the capture), for logits that need a
   gradient;
 * for the default loss (``dist_icm.loss.uses_dense_stats``): untiled, S̃ from the dense Ỹ
-  (``method="auto"`` on CUDA; the gather form's backward adds up with atomics, in no fixed
+  (up to 4,096 classes on CUDA; the gather form's backward adds up with atomics, in no fixed
   order), without ``dedup`` (its grouping reads a size back from the device), when the (n x N)
   score block has at most ``MAX_ENTRIES`` entries: a graph's intermediates stay allocated
   between steps (its private memory pool), and a larger block's kernels are no longer small

@@ -25,9 +25,9 @@ is exactly the single-process gradient on the whole batch. Two ways to get there
   to the column's owner, which adds them up (a logsumexp over W); the all-to-all's backward
   returns each rank's share of the gradient. 4 bytes a sample forward and 4 backward (twice
   that with dedup, whose positives need their own sums).
-* ``gather="scores"``: the logits are all-gathered with gradient (4·C bytes a sample; their
-  gradient is reduce-scattered back to the owners, 4·C more) and the rank computes its column
-  block S Ỹ_rᵀ (N x n) in full.
+* ``gather="scores"``: the logits are all-gathered with gradient (4·C bytes a sample, beside
+  the triples' 8; their gradient is reduce-scattered back to the owners, 4·C more) and the rank
+  computes its column block S Ỹ_rᵀ (N x n) in full.
 
 Untiled with the dense Ỹ and without dedup (the default), the rank's block of S̃, its row and
 column logsumexps and its positives' scores come from one autograd function with a
@@ -76,17 +76,20 @@ METHODS = ("auto", "matmul", "gather")
 # side by side; on the 2-core CPU machines here (fwd+bwd, float32, N=4096) the gathers took
 # 1.79x the matmul's time at C=10, 1.36x at C=300, 1.09x at C=700, 0.97x at C=1000 and 0.72x
 # at C=2000 (N=8192: 1.55x at C=100, 1.00x at C=1000). On an H200 (bf16, untiled, N=16,384;
-# README, Performance) they took 7.8x at C=100 and 3.1x at C=1000: on CUDA "auto" is the matmul.
+# README, Performance) they took 7.8x at C=100 and 3.1x at C=1000, a ratio that falls slowly
+# with C: CUDA keeps the matmul up to 4,096 classes, where the dense Ỹ (N x C floats) is still
+# small beside the (n x N) block (an extrapolation: 1,000 is the largest C measured there).
 DENSE_MAX_CLASSES = 900
+DENSE_MAX_CLASSES_CUDA = 4096
 
 
 def _form(method: str, num_classes: int, device_type: str = "cpu") -> str:
-    """``method`` with "auto" resolved: "matmul" on CUDA and, elsewhere, up to
-    ``DENSE_MAX_CLASSES`` classes, else "gather" (any other value is passed on, for the caller
-    to reject)."""
+    """``method`` with "auto" resolved: "matmul" up to ``DENSE_MAX_CLASSES`` classes
+    (``DENSE_MAX_CLASSES_CUDA`` on CUDA), else "gather" (any other value is passed on, for the
+    caller to reject)."""
     if method == "auto":
-        dense = device_type == "cuda" or num_classes <= DENSE_MAX_CLASSES
-        return "matmul" if dense else "gather"
+        most = DENSE_MAX_CLASSES_CUDA if device_type == "cuda" else DENSE_MAX_CLASSES
+        return "matmul" if num_classes <= most else "gather"
     return method
 
 
@@ -119,8 +122,8 @@ def mixed_scores(
 ) -> torch.Tensor:
     """S Ỹᵀ: scores of the n images in ``logits`` against the N mixed classes (a, b, lam).
 
-    ``method`` is "matmul" (dense Ỹ), "gather" (two column gathers) or "auto" (matmul on CUDA
-    and up to ``DENSE_MAX_CLASSES`` classes, gathers above).
+    ``method`` is "matmul" (dense Ỹ), "gather" (two column gathers) or "auto" (matmul up to
+    ``DENSE_MAX_CLASSES`` classes, ``DENSE_MAX_CLASSES_CUDA`` on CUDA, gathers above).
     """
     num_classes = logits.shape[1]
     method = _form(method, num_classes, logits.device.type)

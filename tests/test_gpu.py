@@ -226,7 +226,7 @@ def test_fused_blend_on_cuda_is_torch_s_blend_bit_for_bit(channels_last):
 
 @pytest.mark.parametrize("c", [10, 1000])
 def test_graphed_fused_loss_is_the_eager_fused_loss_bit_for_bit(c):
-    """The fused loss replays from CUDA graphs at 1000 classes too (as the torch form does):
+    """The fused loss replays from CUDA graphs at 1000 classes too (as the torch form now does):
     every step's loss and gradient are the eager fused ones, which track the torch form's."""
     cfg = {"fused": True}
     obj, graphed = _objective_steps(cfg, 4, c=c)

@@ -4,7 +4,7 @@ global batch N (one process, n = N), in four forms side by side (the fourth wher
 * ``dense``: S̃ = S Ỹᵀ whole, as a matmul with a dense (N x C) Ỹ (``method=matmul``, tile 0);
 * ``gather``: S̃ whole, as two column gathers (``method=gather``, tile 0);
 * ``tiled``: T x T tiles, recomputed in the backward (``tile=T``, in the trainer's form:
-  matmul tiles on CUDA and up to 900 classes, gather tiles above on the CPU);
+  matmul tiles up to 900 classes, 4,096 on CUDA, gather tiles above);
 * ``fused``: S̃'s statistics from the Triton kernels of ``dist_icm.fused`` (``fused=True``),
   where they can run (CUDA with Triton; the interpreter in the tests), not for float64 (which
   they do not compute). Should they fail, ``fused_error`` says why and the rest still runs.

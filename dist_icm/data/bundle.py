@@ -115,6 +115,31 @@ def check_batch(micro_global: int, train_size: int) -> None:
         )
 
 
+def train_sampler(
+    data_cfg,
+    size: int,
+    *,
+    micro_global: int,
+    grad_accum: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+) -> GlobalBatchSampler:
+    """Both loaders' sampler of the ``size`` training samples kept: micro-global batches
+    (checked against ``size`` first), this rank's slice of each, and the epoch's short last step
+    dropped or padded (``data.drop_last``)."""
+    check_batch(micro_global, size)
+    return GlobalBatchSampler(
+        size,
+        micro_global,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        drop_last=data_cfg.drop_last,
+        step_batches=grad_accum,
+    )
+
+
 def test_shard(n: int, rank: int, world_size: int) -> range:
     """This rank's contiguous, disjoint slice of ``n`` test samples (sizes differ by <= 1)."""
     if not 0 <= rank < world_size:

@@ -49,10 +49,10 @@ from dist_icm import dist  # noqa: E402
 from dist_icm.data.bundle import (  # noqa: E402
     DataBundle,
     augment_mode,
-    check_batch,
     normalization,
     test_shard,
     train_indices,
+    train_sampler,
 )
 from dist_icm.data.datasets import DataError, DatasetSpec  # noqa: E402
 from dist_icm.data.ffcv_ops import AugmentState, CropFlip, RotCropFlip, ToDevice  # noqa: E402
@@ -233,15 +233,14 @@ def build_ffcv_data(
         labels, fraction=data_cfg.fraction, long_tail=data_cfg.long_tail, seed=seed
     )
     state = AugmentState(seed, labels[subset])
-    check_batch(micro_global, len(subset))
-    sampler = GlobalBatchSampler(
+    sampler = train_sampler(
+        data_cfg,
         len(subset),
-        micro_global,
+        micro_global=micro_global,
+        grad_accum=grad_accum,
         rank=rank,
         world_size=world_size,
         seed=seed,
-        drop_last=data_cfg.drop_last,
-        step_batches=grad_accum,
     )
     nb_threads = numba.config.NUMBA_NUM_THREADS
     threads = max(1, min(data_cfg.num_workers or nb_threads, nb_threads))

@@ -16,13 +16,13 @@ from dist_icm.data.augment import Augmented, normalize_only
 from dist_icm.data.bundle import (
     DataBundle,
     augment_mode,
-    check_batch,
     normalization,
     test_shard,
     train_indices,
+    train_sampler,
 )
 from dist_icm.data.datasets import build_datasets
-from dist_icm.data.sampler import GlobalBatchSampler, make_loader
+from dist_icm.data.sampler import make_loader
 from dist_icm.data.subsets import as_labels, class_counts, labeled_subset
 
 
@@ -71,15 +71,14 @@ def build_data(
     mode = augment_mode(data_cfg.augment, spec)
     mean, std = normalization(data_cfg.name, data_cfg.augment, spec)  # as ffcv_loader's
     train_aug = Augmented(train, mode=mode, seed=seed, mean=mean, std=std)
-    check_batch(micro_global, len(train_aug))
-    sampler = GlobalBatchSampler(
+    sampler = train_sampler(
+        data_cfg,
         len(train_aug),
-        micro_global,
+        micro_global=micro_global,
+        grad_accum=grad_accum,
         rank=rank,
         world_size=world_size,
         seed=seed,
-        drop_last=data_cfg.drop_last,
-        step_batches=grad_accum,
     )
     # pinned batches on CUDA: the trainer's non-blocking copy then overlaps the running step
     pin = torch.device(device).type == "cuda"

@@ -22,7 +22,8 @@ complete; pruning a checkpoint removes its companion, and a save clears companio
 temporary folders) that no checkpoint lists.
 
 A run resumed at an earlier step than its folder's newest checkpoint removes the newer ones
-(:func:`drop_after`), the future of the timeline it left.
+(:func:`drop_after`), the future of the timeline it left; ``resume=auto`` sets the newer ones
+it could not read aside instead (:func:`set_aside`), so that they hold no place among the kept.
 
 A save that fails (a full disk, no permission) removes its temporary file, leaves every
 earlier checkpoint in place (pruning comes only after a successful write) and raises
@@ -229,6 +230,46 @@ def drop_after(folder: str | Path, step: int) -> list[Path]:
     return dropped
 
 
+def set_aside(folder: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints of steps after ``step`` (``resume=auto`` could not read them) and
+    their shard folders to ``<name>.unreadable``: kept for a look, but no longer listed, so they
+    neither outrank nor crowd out (keep-last pruning) the checkpoints written from here on.
+    Returns the new names."""
+    moved = []
+    for path in [p for p in list_checkpoints(folder) if _step_of(p) > step]:
+        for old in (path, path.with_suffix(_ENGINE_SUFFIX)):
+            if old.exists():
+                new = old.with_name(old.name + ".unreadable")
+                if new.is_dir():  # set aside before, from an earlier resume
+                    shutil.rmtree(new, ignore_errors=True)
+                os.replace(old, new)
+                moved += [new] if old == path else []
+    return moved
+
+
+def why_unwritable(folder: Path) -> str | None:
+    """The OS's reason why 1 MiB cannot be written into ``folder`` now (e.g. "No space left on
+    device"), None if it can: what a failed write that hid its OSError met."""
+    probe = Path(folder) / f".probe.{os.getpid()}.tmp"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def write_manifest(shards: Path) -> None:
+    """List the files of a complete shard folder (every rank has written) in its
+    ``manifest.txt``, so that a file missing later is found before DeepSpeed reads the rest."""
+    names = sorted(str(f.relative_to(shards)) for f in shards.rglob("*") if f.is_file())
+    (shards / "manifest.txt").write_text("".join(f"{name}\n" for name in names))
+
+
 def _reason(exc: BaseException) -> str:
     """One short line saying why torch could not read a file."""
     text = str(exc)
@@ -282,6 +323,11 @@ def _shards_unreadable(path: Path, state: dict) -> str | None:
     folder = path.with_suffix(_ENGINE_SUFFIX)
     if not folder.is_dir():
         return f"its ZeRO shards' folder {folder.name} is missing"
+    manifest = folder / "manifest.txt"  # (none: written before manifests were)
+    listed = manifest.read_text().splitlines() if manifest.is_file() else []
+    for name in listed:
+        if not (folder / name).is_file():
+            return f"shard {name} is missing"
     files = sorted(f for f in folder.rglob("*.pt") if f.is_file())
     ranks = range(int(state.get("world_size") or 0))
     for rank in ranks:

@@ -123,6 +123,8 @@ def find_checkpoint(job: Job) -> Resumed | None:
             raise ConfigError(held)
         return None
     found = choose(job.ckpt_dir, cfg.resume, job.rt.process_group, skipped)
+    if skipped and job.rt.is_main:  # every rank has chosen by now (choose agrees on the path)
+        skipped = _set_aside(job.ckpt_dir, found.step if found is not None else -1, skipped)
     job.notes += [f"resume=auto: {line}" for line in skipped]
     if found is None:
         if cfg.resume == "auto":
@@ -148,6 +150,17 @@ def find_checkpoint(job: Job) -> Resumed | None:
             names = ", ".join(p.name for p in dropped)
             job.notes.append(f"resumed at step {found.step}: removed the later {names}")
     return found
+
+
+def _set_aside(folder: Path, step: int, skipped: list[str]) -> list[str]:
+    """Rename the unreadable checkpoints after ``step`` (``resume=auto`` skipped them; kept
+    among the listed ones, they took the kept places of the checkpoints written next); returns
+    the skipped lines, each with its file's new name."""
+    moved = {p.name.removesuffix(".unreadable"): p.name for p in checkpoint.set_aside(folder, step)}
+    return [
+        line + "".join(f"; set aside as {new}" for old, new in moved.items() if f"/{old} " in line)
+        for line in skipped
+    ]
 
 
 def restore(job: Job, found: Resumed) -> int:
@@ -211,6 +224,7 @@ def _save(job: Job, step: int, run: dict, rank_stats: list | None) -> None:
         _agree(_attempt(lambda: rt.save_engine(tmp), tmp), group, every_rank=True)
 
         def replace():  # over the shards of an unreadable checkpoint of this step, skipped
+            checkpoint.write_manifest(tmp)  # every rank's shards are in: what a resume needs
             target = checkpoint.engine_dir(folder, step)  # by resume=auto (a folder's rename
             shutil.rmtree(target, ignore_errors=True)  # fails where one is in the way)
             os.replace(tmp, target)

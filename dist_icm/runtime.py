@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-from dist_icm import dist
+from dist_icm import checkpoint, dist
 from dist_icm.config import ConfigError, ModelConfig, RuntimeConfig
 
 
@@ -283,14 +283,30 @@ class Runtime:
                 for k, v in state.items()}  # fmt: skip
 
     def save_engine(self, folder: Path) -> None:
-        """Every rank writes its DeepSpeed shards (model, optimizer) into ``folder``."""
-        self.engine.save_checkpoint(str(folder), tag="state")
+        """Every rank writes its DeepSpeed shards (model, optimizer) into ``folder``; a write
+        that fails is a :class:`~dist_icm.checkpoint.CheckpointWriteError` naming the OS's
+        reason (torch's zip writer reports a full disk as "unexpected pos ...")."""
+        try:
+            self.engine.save_checkpoint(str(folder), tag="state")
+        except RuntimeError as e:
+            why = checkpoint.why_unwritable(folder)
+            if why is None:
+                raise
+            # a failed torch.save is past every collective of DeepSpeed's save but its last
+            # barrier, which the ranks that wrote wait at: meet them there
+            dist.barrier()
+            raise checkpoint.CheckpointWriteError(
+                f"cannot write checkpoint {folder}: {why}", path=folder, reason=why
+            ) from e
 
     def load_engine(self, folder: Path) -> None:
         """Every rank reads its DeepSpeed shards back from ``folder``."""
         path, _ = self.engine.load_checkpoint(str(folder), tag="state")
         if path is None:
             raise ConfigError(f"no DeepSpeed state in {folder}")
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "clip_grad"):  # ZeRO-1/2 bring back the clipping they were saved
+            optimizer.clip_grad = self.engine.gradient_clipping()  # with: this run's instead
 
     def scaler_state(self) -> dict | None:
         scaler = self.accelerator.scaler

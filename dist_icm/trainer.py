@@ -5,7 +5,9 @@ One optimizer step is ``grad_accum`` micro-steps; in each, every rank mixes its 
 micro-global batch (randomness keyed by seed, micro-step and global group), runs the objective
 (the ICM loss spans the micro-global batch through the runtime's process group) and
 back-propagates; DDP's all-reduce runs on the last micro-step only. The hot path adds no
-collective to the loss's own and reads one number back from the device per optimizer step:
+collective on the training process group to the loss's and DDP's (the stop flags travel in a
+2-number all-reduce on a separate gloo group, not waited for: :mod:`dist_icm.preempt`) and
+reads one number back from the device per optimizer step:
 whether the gradients' norm is finite. A step whose gradients are not is skipped on every rank
 alike (the gradients are all-reduced by then), counted (``train/skipped_steps``), and more
 than ``train.max_skipped`` in a row stop the run (:class:`Diverged`). Logged losses are summed
@@ -131,6 +133,11 @@ def _open_report(job: Job, step: int, resumed: bool) -> Report:
         f"{job.plan.grad_accum} micro-steps; {spe} steps/epoch; optimizer {optimizer}; "
         f"run dir {job.run_dir}" + (f"; resumed at step {step}" if resumed else "")
     )
+    if resumed and step > job.total_steps:  # e.g. train.max_steps lowered: no step goes back
+        report.print(
+            f"the checkpoint's step {step} is past this run's {job.total_steps} steps "
+            "(train.max_steps, train.epochs): nothing to train; it is evaluated as it is"
+        )
     if rt.is_main:  # the lr schedule at a glance, beside the metrics; a resumed run goes on
         plot_schedule(cfg.schedule, spe, job.run_dir / "lr_schedule.png")
         preempt.unmark(job.run_dir)
@@ -187,6 +194,7 @@ def train(
             "skipped": skipped,
             "in_a_row": in_a_row,
             "dup_shares": [sum(dup_shares, dup_before[0]), dup_before[1] + len(dup_shares)],
+            "end_share": end_share,  # the run's end, off the log grid (a resume there reads it)
         }
 
     def save(in_epoch_s: float = 0.0) -> int:  # a checkpoint of this step; returns the step
@@ -259,6 +267,7 @@ def train(
         report.close()
     if not metrics:  # resumed at (or past) the end: nothing was trained, still report
         metrics = evaluate(job)
+        end_share = before.get("end_share")  # its last session logged the end off the grid
     run = run_totals()
     total, count = run["dup_shares"]  # the logged steps' duplicate shares, the run's end too
     if end_share is not None:

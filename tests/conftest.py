@@ -1,5 +1,6 @@
 """Shared pytest fixtures.
 
+``tmpfs``: mounts a small file system to fill (a full disk), where this machine lets it.
 ``cifar10_jpeg_root``: the real CIFAR-10 as a JPEG ImageFolder tree, unpacked once from
 ``../shared/data/cifar10-jpeg.tar.xz`` into ``$DIST_ICM_CACHE/cifar10-jpeg`` (default
 ``~/.cache/dist_icm/cifar10-jpeg``), never into the repository, atomically
@@ -8,6 +9,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A function mounting a tmpfs of ``size`` bytes at a new folder; unmounted afterwards.
+    Skips where mounting is not allowed (not root, or a container without CAP_SYS_ADMIN)."""
+    mounts = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"tmpfs{len(mounts)}"
+        where.mkdir()
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command: cannot make a small file system to fill")
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip() or out.returncode})")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -315,7 +315,9 @@ def test_a_bad_newest_checkpoint_is_named_in_one_line_and_skipped(
     lines = [ln for ln in out.stderr.splitlines() if "ckpt-000000012.pt" in ln]
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith(f"resume=auto: checkpoint {bad} is unreadable ("), lines[0]
-    assert REASONS[how] in lines[0] and lines[0].endswith("): skipped for an older one")
+    assert REASONS[how] in lines[0] and lines[0].endswith(
+        "): skipped for an older one; set aside as ckpt-000000012.pt.unreadable"
+    )
     assert "Warning" not in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert "resumed at step 8" in out.stderr
     assert json.loads((run / "summary.json").read_text())["resumed_at_step"] == 8
@@ -323,30 +325,6 @@ def test_a_bad_newest_checkpoint_is_named_in_one_line_and_skipped(
 
 
 # --- a full disk -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A function mounting a tmpfs of ``size`` bytes at a new folder; unmounted afterwards.
-    Skips where mounting is not allowed (not root, or a container without CAP_SYS_ADMIN)."""
-    mounts = []
-
-    def mount(size: int) -> Path:
-        where = tmp_path / f"tmpfs{len(mounts)}"
-        where.mkdir()
-        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True)
-        except FileNotFoundError:
-            pytest.skip("no mount command: cannot make a small file system to fill")
-        if out.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip() or out.returncode})")
-        mounts.append(where)
-        return where
-
-    yield mount
-    for where in mounts:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_a_full_disk_keeps_every_earlier_checkpoint(tmpfs):

@@ -74,6 +74,17 @@ def test_gradient_clipping_is_the_project_s_own_on_both_paths(tmp_path, ddp):
     assert not _close(clipped, unclipped, rel=1e-3)  # ...which really clips
 
 
+def test_a_forced_resume_clips_at_its_own_optim_grad_clip(tmp_path):
+    # ZeRO-1/2 load the clipping their checkpoint was saved with: the resumed steps went on
+    # unclipped, DDP's clipped
+    first, then = ["train.max_steps=2"], ["train.max_steps=4", "resume=auto", "resume_force=true",
+                                          "optim.grad_clip=0.05"]  # fmt: skip
+    for name, extra in (("ddp", []), ("zero", ["runtime=deepspeed_zero2"])):
+        run_train(tmp_path / name, *ARGS, *extra, *first, world=2)
+        run_train(tmp_path / name, *ARGS, *extra, *then, world=2)
+    assert _close(losses(tmp_path / "zero"), losses(tmp_path / "ddp"), rel=1e-6)
+
+
 def test_accumulation_comes_from_the_batch_plan(tmp_path, ddp):
     # 2 micro-steps of 16 per rank: the engine accumulates as DDP does, and the same global
     # batch of 64 in one micro-step is the negative control (another mixing, other losses)
@@ -138,7 +149,7 @@ def test_zero_shards_resumed_on_another_number_of_processes_stop_in_one_line(tmp
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing"])
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing", "file_gone"])
 def test_a_damaged_shard_folder_is_skipped_for_an_older_checkpoint(tmp_path, damage):
     # the weights and optimizer state come from the shards: a flipped byte used to load as it
     # was (a silently different run), a truncated or missing one to die in DeepSpeed (exit 1)
@@ -151,6 +162,8 @@ def test_a_damaged_shard_folder_is_skipped_for_an_older_checkpoint(tmp_path, dam
     shard = newest / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     if damage == "missing":
         shutil.rmtree(newest)
+    elif damage == "file_gone":  # one file of several: DeepSpeed's assert, or a hang on ZeRO-3
+        (newest / "state" / "mp_rank_00_model_states.pt").unlink()
     elif damage == "truncated":
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     else:  # one byte in the middle of the file: inside a member's data
@@ -162,6 +175,25 @@ def test_a_damaged_shard_folder_is_skipped_for_an_older_checkpoint(tmp_path, dam
     assert len(skipped) == 1 and "ckpt-000000004.pt" in skipped[0], out.stderr[-3000:]
     why = {"missing": "its ZeRO shards' folder ckpt-000000004.zero is missing",
            "truncated": "shard state/zero_pp_rank_1_mp_rank_00_optim_states.pt is unreadable",
-           "flipped": "fails its CRC-32 check"}[damage]  # fmt: skip
+           "flipped": "fails its CRC-32 check",
+           "file_gone": "shard state/mp_rank_00_model_states.pt is missing"}[damage]  # fmt: skip
     assert why in skipped[0], skipped[0]
     assert summary(run)["resumed_at_step"] == 2
+
+
+def test_a_full_disk_while_writing_the_shards_stops_every_rank_with_one_line(tmpfs):
+    # torch's zip writer reports ENOSPC as "unexpected pos ...": it was a traceback and exit 1
+    import subprocess
+
+    from cli import launcher
+
+    run = tmpfs(600 * 1024) / "run"  # room for the run's logs, not for its first shards
+    cmd = [*launcher(2, via="dist_icm.launch"), "-m", "dist_icm.train", *ARGS,
+           "runtime=deepspeed_zero2", "train.max_steps=4", "runtime.timeout_s=120",
+           f"hydra.run.dir={run}"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 4, out.stderr[-3000:]  # dist_icm.train.WRITE_EXIT
+    tmp = run / "checkpoints" / ".ckpt-000000004.zero.tmp"
+    errors = [x for x in out.stderr.splitlines() if x.startswith("dist_icm: error:")]
+    assert errors == [f"dist_icm: error: cannot write checkpoint {tmp}: No space left on device"]
+    assert "Traceback" not in out.stderr and not list(run.glob("checkpoints/*.pt"))

@@ -294,6 +294,40 @@ def test_a_restart_before_the_first_checkpoint_logs_each_step_once(tmp_path):
     assert _scalars(crashed / "tb", "train/loss") == [3, 6]  # was [3, 6, 3, 6]
 
 
+def test_unreadable_newer_checkpoints_are_set_aside_not_kept_in_place_of_new_ones(tmp_path):
+    # a torn ckpt-12 outranked, by step, every checkpoint the resumed run wrote after it:
+    # keep_ckpts=1 pruned each one as it was written, and the next resume started at 0 again
+    run, keep = tmp_path / "run", ["train.ckpt_every_steps=5", "train.keep_ckpts=1"]
+    run_train(run, *QUICK, *keep, "train.max_steps=12")
+    torn = run / "checkpoints" / "ckpt-000000012.pt"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    out = run_train(run, *QUICK, *keep, "train.max_steps=11", "resume=auto")
+    assert "starting at step 0" in out.stderr
+    assert "skipped for an older one; set aside as ckpt-000000012.pt.unreadable" in out.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "ckpt-000000011.pt", "ckpt-000000012.pt.unreadable"
+    ]  # fmt: skip
+    run_train(run, *QUICK, *keep, "train.max_steps=11", "resume=auto")
+    assert summary(run)["resumed_at_step"] == 11
+
+
+def test_a_resume_at_the_end_reports_the_run_s_summary_again(tmp_path):
+    # the run's end (step 25) lies off the log grid: its duplicate share entered the summary,
+    # but not the checkpoint, and a resume there (nothing to train) reported another mean
+    run, common = tmp_path / "run", ["train.max_steps=25", "train.log_every=10"]
+    run_train(run, *QUICK, *common)
+    first = summary(run)
+    run_train(run, *QUICK, *common, "resume=auto")
+    again = summary(run)
+    assert again["resumed_at_step"] == again["steps"] == 25
+    for key in ("dup_share", "top1", "nll", "ece", "steps", "skipped_steps"):
+        assert again[key] == first[key], key
+    # a lower train.max_steps trains nothing either, and says so (it said nothing)
+    out = run_train(run, *QUICK, "train.max_steps=20", "train.log_every=10", "resume=auto")
+    assert "the checkpoint's step 25 is past this run's 20 steps" in out.stderr
+    assert summary(run)["steps"] == 25 and summary(run)["top1"] == first["top1"]
+
+
 def test_drop_records_after_keeps_the_checkpoint_s_past(tmp_path):
     from dist_icm.report import drop_records_after
 

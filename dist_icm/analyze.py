@@ -145,8 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", required=True, help="folder for analysis.csv and the two PNG plots")
     p.add_argument("--labels", nargs="+", help="one legend label per checkpoint (default: loss)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=1024, help="images per forward pass")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs (auto: cuda where one is visible)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=1024,
+                   help="images per forward pass (default 1024)")  # fmt: skip
     p.add_argument("--data-root", help="the data set's folder, instead of the runs' data.root")
     return p
 

@@ -1,8 +1,10 @@
 """The one module that talks to ``torch.distributed``.
 
 It holds the process-group facts the rest of the code asks for (rank, world size) and the few
-collectives the global-batch loss needs, each with the autograd rule that makes the gradient
-exactly the one a single process would get on the whole batch:
+collectives the global-batch loss needs (``all_gather_nograd``, ``all_to_all``, ``all_gather``)
+and the trainer's (the sums of the evaluation's metrics, the non-finite check's maximum), each
+with the autograd rule that makes the gradient exactly the one a single process would get on
+the whole batch:
 
 * ``all_gather(x)`` with gradient: forward concatenates every rank's ``x`` in rank order;
   backward sums, over ranks, the gradient that reached each rank's copy and hands the owner its
@@ -11,8 +13,8 @@ exactly the one a single process would get on the whole batch:
   every gradient block back the same way (the exchange is its own transpose).
 * ``all_reduce_sum(x)`` with gradient: forward sums over ranks; backward sums the incoming
   gradients over ranks (every rank's loss depends on the sum).
-* ``all_reduce_max(x)`` and ``all_gather_nograd(x)``: no gradient (maxima that only stabilise a
-  logsumexp, and integer data such as the mixing triples).
+* ``all_reduce_max(x)`` and ``all_gather_nograd(x)``: no gradient (a flag any rank may raise,
+  and integer data such as the mixing triples).
 
 And the few things ranks must agree on, decided once and shared: ``broadcast_object`` (rank 0's
 choice), ``all_gather_object`` (every rank's outcome, to fail together), ``agree`` (a check

@@ -48,7 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = launch_command_parser()
+    parser.prog = "dist-icm-launch"
+    parser.description = __doc__.split("\n\n")[0].replace(
+        "``", ""
+    )  # what it is, before the options
+    parser.epilog = "exit codes: the job's own (2, 3, 4, 5, 75; see dist_icm.train), else 1"
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     _quiet_agent()
     exits = tempfile.TemporaryDirectory(prefix="dist_icm_exits_")
     os.environ[EXIT_DIR_ENV] = exits.name  # the processes inherit it

@@ -58,7 +58,7 @@ def unused_options(loss: dict) -> dict[str, object]:
 class ObjectiveConfig:
     name: str = "icm_mixup"
     alpha: float | None = None  # None: the paper's default for the method
-    per_sample: bool = False  # one λ per sample instead of per batch (Mixup, Remix)
+    per_sample: bool = False  # one λ per sample instead of per batch (Mixup, RegMixup, Remix)
     group_size: int | None = None  # mixing group size; None: the whole per-device batch
     axis: str = "both"  # ICM only
     gather: str = "triples"  # ICM only

@@ -144,7 +144,7 @@ def test_second_write_reuses_the_cache(cache, tree, capsys):
     stamp = {p: p.stat().st_mtime_ns for p in first.folder.iterdir()}
     capsys.readouterr()
     again, _, _ = write(tree, cache, mode="raw")
-    assert again.folder == first.folder and "writing" not in capsys.readouterr().out
+    assert again.folder == first.folder and "writing" not in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in again.folder.iterdir()} == stamp
     other, _, _ = write(tree, cache, mode="jpg", quality=80)  # other options: another entry
     assert other.folder != first.folder
@@ -167,7 +167,7 @@ def test_a_changed_tree_makes_a_new_entry(tmp_path, cifar10_jpeg_root, capsys):
     moved.rename(tree / "train" / "cat" / f"z{moved.name}")
     capsys.readouterr()
     again, train, _ = write(tree, tmp_path, mode="raw")
-    assert again.folder != first.folder and "dist_icm: writing" in capsys.readouterr().out
+    assert again.folder != first.folder and "dist_icm: writing" in capsys.readouterr().err
     assert raw_read(again.train)[1].tolist() == train.targets == [0] * 3 + [1] * 5
     from dist_icm.data.write import _files_digest
 
@@ -205,8 +205,10 @@ def test_cli_writes_and_reports_the_entry(tmp_path):
     cmd = [sys.executable, "-m", "dist_icm.data.write", "digits", "--cache", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads(out.stdout.splitlines()[-1])
+    (line,) = out.stdout.splitlines()  # the entry, alone on stdout: `| jq` reads it
+    report = json.loads(line)
     assert Path(report["train"]).is_file() and report["meta"]["sizes"] == [1347, 450]
+    assert "dist_icm: writing digits train (1347 images)" in out.stderr
 
 
 # ------------------------------------------------------------------ loader
@@ -365,10 +367,12 @@ def test_an_unreadable_image_stops_the_writer_instead_of_hanging_it(tmp_path, tr
     capfd.readouterr()
     with pytest.raises(DataError) as info:
         write(bad, tmp_path)
-    # the torch path's words, and no progress bar of ffcv's before the line (off a terminal)
+    # the torch path's words, and no progress bar of ffcv's before the line (off a terminal):
+    # stderr holds only the line saying what is written
     assert str(info.value) == f"cannot read image {victim} (not an image file PIL can decode): " \
         "fix or remove it"  # fmt: skip
-    assert capfd.readouterr().err == ""
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("dist_icm: writing imagefolder train"), err
     assert not list((tmp_path / "ffcv").glob("*/meta.json"))  # nothing half-written is kept
 
 

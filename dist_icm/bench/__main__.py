@@ -147,7 +147,11 @@ def _parser() -> argparse.ArgumentParser:
         description=trainer.__doc__,
         formatter_class=raw,
     )
-    t.add_argument("--root", help="JPEG ImageFolder tree (default: the cached CIFAR-10 tree)")
+    t.add_argument(
+        "--root",
+        default=argparse.SUPPRESS,  # the formatter's "(default: None)" would contradict the help
+        help="JPEG ImageFolder tree (default: the cached CIFAR-10 tree)",
+    )
     t.add_argument("--steps", type=POSITIVE, default=5, help="back-to-back steps in a timed block")
     t.add_argument("--repeats", type=POSITIVE, default=3, help="timed blocks of each (alternating)")
     t.add_argument("--profile", action="store_true", help="add each one's top operators")
@@ -164,7 +168,11 @@ def _parser() -> argparse.ArgumentParser:
         description=data.__doc__,
         formatter_class=raw,
     )
-    d.add_argument("--root", help="JPEG ImageFolder tree (default: the cached CIFAR-10 tree)")
+    d.add_argument(
+        "--root",
+        default=argparse.SUPPRESS,  # the formatter's "(default: None)" would contradict the help
+        help="JPEG ImageFolder tree (default: the cached CIFAR-10 tree)",
+    )
     d.add_argument("--batch", type=POSITIVE, default=256, help="batch size")
     d.add_argument(
         "--workers", type=NON_NEGATIVE, default=2, help="loader workers / decoding threads"
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             profile=args.profile,
         )
     elif args.what == "trainer":
-        root = data.find_cifar10(args.root, "trainer")
+        root = data.find_cifar10(getattr(args, "root", None), "trainer")
         out = _run_or_fail(
             "trainer",
             args.overrides,
@@ -279,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
         )
     else:
-        root = data.find_cifar10(args.root, "data")
+        root = data.find_cifar10(getattr(args, "root", None), "data")
         out = _run_or_fail(
             "data",
             [],

@@ -1,8 +1,9 @@
 """``dist-icm-data`` (also ``python -m dist_icm.data.write``): write, or find, the FFCV cache
 entry of a data set from the command line; :mod:`dist_icm.data.write` does the work.
 
-Prints the entry as one JSON line; a bad option or data set prints one line
-(``dist_icm: error: ...``) and exits with code 2, as the trainer does.
+Prints the entry as one JSON line, the only line on stdout (what it writes, and notes, go to
+stderr); a bad option or data set prints one line (``dist_icm: error: ...``) and exits with
+code 2, as the trainer does.
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--root", type=_path, help="data set folder (CIFAR: where it is or goes; not digits)"
     )
-    parser.add_argument("--cache", type=_path, help="cache folder (default $DIST_ICM_CACHE/ffcv)")
+    parser.add_argument(
+        "--cache",
+        type=_path,
+        help="cache folder (default $DIST_ICM_CACHE/ffcv, else ~/.cache/dist_icm/ffcv)",
+    )
     parser.add_argument(
         "--mode",
         default="auto",
@@ -87,9 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="RGB storage: raw pixels, jpg, or auto (raw up to 64 px, else jpg; default)",
     )
     parser.add_argument("--max-side", type=int, help="cap the longer image side (RGB, > 64 px)")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (mode jpg)")
+    parser.add_argument(
+        "--quality", type=int, default=90, help="JPEG quality 1-100 (mode jpg; default 90)"
+    )
     parser.add_argument("--workers", type=_count, default=0, help="writer processes (0: all cores)")
-    parser.add_argument("--seed", type=_seed, default=0, help="digits' train/test split seed")
+    parser.add_argument(
+        "--seed", type=_seed, default=0, help="digits' train/test split seed (default 0)"
+    )
     parser.add_argument("--no-download", action="store_true", help="CIFAR: never download")
     return parser
 
@@ -97,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """``python -m dist_icm.data.write`` / ``dist-icm-data``: write (or find) a cache entry.
 
-    Prints the entry as one JSON line; a bad option or data set prints one line
-    (``dist_icm: error: ...``) and exits with code 2, as the trainer does.
+    Prints the entry as one JSON line on stdout (see the module's docstring).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -124,5 +132,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dist_icm: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     for note in spec.notes:  # e.g. which size an ImageFolder tree of mixed sizes is read at
-        print(f"dist_icm: {note}", flush=True)
+        print(f"dist_icm: {note}", file=sys.stderr)
     print(json.dumps({"train": str(found.train), "test": str(found.test), "meta": found.meta}))

@@ -292,7 +292,7 @@ def ensure_betons(
             workers = workers or len(os.sched_getaffinity(0))
             for split, data in (("train", train), ("test", test)):
                 n = len(data)  # type: ignore[arg-type]
-                print(f"dist_icm: writing {name} {split} ({n} images) to {folder}", flush=True)
+                print(f"dist_icm: writing {name} {split} ({n} images) to {folder}", file=sys.stderr)
                 _write(_Source(data, kind, fixed), folder / f"{split}.beton", opts, workers)
             sizes = {s: (folder / f"{s}.beton").stat().st_size for s in ("train", "test")}
             meta = ident | {"kind": kind, "fixed_size": fixed, "bytes": sizes, "spec": asdict(spec)}

@@ -74,15 +74,17 @@ def test_gradient_clipping_is_the_project_s_own_on_both_paths(tmp_path, ddp):
     assert not _close(clipped, unclipped, rel=1e-3)  # ...which really clips
 
 
-def test_a_forced_resume_clips_at_its_own_optim_grad_clip(tmp_path):
-    # ZeRO-1/2 load the clipping their checkpoint was saved with: the resumed steps went on
-    # unclipped, DDP's clipped
-    first, then = ["train.max_steps=2"], ["train.max_steps=4", "resume=auto", "resume_force=true",
-                                          "optim.grad_clip=0.05"]  # fmt: skip
-    for name, extra in (("ddp", []), ("zero", ["runtime=deepspeed_zero2"])):
-        run_train(tmp_path / name, *ARGS, *extra, *first, world=2)
-        run_train(tmp_path / name, *ARGS, *extra, *then, world=2)
-    assert _close(losses(tmp_path / "zero"), losses(tmp_path / "ddp"), rel=1e-6)
+def test_a_forced_resume_clips_at_its_own_optim_grad_clip(tmp_path, ddp):
+    # ZeRO-1/2 loaded the clipping their checkpoint was saved with (none): the resumed steps
+    # went on unclipped, as the unclipped DDP run (the ddp fixture) does
+    zero = ["runtime=deepspeed_zero2"]
+    run_train(tmp_path, *ARGS, *zero, "train.max_steps=2", world=2)
+    run_train(tmp_path, *ARGS, *zero, "train.max_steps=4", "resume=auto", "resume_force=true",
+              "optim.grad_clip=0.05", world=2)  # fmt: skip
+    got, unclipped = losses(tmp_path), {s: v for s, v in losses(ddp).items() if s <= 4}
+    # steps 1-3 are the weights of unclipped updates; step 4 follows the first clipped one
+    assert _close({s: got[s] for s in (1, 2, 3)}, {s: unclipped[s] for s in (1, 2, 3)}, 1e-6)
+    assert abs(got[4] - unclipped[4]) > 1e-3 * unclipped[4], (got, unclipped)
 
 
 def test_accumulation_comes_from_the_batch_plan(tmp_path, ddp):
@@ -149,7 +151,9 @@ def test_zero_shards_resumed_on_another_number_of_processes_stop_in_one_line(tmp
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing", "file_gone"])
+@pytest.mark.parametrize(
+    "damage", ["flipped", pytest.param("truncated", marks=pytest.mark.slow), "missing", "file_gone"]
+)
 def test_a_damaged_shard_folder_is_skipped_for_an_older_checkpoint(tmp_path, damage):
     # the weights and optimizer state come from the shards: a flipped byte used to load as it
     # was (a silently different run), a truncated or missing one to die in DeepSpeed (exit 1)

@@ -77,8 +77,8 @@ METHODS = ("auto", "matmul", "gather")
 # 1.79x the matmul's time at C=10, 1.36x at C=300, 1.09x at C=700, 0.97x at C=1000 and 0.72x
 # at C=2000 (N=8192: 1.55x at C=100, 1.00x at C=1000). On an H200 (bf16, untiled, N=16,384;
 # README, Performance) they took 7.8x at C=100 and 3.1x at C=1000, a ratio that falls slowly
-# with C: CUDA keeps the matmul up to 4,096 classes, where the dense Ỹ (N x C floats) is still
-# small beside the (n x N) block (an extrapolation: 1,000 is the largest C measured there).
+# with C: CUDA keeps the matmul up to 4,096 classes, where the dense Ỹ (N x C floats) stays
+# modest (256 MiB at N = 16,384); an extrapolation: 1,000 is the largest C measured there.
 DENSE_MAX_CLASSES = 900
 DENSE_MAX_CLASSES_CUDA = 4096
 

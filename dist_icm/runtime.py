@@ -288,9 +288,9 @@ class Runtime:
         reason (torch's zip writer reports a full disk as "unexpected pos ...")."""
         try:
             self.engine.save_checkpoint(str(folder), tag="state")
-        except RuntimeError as e:
-            why = checkpoint.why_unwritable(folder)
-            if why is None:
+        except (RuntimeError, OSError) as e:
+            why = e.strerror if isinstance(e, OSError) else checkpoint.why_unwritable(folder)
+            if not why:
                 raise
             # a failed torch.save is past every collective of DeepSpeed's save but its last
             # barrier, which the ranks that wrote wait at: meet them there

@@ -284,3 +284,37 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path: Path, seed:
     assert state["step"] == int(path.name[5:-3]) and state["w"].shape == (5_000_000,)
     assert torch.equal(state["w"], torch.full((5_000_000,), float(state["step"])))
     assert len(ckpt.list_checkpoints(tmp_path)) <= 2, names
+
+
+def test_set_aside_moves_only_later_steps(tmp_path: Path) -> None:
+    # without it the checkpoint resumed from (step 4 here) would be set aside with the newer ones
+    for step in (2, 4, 6):
+        _shards(tmp_path, step)
+        ckpt.save(tmp_path, step, {"step": step}, keep=5)
+    moved = ckpt.set_aside(tmp_path, 4)
+    aside = tmp_path / "ckpt-000000006.pt.unreadable"
+    assert moved == [aside] and aside.is_file()
+    assert ckpt.list_checkpoints(tmp_path) == [ckpt.checkpoint_path(tmp_path, s) for s in (2, 4)]
+    assert _companions(tmp_path) == [
+        "ckpt-000000002.zero",
+        "ckpt-000000004.zero",
+        "ckpt-000000006.zero.unreadable",
+    ]
+
+
+def test_load_refuses_another_format(tmp_path: Path) -> None:
+    # without it a file of another format with a dict "state" would load as if it were ours
+    path = tmp_path / "ckpt-000000001.pt"
+    torch.save({"format": 2, "step": 1, "state": {"a": 1}}, path)
+    with pytest.raises(ckpt.CheckpointError, match="not a dist_icm checkpoint of format 1"):
+        ckpt.load(path)
+
+
+def test_zero_checkpoint_without_its_shards_is_unreadable(tmp_path: Path) -> None:
+    # without it a ZeRO run would resume from a checkpoint whose weights (the shards) are gone
+    state = {"config": {"runtime": {"zero_stage": 2}}, "world_size": 2, "step": 3}
+    path = ckpt.save(tmp_path, 3, state)
+    with pytest.raises(ckpt.CheckpointError, match=r"ZeRO shards' folder ckpt-000000003\.zero"):
+        ckpt.load(path)
+    plain = ckpt.save(tmp_path, 4, {"config": {"runtime": {"zero_stage": 0}}, "world_size": 2})
+    assert ckpt.load(plain)["world_size"] == 2

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dist_icm.compose import register_schema, to_config
-from dist_icm.config import Config, ConfigError, plan_batches
+from dist_icm.config import Config, ConfigError, TrainConfig, check_against_data, plan_batches
 from dist_icm.schedule import unread_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -268,3 +268,19 @@ def test_resume_naming_a_folder_points_at_what_to_name(tmp_path):
         _compose(f"resume={ckpts}")
     with pytest.raises(ConfigError, match=f"or resume=auto with run_dir={tmp_path}$"):
         _compose(f"resume={tmp_path}")
+
+
+def test_a_global_batch_of_the_whole_training_set_is_allowed():
+    # without it a global batch exactly the training set's size would be refused
+    cfg = Config()
+    n = cfg.data.global_batch
+    check_against_data(cfg, 10, train_size=n)
+    with pytest.raises(ConfigError, match=f"global_batch={n} exceeds the {n - 1} training samples"):
+        check_against_data(cfg, 10, train_size=n - 1)
+
+
+def test_train_seed_must_fit_32_bits():
+    # without it a seed of 2^32 or more would pass and wrap in 32-bit seeded generators
+    assert TrainConfig(seed=2**32 - 1).seed == 2**32 - 1
+    with pytest.raises(ConfigError, match=r"train.seed must lie in \[0, 2\^32\), got 4294967296"):
+        TrainConfig(seed=2**32)

@@ -150,3 +150,32 @@ def test_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         OptimConfig(**kwargs)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_configured_weight_decay_reaches_the_optimizer(name: str) -> None:
+    # without it an optimizer built with weight_decay=0.0 would silently never decay
+    model, _, _ = _regression()
+    for no_decay in (False, True):
+        cfg = OptimConfig(name=name, weight_decay=3e-4, no_decay_norm_bias=no_decay)
+        opt = build_optimizer(model, cfg, global_batch=256)
+        assert opt.param_groups[0]["weight_decay"] == 3e-4
+        assert opt.defaults["weight_decay"] == 3e-4
+
+
+def test_lamb_and_lars_keep_timm_clipping_defaults() -> None:
+    # without it LAMB could lose its global grad-norm clip at 1, or LARS clip its trust ratio
+    model, _, _ = _regression()
+    lamb = build_optimizer(model, OptimConfig(name="lamb"), global_batch=256)
+    assert lamb.defaults["max_grad_norm"] == 1.0
+    assert lamb.defaults["trust_clip"] is False
+    lars = build_optimizer(model, OptimConfig(name="lars"), global_batch=256)
+    assert lars.defaults["trust_clip"] is False
+
+
+def test_zero_grad_clip_rejected_zero_weight_decay_accepted() -> None:
+    # without it grad_clip=0 (which zeroes every gradient) or weight_decay=0 would flip validity
+    with pytest.raises(ValueError, match="optim.grad_clip must be > 0"):
+        OptimConfig(grad_clip=0.0)
+    assert OptimConfig(grad_clip=1e-3).grad_clip == 1e-3
+    assert OptimConfig(weight_decay=0.0).weight_decay == 0.0

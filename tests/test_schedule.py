@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_icm.schedule import ScheduleConfig, lambda_for, lr_factor, plot_schedule, scaled_lr
+from dist_icm.schedule import (
+    ScheduleConfig,
+    _plot_steps,
+    lambda_for,
+    lr_factor,
+    plot_schedule,
+    scaled_lr,
+)
 
 SPE = 7  # optimizer steps per epoch
 
@@ -144,3 +151,20 @@ def test_plot_writes_png(tmp_path: Path) -> None:
     plot_schedule(ScheduleConfig(warmup_epochs=5), 391, path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_closed_ends_of_the_ranges_are_accepted() -> None:
+    # without it a last milestone at the final epoch, gamma 1 (no decay) or a cosine floor of 1
+    # (a constant lr) would be refused although the documented ranges include them
+    assert ScheduleConfig(epochs=10, milestones=(5, 10)).milestones == (5, 10)
+    assert ScheduleConfig(gamma=1.0).gamma == 1.0
+    assert ScheduleConfig(name="cosine", min_factor=1.0).min_factor == 1.0
+
+
+def test_plot_steps_keep_both_sides_of_each_milestone() -> None:
+    # without it the plot would miss the last step before or the first after a decay (a slope)
+    spe = 391
+    steps = set(_plot_steps(ScheduleConfig(), spe))  # stride 19: the edges are off its grid
+    for m in (50, 100, 150):
+        assert {m * spe - 1, m * spe} <= steps
+        assert (m * spe - 1) % 19 and (m * spe) % 19

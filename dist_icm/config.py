@@ -44,9 +44,7 @@ class DataConfig:
     fraction: float = 1.0  # stratified fraction of the training set
     long_tail: float | None = None  # imbalance ratio rho (e.g. 0.01) for long-tailed subsets
     augment: str = "auto"
-    drop_last: bool = (
-        True  # False: pad the epoch's last step (wrapping around) instead of dropping it
-    )
+    drop_last: bool = True  # False: pad the epoch's short last step (wrapping around)
     loader: str = "torch"
     num_workers: int = 0  # torch: DataLoader processes; ffcv: decoding threads (0: all cores)
     eval_batch: int = 512

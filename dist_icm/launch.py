@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = launch_command_parser()
     parser.prog = "dist-icm-launch"
-    parser.description = __doc__.split("\n\n")[0].replace(
-        "``", ""
-    )  # what it is, before the options
+    parser.description = __doc__.split("\n\n")[0].replace("``", "")  # what it is
     parser.epilog = "exit codes: the job's own (2, 3, 4, 5, 75; see dist_icm.train), else 1"
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     _quiet_agent()

@@ -180,12 +180,10 @@ class _Source(Dataset):
         return DataError(f"cannot read sample {i} (it failed in a writer process): try again")
 
 
-def _files_digest(data: Dataset) -> str | None:
+def _files_digest(data: ImageFolderImages) -> str:
     """A digest of an ImageFolder split's files (path under the split, size, mtime; one stat
     each, nothing read), so that a file added, removed, moved to another class or rewritten
-    makes another cache entry; None for other data sets (CIFAR's files are checksummed)."""
-    if not isinstance(data, ImageFolderImages):
-        return None
+    makes another cache entry."""
     digest = hashlib.sha256()
     for path, _ in data.samples:
         try:
@@ -272,7 +270,7 @@ def ensure_betons(
         "classes": list(spec.class_names),
         "options": asdict(opts) if kind == "rgb" else None,
     }
-    if isinstance(train, ImageFolderImages):  # only: the other data sets keep their entries
+    if isinstance(train, ImageFolderImages):  # CIFAR's files are checksummed, digits' embedded
         ident["files"] = [_files_digest(train), _files_digest(test)]
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root(cache) / f"{name}-{key}"
